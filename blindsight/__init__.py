@@ -1,0 +1,1 @@
+"""BlindSight for ONNX Runtime."""

@@ -1,0 +1,1 @@
+"""The compile pipeline and its command line."""

@@ -1,0 +1,308 @@
+"""Export the language-model *prefill* of supported VLM families to ONNX.
+
+Three export forms are supported (see ``FORMS``):
+
+``attention_op``
+    ``torch.onnx.export(dynamo=True, opset_version=23)`` of the SDPA model: each
+    layer's attention core becomes one ONNX ``Attention`` node (opset 23).
+``decomposed``
+    ``torch.onnx.export(dynamo=True)`` at the exporter's default opset (18) of the
+    SDPA model: SDPA is decomposed into Mul-scaled Q and K^T, MatMul, Add(mask),
+    Softmax, an IsNaN/Where guard and the final MatMul.
+``eager``
+    ``torch.onnx.export(dynamo=True)`` (default opset) of the model with
+    ``attn_implementation="eager"``: MatMul, Mul(scale), Add(mask), Softmax, MatMul.
+
+Graph interface of every export::
+
+    inputs_embeds  float32 [B, S, hidden]
+    position_ids   int64   [3, B, S] (qwen families) / [B, S] (gemma3)
+    attention_mask int64   [B, S]   (1 = keep, 0 = padding)
+    -> logits      float32 [B, S, vocab]
+
+with dynamic ``B`` and ``S``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .configs import FAMILIES, tiny_config
+
+FORMS = ("attention_op", "decomposed", "eager")
+
+#: opset used by the ``attention_op`` form (first opset with ``Attention``).
+ATTENTION_OP_OPSET = 23
+#: highest IR version onnxruntime 1.31 accepts for our purposes.
+MAX_IR_VERSION = 10
+#: models whose weights exceed this many bytes are saved with external data.
+_EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+
+INPUT_NAMES = ("inputs_embeds", "position_ids", "attention_mask")
+OUTPUT_NAMES = ("logits",)
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+
+
+def _text_config(config):
+    """The text (decoder) config of a full VLM config or a text config."""
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return getattr(config, "text_config", config)
+
+
+def _uses_3d_positions(family: str) -> bool:
+    return family in ("qwen2_vl", "qwen2_5_vl")
+
+
+# --------------------------------------------------------------------------- #
+# Model loading
+# --------------------------------------------------------------------------- #
+class LanguageModelPrefill(nn.Module):
+    """``forward(inputs_embeds, position_ids, attention_mask) -> logits``.
+
+    Runs the text decoder of a VLM on already-embedded inputs (no KV cache) and
+    applies the LM head (plus the final logit soft-capping for gemma3 if the
+    config asks for it).
+    """
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, final_logit_softcapping: float | None = None):
+        super().__init__()
+        self.decoder = decoder
+        self.lm_head = lm_head
+        self.final_logit_softcapping = final_logit_softcapping
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor):
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        logits = self.lm_head(hidden)
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _model_class(family: str, config):
+    import transformers
+
+    if family == "qwen2_vl":
+        return transformers.Qwen2VLForConditionalGeneration
+    if family == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLForConditionalGeneration
+    # gemma3: a text config -> causal LM, a full VLM config -> conditional generation.
+    if getattr(config, "model_type", None) == "gemma3":
+        return transformers.Gemma3ForConditionalGeneration
+    return transformers.Gemma3ForCausalLM
+
+
+def _split_model(family: str, model: nn.Module) -> LanguageModelPrefill:
+    """Pull the text decoder and LM head out of a transformers model."""
+    inner = model.model
+    decoder = getattr(inner, "language_model", inner)
+    text_cfg = _text_config(model.config)
+    cap = getattr(text_cfg, "final_logit_softcapping", None) if family == "gemma3" else None
+    return LanguageModelPrefill(decoder, model.lm_head, cap)
+
+
+def _perturb_constant_params(model: nn.Module, seed: int, std: float = 0.1) -> None:
+    """Randomise 1-D parameters (norm weights, biases), which transformers
+    initialises to constants.  Otherwise every layer would share the same
+    all-ones/all-zeros tensors, the ONNX optimiser would deduplicate them into a
+    single initializer, and the biases/norms would not be exercised at all."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def load_language_model(family: str, config_or_path, attn_implementation: str = "sdpa") -> nn.Module:
+    """Build (config) or load (local HF directory) the language model of ``family``.
+
+    Returns an eval-mode :class:`LanguageModelPrefill` in float32.  For a config
+    object the weights are random, initialised after
+    ``torch.manual_seed(config._blindsight_seed or 0)``.
+    """
+    _check_family(family)
+    if isinstance(config_or_path, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        path = Path(config_or_path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        cls = _model_class(family, config)
+        model = cls.from_pretrained(
+            path,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+            dtype=torch.float32,
+        )
+    else:
+        config = copy.deepcopy(config_or_path)
+        cls = _model_class(family, config)
+        seed = int(getattr(config_or_path, "_blindsight_seed", 0))
+        torch.manual_seed(seed)
+        model = cls._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+        _perturb_constant_params(model, seed)
+    model.eval()
+    wrapper = _split_model(family, model).eval()
+    impl = wrapper.decoder.config._attn_implementation
+    if impl != attn_implementation:
+        raise RuntimeError(f"expected attn_implementation={attn_implementation!r}, model uses {impl!r}")
+    return wrapper
+
+
+# --------------------------------------------------------------------------- #
+# Inputs / dims
+# --------------------------------------------------------------------------- #
+def text_dims(family: str, config) -> dict[str, Any]:
+    """Attention-relevant dimensions of the text model of ``config``."""
+    _check_family(family)
+    t = _text_config(config)
+    num_heads = t.num_attention_heads
+    num_kv = getattr(t, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // num_heads
+    layer_types = list(getattr(t, "layer_types", None) or ["full_attention"] * t.num_hidden_layers)
+    sliding = getattr(t, "sliding_window", None) if "sliding_attention" in layer_types else None
+    return dict(
+        num_layers=t.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        hidden_size=t.hidden_size,
+        sliding_window=sliding,
+        layer_types=layer_types,
+    )
+
+
+def example_inputs(family: str, config, batch: int = 1, seq_len: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """Numpy inputs for the exported graph (all-ones attention mask)."""
+    _check_family(family)
+    dims = text_dims(family, config)
+    rng = np.random.default_rng(seed)
+    embeds = rng.standard_normal((batch, seq_len, dims["hidden_size"]), dtype=np.float32)
+    pos = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, seq_len))
+    if _uses_3d_positions(family):
+        pos = np.broadcast_to(pos, (3, batch, seq_len))
+    return {
+        "inputs_embeds": embeds,
+        "position_ids": np.array(pos, dtype=np.int64, copy=True),
+        "attention_mask": np.ones((batch, seq_len), dtype=np.int64),
+    }
+
+
+def _dynamic_shapes(family: str):
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq_len", min=2, max=1 << 16)
+    pos = {1: batch, 2: seq} if _uses_3d_positions(family) else {0: batch, 1: seq}
+    return {
+        "inputs_embeds": {0: batch, 1: seq},
+        "position_ids": pos,
+        "attention_mask": {0: batch, 1: seq},
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Export
+# --------------------------------------------------------------------------- #
+@contextlib.contextmanager
+def _quiet():
+    """Silence the (very chatty) dynamo exporter: stdout, warnings and loggers."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _save(onnx_program, out_path: Path) -> None:
+    import onnx
+
+    proto = onnx_program.model_proto
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if size < _EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(out_path))
+        return
+    # Large (real) checkpoints: weights go next to the model file.
+    onnx_program.save(str(out_path), external_data=True)
+    proto = onnx.load_model(str(out_path), load_external_data=False)
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    onnx.save_model(proto, str(out_path))
+
+
+def export_language_model(
+    family: str,
+    form: str,
+    out_path,
+    *,
+    config=None,
+    batch: int = 1,
+    seq_len: int = 40,
+    seed: int = 0,
+):
+    """Export the prefill of ``family`` in ``form`` to ``out_path`` and return ``out_path``.
+
+    ``config`` may be a transformers config, a local checkpoint directory or
+    ``None`` (= :func:`tiny_config(family) <blindsight.models.configs.tiny_config>`).
+    ``batch``/``seq_len``/``seed`` define the example inputs used for tracing;
+    batch and sequence length stay dynamic in the exported graph.
+    """
+    _check_family(family)
+    _check_form(form)
+    if config is None:
+        config = tiny_config(family)
+    attn = "eager" if form == "eager" else "sdpa"
+    model = load_language_model(family, config, attn)
+    cfg = config if not isinstance(config, (str, os.PathLike)) else model.decoder.config
+
+    inputs = example_inputs(family, cfg, batch, seq_len, seed)
+    args = tuple(torch.from_numpy(inputs[n]) for n in INPUT_NAMES)
+    kwargs: dict[str, Any] = dict(
+        dynamo=True,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes=_dynamic_shapes(family),
+        verbose=False,
+        report=False,
+        optimize=True,
+    )
+    if form == "attention_op":
+        kwargs["opset_version"] = ATTENTION_OP_OPSET
+
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), _quiet():
+        onnx_program = torch.onnx.export(model, args, **kwargs)
+    _save(onnx_program, path)
+    return out_path

@@ -1,0 +1,1 @@
+"""Graph passes: find attention cores, rewrite them into BlindSightAttention, lower the op."""

@@ -1,0 +1,69 @@
+"""A tiny NodeProto emitter for function bodies and subgraphs.
+
+Function bodies are generated per configuration, so names are counters
+(deterministic output) and every constant is a Constant node.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+OPSET = 21  # GroupQueryAttention and everything below exist at this opset
+MS_DOMAIN = "com.microsoft"
+
+
+class Builder:
+    def __init__(self, prefix: str = "t"):
+        self.nodes: list[onnx.NodeProto] = []
+        self._prefix = prefix
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str = "v") -> str:
+        self._n += 1
+        return f"{self._prefix}_{hint}_{self._n}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
+        outs = [self.fresh(op_type.lower()) for _ in range(outputs)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self.fresh("c")
+            self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name)))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def i64(self, *values) -> str:
+        return self.const(list(values), np.int64)
+
+    def scalar(self, value, dtype=np.int64) -> str:
+        return self.const(value, dtype)
+
+    # small conveniences used across lowerings -------------------------
+    def shape_dim(self, x: str, axis: int) -> str:
+        """Scalar int64 size of one axis."""
+        return self.op("Squeeze", self.op("Shape", x, start=axis, end=axis + 1), self.i64(0))
+
+    def unsqueeze(self, x: str, *axes: int) -> str:
+        return self.op("Unsqueeze", x, self.i64(*axes))
+
+    def concat(self, *xs: str, axis: int = 0) -> str:
+        return self.op("Concat", *xs, axis=axis)
+
+    def cast(self, x: str, to) -> str:
+        return self.op("Cast", x, to=to)
+
+    def gather(self, x: str, idx, axis: int) -> str:
+        if not isinstance(idx, str):
+            idx = self.const(idx, np.int64)
+        return self.op("Gather", x, idx, axis=axis)
+
+    def subgraph(self, name: str, outputs: list[str], elem_type=onnx.TensorProto.FLOAT) -> onnx.GraphProto:
+        return helper.make_graph(self.nodes, name, [], [helper.make_tensor_value_info(o, elem_type, None) for o in outputs])

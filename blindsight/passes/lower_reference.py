@@ -1,0 +1,65 @@
+"""Reference lowering: an explicit per-head boolean mask and dense compute.
+
+Slow by design; it is the validation path for the fast lowering and works
+for any model mask, any KV-cache offset and any category mix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from blindsight.passes.builder import OPSET, Builder
+from blindsight.passes.lower_common import (
+    OUTPUT_NAME,
+    OnnxOps,
+    SpanFacts,
+    additive_bias,
+    keep_mask,
+    make_function,
+    rename_output,
+    structural_keep,
+    to_bnsh,
+)
+from blindsight.passes.op import AttentionConfig
+from blindsight.semantics import category_mask
+
+
+def build_reference(cfg: AttentionConfig, opset: int = OPSET):
+    b = Builder("ref")
+    q = to_bnsh(b, "query", cfg, cfg.num_heads)
+    k = to_bnsh(b, "key", cfg, cfg.kv_num_heads)
+    v = to_bnsh(b, "value", cfg, cfg.kv_num_heads)
+    if cfg.group > 1:
+        per_head = [cfg.kv_head(h) for h in range(cfg.num_heads)]
+        k, v = b.gather(k, per_head, 1), b.gather(v, per_head, 1)
+
+    sq, skv = b.shape_dim(q, 2), b.shape_dim(k, 2)
+    facts = SpanFacts(b, "image_spans", skv, cfg.sink_tokens)
+    # with a KV cache the queries are the last sq positions
+    q_idx = b.op("Range", b.op("Sub", skv, sq), skv, b.scalar(1))
+    qf, kf = facts.query_facts(q_idx), facts.key_facts()
+
+    ops = OnnxOps(b)
+    used = sorted(set(cfg.categories), key=cfg.categories.index)
+    per_cat = [b.unsqueeze(category_mask(c, qf, kf, ops), 0) for c in used]
+    stacked = per_cat[0] if len(per_cat) == 1 else b.concat(*per_cat, axis=0)
+    if len(used) > 1:
+        stacked = b.gather(stacked, [used.index(c) for c in cfg.categories], 0)  # [H, Sq, Skv]
+    keep = b.unsqueeze(stacked, 0)  # [1, H, Sq, Skv]
+    structural = structural_keep(b, cfg, q_idx, facts.pos)
+    if structural is not None:
+        keep = b.op("And", keep, structural)
+
+    scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.scalar(cfg.scale, np.float32))
+    if cfg.mask_type != "none":
+        keep = b.op("And", keep, keep_mask(b, cfg, "attn_mask"))
+        if cfg.mask_type == "float":
+            scores = b.op("Add", scores, additive_bias(b, cfg, "attn_mask"))
+    scores = b.op("Where", keep, scores, b.scalar(-np.inf, np.float32))
+    probs = b.op("Softmax", scores, axis=-1)
+    probs = b.op("Where", b.op("IsNaN", probs), b.scalar(0.0, np.float32), probs)  # rows with no key
+    out = b.op("MatMul", probs, v)
+    if cfg.qkv_format == "BSD":
+        out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
+    rename_output(b, out, OUTPUT_NAME)
+    return make_function(b, cfg, "reference", OUTPUT_NAME, opset)

@@ -1,0 +1,175 @@
+"""Pattern rules that find attention cores and rewrite each into one
+``BlindSightAttention`` node (SPEC §4), one class per exported form.
+
+The node is created with placeholder categories (all ``dense``); the
+annotate pass numbers layers in topological order and applies the profile.
+The shared ``image_spans`` input is created by the compiler and wired later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchFailureError
+
+from blindsight.passes.op import DOMAIN, OP_TYPE
+
+_MS = "com.microsoft"
+
+
+def _static_dim(value: ir.Value | None, axis: int, what: str) -> int:
+    shape = value.shape if value is not None else None
+    if shape is None or len(shape) <= abs(axis) - (axis < 0) or not isinstance(shape[axis], int):
+        raise MatchFailureError(f"{what} needs a static size on axis {axis}", value)
+    return shape[axis]
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _scalar(value: ir.Value | None, name: str) -> float:
+    if value is None or value.const_value is None:
+        raise MatchFailureError(f"{name} is not a constant", value)
+    arr = value.const_value.numpy()
+    if arr.size != 1:
+        raise MatchFailureError(f"{name} is not a scalar", value)
+    return float(arr.reshape(()))
+
+
+def _mask_4d(op, mask: ir.Value | None):
+    """Masks reach the node as rank 4 [B|1, 1, Sq, Skv]."""
+    rank = _rank(mask)
+    if mask is None or rank == 4:
+        return mask
+    if rank is None or rank > 4:
+        raise MatchFailureError("mask rank is unknown", mask)
+    return op.Reshape(mask, op.Concat(op.Constant(value_ints=[1] * (4 - rank)), op.Shape(mask), axis=0))
+
+
+def _emit(op, q, k, v, mask, *, num_heads, kv_num_heads, scale, is_causal=0, window=-1, fmt="BNSH"):
+    inputs = [q, k, v, mask]
+    return op.BlindSightAttention(
+        *inputs,
+        _domain=DOMAIN,
+        num_heads=num_heads,
+        kv_num_heads=kv_num_heads,
+        scale=float(scale),
+        categories=["dense"] * num_heads,
+        sink_tokens=1,
+        layer=0,
+        is_causal=is_causal,
+        local_window_size=window,
+        qkv_format=fmt,
+    )
+
+
+class AttentionOp(pattern.RewriteRuleClassBase):
+    """ONNX ``Attention`` (opset 23/24), 4-D Q/K/V, as the dynamo exporter emits at opset 23."""
+
+    def __init__(self, with_mask: bool):
+        super().__init__(f"AttentionOp{'Masked' if with_mask else ''}")
+        self.with_mask = with_mask
+
+    def pattern(self, op, query, key, value, mask):
+        inputs = [query, key, value] + ([mask] if self.with_mask else [])
+        return op.Attention(*inputs, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, query, key, value, out, mask=None, **_):
+        node = out.producer()
+        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+            raise MatchFailureError("Attention with KV-cache or score outputs in use")
+        attrs = node.attributes
+        for name in ("softcap", "qk_matmul_output_mode"):
+            if name in attrs and attrs[name].value not in (0, 0.0):
+                raise MatchFailureError(f"Attention attribute {name} is not supported")
+        if _rank(query) != 4 or _rank(key) != 4 or _rank(value) != 4:
+            raise MatchFailureError("only 4-D Attention inputs are rewritten")
+        if mask is None and not ("is_causal" in attrs and attrs["is_causal"].value):
+            raise MatchFailureError("attention with neither mask nor is_causal is bidirectional")
+        if mask is not None and _rank(mask) is not None and _rank(mask) == 4:
+            if mask.shape[1] not in (1,):
+                raise MatchFailureError("per-head masks are not supported")
+        return True
+
+    def rewrite(self, op, query, key, value, out, mask=None, **_):
+        attrs = out.producer().attributes
+        head = _static_dim(query, 3, "query")
+        scale = attrs["scale"].value if "scale" in attrs else 1.0 / math.sqrt(head)
+        is_causal = int(attrs["is_causal"].value) if "is_causal" in attrs else 0
+        return _emit(
+            op, query, key, value, _mask_4d(op, mask),
+            num_heads=_static_dim(query, 1, "query"), kv_num_heads=_static_dim(key, 1, "key"),
+            scale=scale, is_causal=is_causal,
+        )
+
+
+class DecomposedAttention(pattern.RewriteRuleClassBase):
+    """MatMul/Softmax/MatMul attention as exporters decompose it: optional Mul/Div
+    scaling of Q, of K^T and of the scores, an optional additive mask, and the
+    optional IsNaN/Where guard after Softmax."""
+
+    def __init__(self):
+        super().__init__("DecomposedAttention")
+
+    def pattern(self, op, query, key, value, mask, q_scale, k_scale, s_scale):
+        # K^T directly, through a 3-D reshape (dynamo), or from a [B, S, H, D] key
+        via_3d = op.Reshape(op.Transpose(op.Reshape(key, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE)
+        key_t = pattern.OrValue(
+            [op.Transpose(key, perm=[0, 1, 3, 2]), via_3d, op.Transpose(key, perm=[0, 2, 3, 1])],
+            tag_var="key_layout",
+            tag_values=["BHSD", "BHSD", "BSHD"],
+        )
+        query = pattern.OrValue([op.Mul(query, q_scale), op.Div(query, q_scale), query], tag_var="q_scaling", tag_values=["Mul", "Div", None])
+        key_t = pattern.OrValue([op.Mul(key_t, k_scale), op.Div(key_t, k_scale), key_t], tag_var="k_scaling", tag_values=["Mul", "Div", None])
+        scores = op.MatMul(query, key_t)
+        scores = pattern.OrValue([op.Mul(scores, s_scale), op.Div(scores, s_scale), scores], tag_var="s_scaling", tag_values=["Mul", "Div", None])
+        scores = pattern.OrValue([op.Add(scores, mask), scores], tag_var="has_mask", tag_values=[True, False])
+        probs = op.Softmax(scores, _outputs=["probs"])
+        probs = pattern.OrValue([op.Where(op.IsNaN(probs), 0.0, probs), probs])
+        return op.MatMul(probs, value)
+
+    def _scale(self, kind, value, name):
+        if kind is None:
+            return 1.0
+        s = _scalar(value, name)
+        return s if kind == "Mul" else 1.0 / s
+
+    def check(self, context, query, key, value, probs, key_layout, mask=None, **b):
+        axis = probs.producer().attributes.get("axis")
+        if axis is not None and axis.value not in (-1, 3):
+            raise MatchFailureError("Softmax is not over the key axis", probs)
+        if _rank(query) != 4 or _rank(key) != 4 or _rank(value) != 4:
+            raise MatchFailureError("attention core without 4-D Q/K/V")
+        if mask is None:
+            # no mask means bidirectional attention (a vision encoder): not ours to touch
+            raise MatchFailureError("attention without a mask is not causal")
+        if mask is not None:
+            if mask.dtype == ir.DataType.BOOL:
+                raise MatchFailureError("an added mask must be float", mask)
+            if _rank(mask) == 4 and mask.shape[1] != 1:
+                raise MatchFailureError("per-head masks are not supported", mask)
+        self._scale_value = (
+            self._scale(b.get("q_scaling"), b.get("q_scale"), "query scale")
+            * self._scale(b.get("k_scaling"), b.get("k_scale"), "key scale")
+            * self._scale(b.get("s_scaling"), b.get("s_scale"), "score scale")
+        )
+        return True
+
+    def rewrite(self, op, query, key, value, key_layout, mask=None, **_):
+        if key_layout == "BSHD":
+            key = op.Transpose(key, perm=[0, 2, 1, 3])
+        heads = _static_dim(query, 1, "query")
+        kv_heads = _static_dim(value, 1, "value")
+        return _emit(
+            op, query, key, value, _mask_4d(op, mask),
+            num_heads=heads, kv_num_heads=kv_heads, scale=self._scale_value,
+        )
+
+
+def attention_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet(
+        [AttentionOp.rule(True), AttentionOp.rule(False), DecomposedAttention.rule()], commute=True
+    )

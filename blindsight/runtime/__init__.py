@@ -1,0 +1,1 @@
+"""Running compiled models: sessions, image spans, parity checks."""

@@ -1,0 +1,39 @@
+"""Shared test helpers: running models in ONNX Runtime and random templates."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from hypothesis import strategies as st
+
+from blindsight.semantics import CATEGORIES
+
+
+def session(model) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
+    return ort.InferenceSession(data if isinstance(data, bytes) else str(data), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, feeds: dict):
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+@st.composite
+def templates(draw, max_images=6, max_len=9, max_gap=4):
+    """(spans, seq_len): text before, between and after 0..max_images images of varied length."""
+    n = draw(st.integers(0, max_images))
+    pos = draw(st.integers(0, max_gap))
+    spans = []
+    for _ in range(n):
+        length = draw(st.integers(1, max_len))
+        spans.append((pos, pos + length))
+        pos += length + draw(st.integers(0, max_gap))
+    seq = max(pos + draw(st.integers(0, max_gap)), 1)
+    return np.array(spans, dtype=np.int64).reshape(-1, 2), seq
+
+
+def category_lists(num_heads):
+    return st.lists(st.sampled_from(CATEGORIES), min_size=num_heads, max_size=num_heads)

@@ -38,6 +38,8 @@ def config_of(node: ir.Node) -> AttentionConfig:
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     mask_type = "none"
     if mask is not None:
+        if mask.dtype is None:
+            raise ValueError(f"{node.name}: the attn_mask input has no known element type")
         mask_type = "bool" if mask.dtype == ir.DataType.BOOL else "float"
     q_shape = node.inputs[0].shape
     fmt = _attr(node, "qkv_format", "BNSH")

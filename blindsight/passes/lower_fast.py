@@ -56,8 +56,9 @@ class _Layer:
         self.mask3 = None
         if cfg.mask_type != "none":
             keep = keep_mask(b, cfg, "attn_mask")
-            # [Bm, 1, Sq, Skv] -> [Bm, Sq, Skv]; a head-independent mask is required
-            self.mask3 = b.op("Squeeze", keep, b.i64(1))
+            # broadcast masks ([B, 1, 1, S] key padding) to [Bm, 1, S, S], then drop the head axis
+            full = b.op("Expand", keep, b.concat(b.i64(1, 1), b.op("Shape", self.q3, start=1, end=2), b.op("Shape", self.k3, start=1, end=2)))
+            self.mask3 = b.op("Squeeze", full, b.i64(1))
 
     # ----------------------------------------------------------- helpers
     def heads_of(self, x3: str, total: int, heads: list[int]) -> str:

@@ -46,7 +46,9 @@ def _mask_4d(op, mask: ir.Value | None):
         return mask
     if rank is None or rank > 4:
         raise MatchFailureError("mask rank is unknown", mask)
-    return op.Reshape(mask, op.Concat(op.Constant(value_ints=[1] * (4 - rank)), op.Shape(mask), axis=0))
+    out = op.Reshape(mask, op.Concat(op.Constant(value_ints=[1] * (4 - rank)), op.Shape(mask), axis=0))
+    out.dtype = mask.dtype  # the lowering picks bool or additive handling from it
+    return out
 
 
 def _emit(op, q, k, v, mask, *, num_heads, kv_num_heads, scale, is_causal=0, window=-1, fmt="BNSH"):
@@ -169,7 +171,104 @@ class DecomposedAttention(pattern.RewriteRuleClassBase):
         )
 
 
+def _inputs(node: ir.Node, used: set[int]) -> None:
+    extra = [i for i, v in enumerate(node.inputs) if v is not None and i not in used]
+    if extra:
+        raise MatchFailureError(f"{node.op_type} inputs {extra} (bias, padding or KV cache) are not supported")
+    if any(o.uses() for o in node.outputs[1:]):
+        raise MatchFailureError(f"{node.op_type} KV-cache outputs are in use")
+
+
+class MicrosoftMultiHeadAttention(pattern.RewriteRuleClassBase):
+    """``com.microsoft.MultiHeadAttention`` with 3-D Q/K/V [B, S, H*D], causal
+    through ``unidirectional`` or an additive ``attention_bias``."""
+
+    def __init__(self):
+        super().__init__("MicrosoftMultiHeadAttention")
+
+    def pattern(self, op, query, key, value):
+        return op.MultiHeadAttention(query, key, value, _domain=_MS, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, query, key, value, out, **_):
+        node = out.producer()
+        _inputs(node, {0, 1, 2, 5})
+        if _rank(query) != 3 or _rank(key) != 3 or _rank(value) != 3:
+            raise MatchFailureError("MultiHeadAttention with packed or 4-D inputs")
+        bias = node.inputs[5] if len(node.inputs) > 5 else None
+        unidirectional = node.attributes.get("unidirectional")
+        if bias is None and not (unidirectional and unidirectional.value):
+            raise MatchFailureError("non-causal MultiHeadAttention (no bias, not unidirectional)")
+        if bias is not None and (_rank(bias) != 4 or bias.shape[1] != 1):
+            raise MatchFailureError("attention_bias must be [B|1, 1, S, S]")
+        return True
+
+    def rewrite(self, op, query, key, value, out, **_):
+        node = out.producer()
+        heads = node.attributes["num_heads"].value
+        scale = node.attributes.get("scale")
+        head_size = _static_dim(query, 2, "query") // heads
+        unidirectional = node.attributes.get("unidirectional")
+        return _emit(
+            op, query, key, value, node.inputs[5] if len(node.inputs) > 5 else None,
+            num_heads=heads, kv_num_heads=heads,
+            scale=scale.value if scale and scale.value else 1.0 / math.sqrt(head_size),
+            is_causal=int(bool(unidirectional and unidirectional.value)), fmt="BSD",
+        )
+
+
+class MicrosoftGroupQueryAttention(pattern.RewriteRuleClassBase):
+    """``com.microsoft.GroupQueryAttention`` of a prefill: separate Q/K/V, no
+    past, no fused rotary (Q and K must enter after rotary). Per-row
+    ``seqlens_k`` becomes a key padding mask."""
+
+    def __init__(self):
+        super().__init__("MicrosoftGroupQueryAttention")
+
+    def pattern(self, op, query, key, value, seqlens_k, total):
+        return op.GroupQueryAttention(
+            query, key, value, None, None, seqlens_k, total,
+            _domain=_MS, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["out"],
+        )
+
+    def check(self, context, query, key, value, out, **_):
+        node = out.producer()
+        _inputs(node, {0, 1, 2, 5, 6})
+        attrs = node.attributes
+        for name in ("do_rotary", "softcap", "smooth_softmax"):
+            if name in attrs and attrs[name].value:
+                raise MatchFailureError(f"GroupQueryAttention with {name} is not supported")
+        if _rank(query) != 3 or _rank(key) != 3:
+            raise MatchFailureError("GroupQueryAttention with packed QKV")
+        return True
+
+    def rewrite(self, op, query, key, value, seqlens_k, out, **_):
+        attrs = out.producer().attributes
+        heads, kv_heads = attrs["num_heads"].value, attrs["kv_num_heads"].value
+        scale = attrs.get("scale")
+        head_size = _static_dim(query, 2, "query") // heads
+        window = attrs.get("local_window_size")
+        # key k of row b is real when k <= seqlens_k[b] (the last valid index)
+        seq = op.Gather(op.Shape(key), op.Constant(value_int=1), axis=0)
+        positions = op.Range(op.Constant(value_int=0), seq, op.Constant(value_int=1))
+        last = op.Unsqueeze(op.Cast(seqlens_k, to=ir.DataType.INT64), op.Constant(value_ints=[1, 2, 3]))
+        mask = op.LessOrEqual(positions, last)  # [B, 1, 1, S]
+        mask.dtype = ir.DataType.BOOL
+        return _emit(
+            op, query, key, value, mask,
+            num_heads=heads, kv_num_heads=kv_heads,
+            scale=scale.value if scale and scale.value else 1.0 / math.sqrt(head_size),
+            is_causal=1, window=window.value if window and window.value > 0 else -1, fmt="BSD",
+        )
+
+
 def attention_rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet(
-        [AttentionOp.rule(True), AttentionOp.rule(False), DecomposedAttention.rule()], commute=True
+        [
+            AttentionOp.rule(True),
+            AttentionOp.rule(False),
+            DecomposedAttention.rule(),
+            MicrosoftMultiHeadAttention.rule(),
+            MicrosoftGroupQueryAttention.rule(),
+        ],
+        commute=True,
     )

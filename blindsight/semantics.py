@@ -218,9 +218,24 @@ class Delimiters:
     end: int
 
 
-def find_spans(input_ids, delimiters: Delimiters) -> np.ndarray:
+# Image delimiters of the families' released tokenizers (Qwen2-VL and
+# Qwen2.5-VL: <|vision_start|> / <|vision_end|>; Gemma 3: <start_of_image> /
+# <end_of_image>, the config's boi/eoi_token_index).
+FAMILY_DELIMITERS = {
+    "qwen2_vl": Delimiters(start=151652, end=151653),
+    "qwen2_5_vl": Delimiters(start=151652, end=151653),
+    "gemma3": Delimiters(start=255999, end=256000),
+}
+
+
+def find_spans(input_ids, delimiters: Delimiters | str) -> np.ndarray:
     """Spans [start, end) from a 1-D id sequence: each opens at an image-start
     delimiter and closes after the matching image-end delimiter."""
+    if isinstance(delimiters, str):
+        try:
+            delimiters = FAMILY_DELIMITERS[delimiters]
+        except KeyError:
+            raise SpanError(f"unknown model family {delimiters!r}; known: {', '.join(FAMILY_DELIMITERS)}") from None
     ids = np.asarray(input_ids).reshape(-1).tolist()
     spans, open_at = [], None
     for t, tok in enumerate(ids):

@@ -39,6 +39,12 @@ def _scalar(value: ir.Value | None, name: str) -> float:
     return float(arr.reshape(()))
 
 
+def _scale(node: ir.Node, head_size: int) -> float:
+    """The node's ``scale`` attribute; absent or 0 means the default 1/sqrt(head_size)."""
+    attr = node.attributes.get("scale")
+    return attr.value if attr is not None and attr.value else 1.0 / math.sqrt(head_size)
+
+
 def _mask_4d(op, mask: ir.Value | None):
     """Masks reach the node as rank 4 [B|1, 1, Sq, Skv]."""
     rank = _rank(mask)
@@ -98,8 +104,7 @@ class AttentionOp(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, query, key, value, out, mask=None, **_):
         attrs = out.producer().attributes
-        head = _static_dim(query, 3, "query")
-        scale = attrs["scale"].value if "scale" in attrs else 1.0 / math.sqrt(head)
+        scale = _scale(out.producer(), _static_dim(query, 3, "query"))
         is_causal = int(attrs["is_causal"].value) if "is_causal" in attrs else 0
         return _emit(
             op, query, key, value, _mask_4d(op, mask),
@@ -133,7 +138,7 @@ class DecomposedAttention(pattern.RewriteRuleClassBase):
         probs = pattern.OrValue([op.Where(op.IsNaN(probs), 0.0, probs), probs])
         return op.MatMul(probs, value)
 
-    def _scale(self, kind, value, name):
+    def _factor(self, kind, value, name):
         if kind is None:
             return 1.0
         s = _scalar(value, name)
@@ -154,9 +159,9 @@ class DecomposedAttention(pattern.RewriteRuleClassBase):
             if _rank(mask) == 4 and mask.shape[1] != 1:
                 raise MatchFailureError("per-head masks are not supported", mask)
         self._scale_value = (
-            self._scale(b.get("q_scaling"), b.get("q_scale"), "query scale")
-            * self._scale(b.get("k_scaling"), b.get("k_scale"), "key scale")
-            * self._scale(b.get("s_scaling"), b.get("s_scale"), "score scale")
+            self._factor(b.get("q_scaling"), b.get("q_scale"), "query scale")
+            * self._factor(b.get("k_scaling"), b.get("k_scale"), "key scale")
+            * self._factor(b.get("s_scaling"), b.get("s_scale"), "score scale")
         )
         return True
 
@@ -171,7 +176,7 @@ class DecomposedAttention(pattern.RewriteRuleClassBase):
         )
 
 
-def _inputs(node: ir.Node, used: set[int]) -> None:
+def _only_inputs(node: ir.Node, used: set[int]) -> None:
     extra = [i for i, v in enumerate(node.inputs) if v is not None and i not in used]
     if extra:
         raise MatchFailureError(f"{node.op_type} inputs {extra} (bias, padding or KV cache) are not supported")
@@ -191,7 +196,7 @@ class MicrosoftMultiHeadAttention(pattern.RewriteRuleClassBase):
 
     def check(self, context, query, key, value, out, **_):
         node = out.producer()
-        _inputs(node, {0, 1, 2, 5})
+        _only_inputs(node, {0, 1, 2, 5})
         if _rank(query) != 3 or _rank(key) != 3 or _rank(value) != 3:
             raise MatchFailureError("MultiHeadAttention with packed or 4-D inputs")
         bias = node.inputs[5] if len(node.inputs) > 5 else None
@@ -205,13 +210,10 @@ class MicrosoftMultiHeadAttention(pattern.RewriteRuleClassBase):
     def rewrite(self, op, query, key, value, out, **_):
         node = out.producer()
         heads = node.attributes["num_heads"].value
-        scale = node.attributes.get("scale")
-        head_size = _static_dim(query, 2, "query") // heads
         unidirectional = node.attributes.get("unidirectional")
         return _emit(
             op, query, key, value, node.inputs[5] if len(node.inputs) > 5 else None,
-            num_heads=heads, kv_num_heads=heads,
-            scale=scale.value if scale and scale.value else 1.0 / math.sqrt(head_size),
+            num_heads=heads, kv_num_heads=heads, scale=_scale(node, _static_dim(query, 2, "query") // heads),
             is_causal=int(bool(unidirectional and unidirectional.value)), fmt="BSD",
         )
 
@@ -232,7 +234,7 @@ class MicrosoftGroupQueryAttention(pattern.RewriteRuleClassBase):
 
     def check(self, context, query, key, value, out, **_):
         node = out.producer()
-        _inputs(node, {0, 1, 2, 5, 6})
+        _only_inputs(node, {0, 1, 2, 5, 6})
         attrs = node.attributes
         for name in ("do_rotary", "softcap", "smooth_softmax"):
             if name in attrs and attrs[name].value:
@@ -242,10 +244,9 @@ class MicrosoftGroupQueryAttention(pattern.RewriteRuleClassBase):
         return True
 
     def rewrite(self, op, query, key, value, seqlens_k, out, **_):
-        attrs = out.producer().attributes
+        node = out.producer()
+        attrs = node.attributes
         heads, kv_heads = attrs["num_heads"].value, attrs["kv_num_heads"].value
-        scale = attrs.get("scale")
-        head_size = _static_dim(query, 2, "query") // heads
         window = attrs.get("local_window_size")
         # key k of row b is real when k <= seqlens_k[b] (the last valid index)
         seq = op.Gather(op.Shape(key), op.Constant(value_int=1), axis=0)
@@ -255,8 +256,7 @@ class MicrosoftGroupQueryAttention(pattern.RewriteRuleClassBase):
         mask.dtype = ir.DataType.BOOL
         return _emit(
             op, query, key, value, mask,
-            num_heads=heads, kv_num_heads=kv_heads,
-            scale=scale.value if scale and scale.value else 1.0 / math.sqrt(head_size),
+            num_heads=heads, kv_num_heads=kv_heads, scale=_scale(node, _static_dim(query, 2, "query") // heads),
             is_causal=1, window=window.value if window and window.value > 0 else -1, fmt="BSD",
         )
 

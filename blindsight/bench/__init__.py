@@ -1,0 +1,1 @@
+"""Benchmarks and FLOP accounting (bs-bench, bs-flops)."""

@@ -1,0 +1,1 @@
+"""Language-model configurations of public VLMs (transformers config.json subsets)."""

@@ -1,0 +1,113 @@
+"""Single BlindSightAttention nodes with a KV cache (query length < key length):
+both lowerings equal the numpy SPEC §2 reference with queries at absolute
+positions past..past+Sq-1."""
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _util import category_lists, run, session, templates
+from blindsight.passes.lower import single_node_model
+from blindsight.passes.op import AttentionConfig
+from blindsight.semantics import reference_attention
+
+D = 8
+_SESSIONS = {}
+
+
+def _session(cfg, lowering):
+    key = (cfg, lowering)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = session(single_node_model(cfg, lowering))
+    return _SESSIONS[key]
+
+
+def _model_mask(batch, past, q_len, window):
+    kv = past + q_len
+    q_pos = np.arange(past, kv)[:, None]
+    k_pos = np.arange(kv)[None, :]
+    keep = k_pos <= q_pos
+    if window > 0:
+        keep &= k_pos > q_pos - window
+    return np.broadcast_to(keep, (batch, 1, q_len, kv)).copy()
+
+
+def _check(cfg, spans, past, q_len, batch, seed):
+    rng = np.random.default_rng(seed)
+    kv = past + q_len
+    H, Hkv = cfg.num_heads, cfg.kv_num_heads
+    q = rng.standard_normal((batch, H, q_len, D), dtype=np.float32)
+    k = rng.standard_normal((batch, Hkv, kv, D), dtype=np.float32)
+    v = rng.standard_normal((batch, Hkv, kv, D), dtype=np.float32)
+    mask = _model_mask(batch, past, q_len, max(cfg.local_window_size, 0))
+    feeds = dict(query=q, key=k, value=v, image_spans=spans)
+    if cfg.qkv_format == "BSD":
+        feeds.update({n: x.transpose(0, 2, 1, 3).reshape(batch, x.shape[2], -1) for n, x in (("query", q), ("key", k), ("value", v))})
+    if cfg.mask_type == "bool":
+        feeds["attn_mask"] = mask
+    elif cfg.mask_type == "float":
+        feeds["attn_mask"] = np.where(mask, 0.0, -np.inf).astype(np.float32)
+    want = reference_attention(q, k, v, spans, cfg.categories, sink_tokens=cfg.sink_tokens, scale=cfg.scale, model_mask=mask)
+    for lowering in ("reference", "fast"):
+        got = run(_session(cfg, lowering), feeds)[0]
+        if cfg.qkv_format == "BSD":
+            got = got.reshape(batch, q_len, H, D).transpose(0, 2, 1, 3)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"{lowering} lowering, past {past}, {cfg}")
+
+
+@pytest.mark.parametrize("mask_type,is_causal,window,fmt", [
+    ("float", 0, -1, "BNSH"),
+    ("bool", 0, -1, "BNSH"),
+    ("none", 1, -1, "BNSH"),
+    ("float", 0, 5, "BNSH"),
+    ("none", 1, 4, "BSD"),
+])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_cached_queries_equal_numpy_reference(mask_type, is_causal, window, fmt, data):
+    spans, seq = data.draw(templates(max_images=4, max_len=6))
+    seq = max(seq, 2)
+    q_len = data.draw(st.integers(1, min(seq, 3)))
+    past = seq - q_len
+    hkv = data.draw(st.sampled_from([1, 2, 4]))
+    cfg = AttentionConfig(
+        num_heads=4, kv_num_heads=hkv, head_size=D, scale=float(data.draw(st.sampled_from([D ** -0.5, 0.2]))),
+        categories=tuple(data.draw(category_lists(4))), sink_tokens=data.draw(st.integers(1, 2)),
+        is_causal=is_causal, local_window_size=window, qkv_format=fmt, mask_type=mask_type,
+    )
+    _check(cfg, spans, past, q_len, batch=data.draw(st.integers(1, 2)), seed=data.draw(st.integers(0, 99)))
+
+
+def test_decode_step_inside_an_image_and_after_the_last():
+    """A query that is itself an image token at past > 0 (a chunked prefill) and
+    a text query after every image: both follow SPEC §2 by absolute position."""
+    cfg = AttentionConfig(num_heads=4, kv_num_heads=2, head_size=D, scale=D ** -0.5,
+                          categories=("dense", "sink", "intra", "intra_sink"), is_causal=0, mask_type="float")
+    spans = np.array([[2, 7], [9, 15]], dtype=np.int64)
+    for past, q_len in ((10, 2), (12, 4), (15, 1), (16, 1)):
+        _check(cfg, spans, past, q_len, batch=1, seed=past)
+
+
+def test_fast_function_has_a_prefill_branch_and_a_cached_branch():
+    cfg = AttentionConfig(num_heads=4, kv_num_heads=2, head_size=D, scale=D ** -0.5,
+                          categories=("intra",) * 4, mask_type="float", is_causal=0)
+    model = single_node_model(cfg, "fast")
+    onnx.checker.check_model(model)
+    body = model.functions[0]
+    ifs = [n for n in body.node if n.op_type == "If"]
+    assert len(ifs) == 1
+    branches = {a.name: _op_types(a.g) for a in ifs[0].attribute}
+    assert "GroupQueryAttention" in branches["then_branch"]  # the fast body still runs the prefill
+    assert "GroupQueryAttention" not in branches["else_branch"]  # offsets take the reference body
+
+
+def _op_types(graph):
+    ops = set()
+    for n in graph.node:
+        ops.add(n.op_type)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                ops |= _op_types(a.g)
+    return ops

@@ -1,0 +1,234 @@
+"""Tiny random Hugging Face VLM checkpoint directories, made offline.
+
+``make_tiny_checkpoint(family, out_dir)`` writes what a real checkpoint folder
+holds (config, safetensors weights, tokenizer, image processor, processor and
+chat template) for Qwen2-VL, Qwen2.5-VL or Gemma 3, small enough for tests:
+transformers' ``AutoModelForImageTextToText``, ``AutoProcessor`` and
+``bs-export`` load it with ``local_files_only=True``.
+
+The tokenizer is byte-level BPE without merges (every UTF-8 string encodes,
+one token per byte) plus the family's special tokens. A real vocabulary would
+put the image delimiters at ids above 150 000, which would make the embedding
+tables dominate the checkpoint, so the ids here are small and recorded in the
+config (``vision_start_token_id`` ..., ``boi_token_index`` ...) as in the real
+checkpoints; consumers read them from there (template.json), never assume them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from blindsight.models.configs import (
+    FAMILIES,
+    TINY_HEAD_DIM,
+    TINY_HEADS,
+    TINY_HIDDEN,
+    TINY_INTERMEDIATE,
+    TINY_MROPE_SECTION,
+    TINY_SLIDING_WINDOW,
+)
+
+# Qwen2-VL image geometry: 14-pixel patches, 2x2 merge, so a 56x56 image is a
+# 4x4 patch grid and 4 image tokens; images are resized into [min, max] pixels.
+QWEN_PATCH = 14
+QWEN_MERGE = 2
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 112 * 112
+
+# Gemma 3 image geometry: 28x28 images, 7-pixel patches (4x4), pooled to 2x2
+# = 4 soft tokens per image.
+GEMMA_IMAGE = 28
+GEMMA_PATCH = 7
+GEMMA_TOKENS_PER_IMAGE = 4
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+GEMMA_LEADING = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3 as in the released tokenizer
+GEMMA_TRAILING = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+GEMMA_CHAT_TEMPLATE = (
+    # no bos_token here: the tokenizer adds <bos> when the text is encoded
+    "{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _byte_level_tokenizer(leading: list[str], trailing: list[str], bos: str | None = None):
+    """A tokenizers.Tokenizer: ``leading`` specials, the 256 byte symbols, ``trailing`` specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab: dict[str, int] = {}
+    for tok in leading + sorted(ByteLevel.alphabet()) + trailing:
+        vocab[tok] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(leading + trailing)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    return tok, vocab
+
+
+def _text_dims(vocab_size: int, num_layers: int, num_kv_heads: int) -> dict:
+    return dict(vocab_size=vocab_size, hidden_size=TINY_HIDDEN, intermediate_size=TINY_INTERMEDIATE,
+                num_hidden_layers=num_layers, num_attention_heads=TINY_HEADS,
+                num_key_value_heads=num_kv_heads, max_position_embeddings=2048)
+
+
+def _qwen(family: str, num_layers: int, num_kv_heads: int):
+    from transformers import PreTrainedTokenizerFast
+
+    tok, vocab = _byte_level_tokenizer([], QWEN_SPECIALS)
+    ids = {t: vocab[t] for t in QWEN_SPECIALS}
+    text = _text_dims(len(vocab), num_layers, num_kv_heads)
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                 "mrope_section": list(TINY_MROPE_SECTION)},
+                rms_norm_eps=1e-6, tie_word_embeddings=False,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(depth=1, embed_dim=32, hidden_size=TINY_HIDDEN, num_heads=2, mlp_ratio=2,
+                      patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2)
+    else:
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY_HIDDEN,
+                      patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
+                      window_size=56, fullatt_block_indexes=[1])
+    config = Config(text_config=text, vision_config=vision, **tokens,
+                    eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    return config, Model, tokenizer
+
+
+def _qwen_image_processor():
+    # the Pil variant: the default one needs torchvision, which is not a dependency
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2)
+
+
+def _save_qwen_processor(family: str, tokenizer, out: Path) -> None:
+    """Tokenizer, image processor, chat template and processor class, as a released checkpoint has them.
+
+    Without torchvision transformers cannot build ``Qwen2VLProcessor`` (it
+    requires a video processor), so the parts are saved one by one; the
+    runtime reads them with AutoTokenizer / AutoImageProcessor.
+    """
+    tokenizer.save_pretrained(out)
+    _qwen_image_processor().save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    cls = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": cls}, indent=2) + "\n")
+
+
+def _gemma3(num_layers: int, num_kv_heads: int):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
+
+    tok, vocab = _byte_level_tokenizer(GEMMA_LEADING, GEMMA_TRAILING, bos="<bos>")
+    layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"] if num_layers > 1 else ["sliding_attention"]
+    text = _text_dims(len(vocab), num_layers, num_kv_heads)
+    text.update(head_dim=TINY_HEAD_DIM, query_pre_attn_scalar=TINY_HEAD_DIM, sliding_window=TINY_SLIDING_WINDOW,
+                layer_types=layer_types, rms_norm_eps=1e-6,
+                pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=[vocab["<eos>"], vocab["<end_of_turn>"]])
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=GEMMA_IMAGE, patch_size=GEMMA_PATCH)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE,
+                          boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
+                          image_token_index=vocab["<image_soft_token>"],
+                          # untied: with tied random embeddings greedy decoding echoes the last token
+                          tie_word_embeddings=False,
+                          eos_token_id=[vocab["<eos>"], vocab["<end_of_turn>"]], pad_token_id=vocab["<pad>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>", "start_of_turn_token": "<start_of_turn>",
+                              "end_of_turn_token": "<end_of_turn>"})
+    return config, Gemma3ForConditionalGeneration, tokenizer
+
+
+def _gemma3_processor(tokenizer):
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    image_processor = Gemma3ImageProcessorPil(size={"height": GEMMA_IMAGE, "width": GEMMA_IMAGE},
+                                           do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                           chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=GEMMA_TOKENS_PER_IMAGE)
+
+
+def build_tiny(family: str, *, seed: int = 0, num_layers: int = 2, num_kv_heads: int = 2):
+    """(model, tokenizer) of a tiny random VLM of ``family``, in memory."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    import torch
+
+    if family == "gemma3":
+        config, Model, tokenizer = _gemma3(num_layers, num_kv_heads)
+    else:
+        config, Model, tokenizer = _qwen(family, num_layers, num_kv_heads)
+    torch.manual_seed(seed)
+    model = Model(config).eval()
+    # random init is N(0, 0.02): logits then barely depend on the input and greedy
+    # decoding repeats one token; larger weights give varied, input-dependent tokens
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and "embed" in name:
+                p.normal_(0.0, 1.0)
+    return model, tokenizer
+
+
+def make_tiny_checkpoint(family: str, out_dir, seed: int = 0, *, num_layers: int = 2, num_kv_heads: int = 2) -> Path:
+    """Write a tiny random checkpoint directory of ``family`` at ``out_dir``; return its path.
+
+    The directory is assembled in a temporary sibling and renamed into place, so
+    a failure never leaves a half-written checkpoint.
+    """
+    out = Path(out_dir)
+    model, tokenizer = build_tiny(family, seed=seed, num_layers=num_layers, num_kv_heads=num_kv_heads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if family == "gemma3":
+            _gemma3_processor(tokenizer).save_pretrained(tmp)
+        else:
+            _save_qwen_processor(family, tokenizer, tmp)
+        (tmp / "blindsight_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,209 @@
+"""Images and a question in, an answer out: a bs-export directory run in ONNX Runtime.
+
+``Pipeline(out_dir).generate(images, prompt)`` builds the prompt (tokenizer and
+image processor of the export), runs the vision encoder, merges the image
+features into the token embeddings, computes position ids (Qwen's 3-row
+M-RoPE), finds the image spans from the token ids, runs the prefill (the
+compiled model takes the spans as its ``image_spans`` input) and greedy
+decoding with the KV cache. Decode steps keep feeding the prompt's spans: the
+new tokens are text and attend densely (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from blindsight.errors import BlindSightError
+from blindsight.passes.op import SPANS_INPUT
+from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
+from blindsight.runtime.prompt import Prompt, PromptBuilder
+from blindsight.runtime.session import resolve_provider
+from blindsight.semantics import Delimiters, find_spans
+
+TEMPLATE = "template.json"
+COMPILED_NAME = "language_model.blindsight.onnx"
+
+
+@dataclasses.dataclass
+class Result:
+    text: str
+    token_ids: list[int]  # the generated tokens (an end-of-sequence token included)
+    ttft_s: float  # from the call to the first token: prompt, vision, embedding, prefill
+    prefill_s: float  # the language model's prefill alone
+    tokens_per_s: float  # decode steps after the first token (0.0 when there were none)
+    prefill_tokens: int
+    image_spans: list[tuple[int, int]]
+    prompt_ids: list[int]
+    model: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_template(out_dir) -> dict:
+    path = Path(out_dir) / TEMPLATE
+    if not path.is_file():
+        raise BlindSightError(f"{path} not found: {out_dir} is not a bs-export directory; run bs-export MODEL_DIR -o {out_dir}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BlindSightError(f"{path} is not valid JSON ({exc}); export again with bs-export") from None
+    if doc.get("format") != "blindsight-export":
+        raise BlindSightError(f"{path} is not a bs-export template (format {doc.get('format')!r}); export again with bs-export")
+    return doc
+
+
+def resolve_model(out_dir: Path, template: dict, model) -> Path:
+    """``True``/"compiled": the compiled model; ``False``/"dense": the export; else a path."""
+    if model is True or model == "compiled":
+        path = out_dir / COMPILED_NAME
+        if not path.is_file():
+            raise BlindSightError(
+                f"no compiled model at {path}; run bs-compile {out_dir / template['files']['language_model']} "
+                f"--profile P.json -o {path}, or use the dense export (--model dense)")
+        return path
+    if model is False or model == "dense":
+        return out_dir / template["files"]["language_model"]
+    path = Path(model)
+    if not path.is_file():
+        raise BlindSightError(f"language model {path} does not exist; pass compiled, dense or an existing .onnx file")
+    return path
+
+
+class Pipeline:
+    def __init__(self, out_dir, provider: str = "cpu", compiled=True, threads: int | None = None):
+        self.out_dir = Path(out_dir)
+        self.template = load_template(self.out_dir)
+        self.family = self.template["family"]
+        self.model_path = resolve_model(self.out_dir, self.template, compiled)
+        self.providers = resolve_provider(provider)
+        self.options = ort.SessionOptions()
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self.prompts = PromptBuilder(self.out_dir, self.template)
+        self.lm = self._session(self.model_path)
+        self.embed = self._session(self.out_dir / self.template["files"]["embed"])
+        self._vision = None
+        self.lm_inputs = {i.name for i in self.lm.get_inputs()}
+        self.sparse = SPANS_INPUT in self.lm_inputs
+        self.num_layers = int(self.template["num_layers"])
+        self.eos = set(int(t) for t in self.template.get("eos_token_ids") or [])
+        self.delimiters = Delimiters(int(self.template["image_start_id"]), int(self.template["image_end_id"]))
+
+    def _session(self, path) -> ort.InferenceSession:
+        if not Path(path).is_file():
+            raise BlindSightError(f"{path} is missing from the export directory; run bs-export again")
+        return ort.InferenceSession(str(path), self.options, providers=self.providers)
+
+    @property
+    def vision(self) -> ort.InferenceSession:
+        if self._vision is None:
+            self._vision = self._session(self.out_dir / self.template["files"]["vision"])
+        return self._vision
+
+    # ------------------------------------------------------------- pieces
+
+    def image_features(self, prompt: Prompt) -> np.ndarray:
+        """[num_image_tokens, hidden] in prompt order."""
+        names = [i.name for i in self.vision.get_inputs()]
+        if self.family == "gemma3":
+            feeds = {"pixel_values": prompt.pixel_values}
+        elif set(names) <= {"pixel_values", "image_grid_thw"}:
+            feeds = {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
+        else:  # the export takes the tower's index tensors, computed on the host
+            from blindsight.models.export_vision import qwen_vision_feeds
+
+            feeds = qwen_vision_feeds(self.family, self.template["vision"], prompt.pixel_values, prompt.image_grid_thw)
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        out = self.vision.run(None, feeds)[0]
+        return out.reshape(-1, out.shape[-1])
+
+    def embeddings(self, prompt: Prompt) -> np.ndarray:
+        """[1, S, hidden]: token embeddings with the image features at the image-token positions."""
+        embeds = self.embed.run(None, {"input_ids": prompt.input_ids[None]})[0]
+        if prompt.num_images:
+            where = np.flatnonzero(prompt.input_ids == int(self.template["image_token_id"]))
+            feats = self.image_features(prompt)
+            if len(feats) != len(where):
+                raise BlindSightError(
+                    f"the vision encoder gave {len(feats)} image tokens but the prompt holds {len(where)}; "
+                    f"the export and its processor files disagree: export again")
+            embeds = embeds.copy()
+            embeds[0, where] = feats
+        return embeds
+
+    def position_ids(self, prompt: Prompt) -> tuple[np.ndarray, int]:
+        """Prefill position ids ([3, 1, S] M-RoPE or [1, S]) and the offset of decode positions."""
+        s = prompt.input_ids.size
+        if self.template.get("position_ids") == "mrope3":
+            grid = prompt.image_grid_thw if prompt.image_grid_thw is not None else np.zeros((0, 3), np.int64)
+            pos, delta = mrope_position_ids(prompt.input_ids, int(self.template["image_token_id"]), grid,
+                                            int(self.template["spatial_merge_size"]))
+            return pos[:, None, :], delta
+        return np.arange(s, dtype=np.int64)[None], 0
+
+    def image_spans(self, input_ids) -> np.ndarray:
+        return find_spans(input_ids, self.delimiters)
+
+    def _empty_past(self) -> dict:
+        kv, hd = int(self.template["num_kv_heads"]), int(self.template["head_dim"])
+        empty = np.zeros((1, kv, 0, hd), dtype=np.float32)
+        return {f"past_key_values.{i}.{n}": empty for i in range(self.num_layers) for n in ("key", "value")}
+
+    def _run_lm(self, embeds, positions, past: dict, total_len: int, spans):
+        feeds = {"inputs_embeds": embeds, "position_ids": positions,
+                 "attention_mask": np.ones((1, total_len), dtype=np.int64), **past}
+        if self.sparse:
+            feeds[SPANS_INPUT] = spans
+        names = [o.name for o in self.lm.get_outputs()]
+        outs = dict(zip(names, self.lm.run(None, {k: v for k, v in feeds.items() if k in self.lm_inputs})))
+        present = {f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"]
+                   for i in range(self.num_layers) for n in ("key", "value")}
+        return outs["logits"][0, -1], present
+
+    # ------------------------------------------------------------- generation
+
+    def generate(self, images, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> Result:
+        if max_new_tokens < 1:
+            raise BlindSightError(f"max_new_tokens is {max_new_tokens}; it must be at least 1")
+        t0 = time.perf_counter()
+        built = self.prompts.build(images, prompt, chat)
+        return self.generate_from(built, max_new_tokens, t0)
+
+    def generate_from(self, prompt: Prompt, max_new_tokens: int, t0: float | None = None) -> Result:
+        t0 = time.perf_counter() if t0 is None else t0
+        ids = prompt.input_ids
+        spans = self.image_spans(ids)
+        embeds = self.embeddings(prompt)
+        positions, delta = self.position_ids(prompt)
+        rows = positions.shape[0] if positions.ndim == 3 else 1
+        tp = time.perf_counter()
+        logits, past = self._run_lm(embeds, positions, self._empty_past(), ids.size, spans)
+        token = int(np.argmax(logits))
+        t1 = time.perf_counter()
+        tokens = [token]
+        while len(tokens) < max_new_tokens and token not in self.eos:
+            step = ids.size + len(tokens) - 1
+            emb = self.embed.run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
+            logits, past = self._run_lm(emb, decode_position_ids(step + delta, rows), past, step + 1, spans)
+            token = int(np.argmax(logits))
+            tokens.append(token)
+        t2 = time.perf_counter()
+        decode_steps = len(tokens) - 1
+        return Result(
+            text=self.prompts.decode(tokens),
+            token_ids=tokens,
+            ttft_s=t1 - t0,
+            prefill_s=t1 - tp,
+            tokens_per_s=decode_steps / (t2 - t1) if decode_steps else 0.0,
+            prefill_tokens=int(ids.size),
+            image_spans=[tuple(map(int, s)) for s in spans.tolist()],
+            prompt_ids=ids.tolist(),
+            model=str(self.model_path),
+        )

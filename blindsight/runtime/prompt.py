@@ -1,0 +1,151 @@
+"""From images and a question to the token ids and pixel values of a VLM prompt.
+
+Does what the family's transformers processor does, with its tokenizer and
+image processor read from the export directory: renders the chat template
+(when there is one) with one image part per image, then expands each image
+placeholder into the image's tokens. Qwen's processor class cannot be built
+without torchvision (it insists on a video processor), so the expansion is
+done here for every family.
+
+Where the images go: at each ``<image>`` marker in the prompt text, in order,
+or, with no marker, all before the text (the usual "images, then question").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from blindsight.errors import BlindSightError
+
+IMAGE_MARKER = "<image>"
+
+
+@dataclasses.dataclass
+class Prompt:
+    input_ids: np.ndarray  # int64 [S]
+    pixel_values: np.ndarray | None  # Qwen: [patches, C*T*P*P]; Gemma 3: [N, 3, H, W]
+    image_grid_thw: np.ndarray | None  # Qwen: int64 [N, 3]
+    text: str  # the rendered prompt before image expansion
+    num_images: int
+
+
+def load_images(images) -> list:
+    """PIL images from PIL images or paths; a path that is not an image is a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for im in images:
+        if isinstance(im, Image.Image):
+            out.append(im.convert("RGB"))
+            continue
+        path = Path(im)
+        if not path.is_file():
+            raise BlindSightError(f"image {str(path)!r} does not exist; pass an existing image file")
+        try:
+            with Image.open(path) as f:
+                out.append(f.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise BlindSightError(f"image {str(path)!r} cannot be read as an image ({exc})") from None
+    return out
+
+
+def split_prompt(prompt: str, num_images: int) -> list[dict]:
+    """Chat content parts: text pieces and image parts, images at the markers or first."""
+    pieces = prompt.split(IMAGE_MARKER)
+    markers = len(pieces) - 1
+    if markers == 0:
+        parts = [{"type": "image"} for _ in range(num_images)]
+        return parts + ([{"type": "text", "text": prompt}] if prompt else [])
+    if markers != num_images:
+        raise BlindSightError(
+            f"the prompt has {markers} {IMAGE_MARKER} marker(s) but {num_images} image(s) were given; "
+            f"use one marker per image or none (images then go before the text)")
+    parts = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if i < markers:
+            parts.append({"type": "image"})
+    return parts
+
+
+class PromptBuilder:
+    """Builds prompts for one export directory (its tokenizer, image processor and template.json)."""
+
+    def __init__(self, out_dir, template: dict):
+        from transformers import AutoTokenizer
+
+        self.template = template
+        self.family = template["family"]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+        self._image_processor = None
+        self._out_dir = str(out_dir)
+        tok = self.tokenizer.convert_ids_to_tokens
+        self.image_token = tok(int(template["image_token_id"]))
+        self.image_start = tok(int(template["image_start_id"]))
+        self.image_end = tok(int(template["image_end_id"]))
+
+    @property
+    def image_processor(self):
+        if self._image_processor is None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(self._out_dir, local_files_only=True)
+        return self._image_processor
+
+    def _placeholder(self) -> str:
+        """What the chat template writes for one image, before expansion."""
+        if self.family == "gemma3":
+            return self.image_start
+        return self.image_start + self.image_token + self.image_end
+
+    def render(self, prompt: str, num_images: int, chat: bool = True) -> str:
+        parts = split_prompt(prompt, num_images)
+        if chat and self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": parts}]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "".join(self._placeholder() if p["type"] == "image" else p["text"] for p in parts)
+
+    def _expand(self, text: str, counts: list[int]) -> str:
+        """Each image placeholder -> the image's full token sequence, as the family's processor does."""
+        if self.family == "gemma3":
+            seq = lambda n: f"\n\n{self.image_start}{self.image_token * n}{self.image_end}\n\n"
+            key = self.image_start
+        else:
+            seq = lambda n: self.image_token * n
+            key = self.image_token
+        pieces = text.split(key)
+        if len(pieces) - 1 != len(counts):
+            raise BlindSightError(
+                f"the rendered prompt holds {len(pieces) - 1} image placeholder(s) for {len(counts)} image(s); "
+                f"do not write {key!r} in the prompt text, use {IMAGE_MARKER} markers")
+        return pieces[0] + "".join(seq(n) + p for n, p in zip(counts, pieces[1:]))
+
+    def build(self, images, prompt: str, chat: bool = True) -> Prompt:
+        images = load_images(images)
+        text = self.render(prompt, len(images), chat)
+        pixel_values = grid = None
+        counts: list[int] = []
+        if images:
+            if self.family == "gemma3":
+                px = self.image_processor(images, return_tensors="np", do_pan_and_scan=False)
+                pixel_values = np.asarray(px["pixel_values"], dtype=np.float32)
+                counts = [int(self.template["tokens_per_image"])] * len(images)
+            else:
+                px = self.image_processor(images, return_tensors="np")
+                pixel_values = np.asarray(px["pixel_values"], dtype=np.float32)
+                grid = np.asarray(px["image_grid_thw"], dtype=np.int64)
+                merge = int(self.template["spatial_merge_size"])
+                counts = (grid.prod(-1) // merge**2).tolist()
+        full = self._expand(text, counts)
+        bos = self.tokenizer.bos_token
+        # a chat template that writes <bos> itself must not get a second one
+        add_special = not (bos and full.startswith(bos))
+        ids = np.asarray(self.tokenizer(full, add_special_tokens=add_special)["input_ids"], dtype=np.int64)
+        return Prompt(ids, pixel_values, grid, text, len(images))
+
+    def decode(self, token_ids) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -1,0 +1,56 @@
+"""bs-export: a local Hugging Face VLM checkpoint -> ONNX files the runtime and bs-compile take."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from blindsight.errors import BlindSightError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bs-export",
+        description=(
+            "Export a Qwen2-VL, Qwen2.5-VL or Gemma 3 checkpoint directory (config + weights + "
+            "processor files) to ONNX: vision.onnx (pixels -> image features), embed.onnx "
+            "(token ids -> embeddings) and language_model.onnx (prefill and decode with a KV cache), "
+            "plus template.json (token ids, positions, files) and the processor files. "
+            "Compile the language model with bs-compile, then answer with bs-run."
+        ),
+        epilog="example: bs-export ./Qwen2-VL-2B-Instruct -o ./qwen2vl-onnx && "
+        "bs-compile ./qwen2vl-onnx/language_model.onnx --profile p.json -o ./qwen2vl-onnx/language_model.blindsight.onnx",
+    )
+    p.add_argument("model_dir", help="local Hugging Face checkpoint directory (nothing is downloaded)")
+    p.add_argument("-o", "--output", required=True, help="export directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--json", action="store_true", help="print template.json as JSON instead of a summary line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from blindsight.models.export_vlm import export_vlm
+
+    try:
+        result = export_vlm(args.model_dir, args.output, progress=not args.quiet, overwrite=args.overwrite)
+    except BlindSightError as exc:
+        print(f"bs-export: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"bs-export: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"output": str(result.out_dir), "template": result.template}, indent=2))
+    else:
+        print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Export a VLM's language model with a KV cache: prefill and decode in one graph.
+
+Graph interface (names as in the export-directory contract, docs/export-contract.md)::
+
+    inputs_embeds                 float32 [B, S, hidden]
+    position_ids                  int64   [3, B, S] (qwen M-RoPE) / [B, S] (gemma3)
+    attention_mask                int64   [B, past + S]  (1 = keep, 0 = padding)
+    past_key_values.{i}.key/value float32 [B, num_kv_heads, past, head_dim]
+    -> logits                     float32 [B, S, vocab]
+    -> present.{i}.key/value      float32 [B, num_kv_heads, past + S, head_dim]
+
+A prefill is a call with past = 0. Attention is exported in eager form
+(MatMul, Mul(scale), Add(mask), Softmax, MatMul), which bs-compile rewrites
+with K and V = Concat(past, new) as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .export import _quiet, _save, _text_config, _uses_3d_positions
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+class LanguageModelWithCache(nn.Module):
+    """``forward(inputs_embeds, position_ids, attention_mask, past) -> (logits, *presents)``.
+
+    ``past`` is a tuple of 2 * num_layers tensors (key, value per layer). The
+    cache is plain full-length layers for every layer, sliding ones included:
+    the sliding window is applied by the mask on absolute positions, so the
+    present tensors always hold the whole sequence (what the runtime feeds back).
+    """
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, num_layers: int, final_logit_softcapping=None):
+        super().__init__()
+        self.decoder = decoder
+        self.lm_head = lm_head
+        self.num_layers = num_layers
+        self.final_logit_softcapping = final_logit_softcapping
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = self.lm_head(out.last_hidden_state)
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        presents = []
+        for i in range(self.num_layers):
+            presents += [cache.layers[i].keys, cache.layers[i].values]
+        return (logits, *presents)
+
+
+def language_model_with_cache(family: str, model: nn.Module) -> LanguageModelWithCache:
+    """Wrap the text decoder and LM head of a loaded ``*ForConditionalGeneration`` model."""
+    inner = model.model
+    decoder = getattr(inner, "language_model", inner)
+    text_cfg = _text_config(model.config)
+    cap = getattr(text_cfg, "final_logit_softcapping", None) if family == "gemma3" else None
+    return LanguageModelWithCache(decoder, model.lm_head, text_cfg.num_hidden_layers, cap).eval()
+
+
+def example_kv_inputs(family: str, text_cfg, batch=1, seq_len=5, past_len=3, seed=0):
+    """Torch example inputs (tracing, tests): positions continue after the past."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = text_cfg.num_attention_heads
+    kv_heads = getattr(text_cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
+    embeds = torch.randn(batch, seq_len, text_cfg.hidden_size, generator=gen)
+    pos = torch.arange(past_len, past_len + seq_len).expand(batch, seq_len)
+    if _uses_3d_positions(family):
+        pos = pos.expand(3, batch, seq_len)
+    mask = torch.ones(batch, past_len + seq_len, dtype=torch.int64)
+    past = tuple(torch.randn(batch, kv_heads, past_len, head_dim, generator=gen) for _ in range(2 * text_cfg.num_hidden_layers))
+    return embeds, pos.contiguous(), mask, past
+
+
+def export_language_model_with_cache(family: str, model: nn.Module, out_path) -> Path:
+    """Trace ``model`` (a loaded VLM, eager attention) and write ``out_path``."""
+    wrapper = language_model_with_cache(family, model)
+    text_cfg = wrapper.decoder.config
+    n = wrapper.num_layers
+    args = example_kv_inputs(family, text_cfg)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq_len", min=1, max=1 << 18)
+    past = torch.export.Dim("past_len", min=0, max=1 << 18)
+    total = torch.export.Dim("total_len", min=1, max=1 << 19)
+    dynamic = (
+        {0: batch, 1: seq},
+        {1: batch, 2: seq} if _uses_3d_positions(family) else {0: batch, 1: seq},
+        {0: batch, 1: total},
+        tuple({0: batch, 2: past} for _ in range(2 * n)),
+    )
+    path = Path(out_path)
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            input_names=["inputs_embeds", "position_ids", "attention_mask", *past_names(n)],
+            output_names=["logits", *present_names(n)],
+            dynamic_shapes=dynamic,
+            optimize=True,
+            report=False,
+            verbose=False,
+        )
+    _save(program, path)
+    return path

@@ -1,0 +1,165 @@
+"""Export the vision encoder and the token embedding of a VLM.
+
+Qwen2-VL / Qwen2.5-VL vision towers derive index tensors from
+``image_grid_thw`` with Python loops (per-image rotary positions, attention
+segments, Qwen2.5-VL's window order), which no trace can keep dynamic.
+transformers exposes them as precomputable (``transformers.vision_utils``),
+so the graph takes them as inputs and :func:`qwen_vision_feeds` computes them
+on the host with transformers' own functions. Attention inside the tower runs
+over all patches of the call with a block-diagonal mask made from the segment
+boundaries (exact; memory grows with the square of the patches of one call,
+so feed images one at a time when they are large).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .export import _quiet, _save
+
+# A name with "flash" in it makes the Qwen vision attention pass cu_seqlens to
+# the attention function instead of splitting the patches per image in Python.
+SEGMENT_ATTENTION = "flash_blindsight_segments"
+
+QWEN_VISION_INPUTS = {
+    "qwen2_vl": ("pixel_values", "vision_position_ids", "cu_seqlens"),
+    "qwen2_5_vl": ("pixel_values", "vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens"),
+}
+
+
+def _segment_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                       cu_seq_lens_q=None, **_):
+    """Packed-sequence attention: patches attend within their own segment."""
+    pos = torch.arange(query.shape[2], device=query.device)
+    seg = (pos[:, None] >= cu_seq_lens_q[None, 1:].to(pos.dtype)).sum(-1)
+    mask = seg[:, None] == seg[None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
+
+
+class QwenVision(nn.Module):
+    """``forward(pixel_values, vision_position_ids, cu_seqlens[, window_index, cu_window_seqlens])
+    -> image_features [num_image_tokens, hidden]``."""
+
+    def __init__(self, visual: nn.Module, windowed: bool):
+        super().__init__()
+        self.visual = visual
+        self.windowed = windowed
+
+    def forward(self, pixel_values, vision_position_ids, cu_seqlens, window_index=None, cu_window_seqlens=None):
+        kwargs = dict(position_ids=vision_position_ids, cu_seqlens=cu_seqlens, max_seqlen=0)
+        if self.windowed:
+            kwargs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens, max_window_seqlen=0)
+        out = self.visual(pixel_values, grid_thw=None, **kwargs)
+        return out.pooler_output
+
+
+class GemmaVision(nn.Module):
+    """``forward(pixel_values [N, 3, H, W]) -> image_features [N, tokens_per_image, hidden]``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.get_image_features(pixel_values, return_dict=True).pooler_output
+
+
+class Embed(nn.Module):
+    """``forward(input_ids) -> inputs_embeds`` (Gemma's sqrt(hidden) scale is part of its embedding)."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids)
+
+
+def qwen_vision_feeds(family: str, vision_config: dict, pixel_values, image_grid_thw) -> dict[str, np.ndarray]:
+    """Every input of a Qwen ``vision.onnx`` from the processor's outputs.
+
+    ``vision_config`` is template.json's ``vision`` entry (spatial_merge_size,
+    window_size, patch_size).
+    """
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    grid = torch.as_tensor(np.asarray(image_grid_thw), dtype=torch.int64)
+    merge = int(vision_config["spatial_merge_size"])
+    feeds = {
+        "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
+        "vision_position_ids": get_vision_position_ids(grid, merge).numpy().astype(np.int64),
+        "cu_seqlens": get_vision_cu_seqlens(grid).numpy().astype(np.int64),
+    }
+    if family == "qwen2_5_vl":
+        index, cu_window = get_vision_window_index(
+            grid, spatial_merge_size=merge, window_size=int(vision_config["window_size"]),
+            patch_size=int(vision_config["patch_size"]))
+        feeds["window_index"] = index.numpy().astype(np.int64)
+        feeds["cu_window_seqlens"] = cu_window.numpy().astype(np.int64)
+    return feeds
+
+
+def qwen_vision_module(family: str, model: nn.Module) -> QwenVision:
+    _register_segment_attention()
+    visual = model.model.visual
+    visual.config._attn_implementation = SEGMENT_ATTENTION
+    return QwenVision(visual, windowed=family == "qwen2_5_vl").eval()
+
+
+def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np.ndarray] | None = None) -> Path:
+    """Write the vision encoder of ``model`` to ``out_path``.
+
+    ``example`` (Qwen) holds tracing inputs as :func:`qwen_vision_feeds` returns them.
+    """
+    path = Path(out_path)
+    if family == "gemma3":
+        vcfg = model.config.vision_config
+        module = GemmaVision(model.model).eval()
+        args = (torch.randn(2, vcfg.num_channels, vcfg.image_size, vcfg.image_size),)
+        names = ["pixel_values"]
+        dynamic = ({0: torch.export.Dim("num_images", min=1, max=1024)},)
+    else:
+        module = qwen_vision_module(family, model)
+        names = list(QWEN_VISION_INPUTS[family])
+        args = tuple(torch.from_numpy(example[n]) for n in names)
+        patches = torch.export.Dim("num_patches", min=4, max=1 << 20)
+        segments = torch.export.Dim("num_segments_plus_1", min=2, max=1 << 14)
+        dynamic = [{0: patches}, {0: patches}, {0: segments}]
+        if family == "qwen2_5_vl":
+            dynamic += [{0: torch.export.Dim("num_merged", min=1, max=1 << 18)},
+                        {0: torch.export.Dim("num_windows_plus_1", min=2, max=1 << 16)}]
+        dynamic = tuple(dynamic)
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=names, output_names=["image_features"],
+            dynamic_shapes=dynamic, optimize=True, report=False, verbose=False,
+        )
+    _save(program, path)
+    return path
+
+
+def export_embed(model: nn.Module, out_path) -> Path:
+    path = Path(out_path)
+    module = Embed(model.get_input_embeddings()).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq_len", min=1, max=1 << 18)
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(
+            module, (torch.zeros(1, 3, dtype=torch.int64),), dynamo=True, input_names=["input_ids"],
+            output_names=["inputs_embeds"], dynamic_shapes=({0: batch, 1: seq},),
+            optimize=True, report=False, verbose=False,
+        )
+    _save(program, path)
+    return path

@@ -14,6 +14,7 @@ from blindsight import profile as profile_io
 from blindsight.errors import ModelError
 from blindsight.passes.lower import LOWERINGS, MIN_OPSET, is_blindsight, lower_model
 from blindsight.passes.op import DOMAIN, SPANS_INPUT
+from blindsight.passes.repeat_kv import look_through_repeat_kv
 from blindsight.passes.rules import attention_rules
 from blindsight.profile import Profile
 from blindsight.semantics import CATEGORIES
@@ -107,6 +108,7 @@ def compile_model(
         raise ModelError(f"{model_path} uses ONNX opset {opset}; BlindSight needs opset >= {MIN_OPSET} (re-export with a newer opset)")
 
     attention_rules().apply_to_model(model)
+    look_through_repeat_kv(model)
     RemoveUnusedNodesPass()(model)
     nodes = _attention_nodes(model)
     if not nodes:

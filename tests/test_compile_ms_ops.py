@@ -16,10 +16,10 @@ from blindsight.semantics import reference_attention
 H, HKV, D = 4, 2, 8
 
 
-def _graph(kind, path):
+def _graph(kind, path, window=-1):
     if kind == "gqa":
         node = h.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens_k", "total"], ["o"],
-                           domain="com.microsoft", num_heads=H, kv_num_heads=HKV, scale=0.3)
+                           domain="com.microsoft", num_heads=H, kv_num_heads=HKV, scale=0.3, local_window_size=window)
         kv = HKV
         extra = [h.make_tensor_value_info("seqlens_k", T.INT32, ["B"]), h.make_tensor_value_info("total", T.INT32, [])]
     else:
@@ -53,6 +53,16 @@ def test_all_dense_equals_original(kind, tmp_path):
     want = run(session(str(tmp_path / "m.onnx")), feeds)[0]
     compile_model(tmp_path / "m.onnx", Profile.uniform("dense", 1, H), tmp_path / "c.onnx")
     assert np.abs(run(session(str(tmp_path / "c.onnx")), feeds)[0] - want).max() <= 1e-5
+
+
+def test_gqa_local_window_keeps_its_meaning(tmp_path):
+    """ORT 1.31 GQA local_window_size w keeps the w keys q-w+1..q (measured); compiled, the window stays."""
+    _graph("gqa", tmp_path / "m.onnx", window=3)
+    feeds, _ = _feeds(np.random.default_rng(3), HKV, 20, np.array([[2, 9], [11, 16]]), [20])
+    want = run(session(str(tmp_path / "m.onnx")), feeds)[0]
+    for lowering in ("fast", "reference"):
+        compile_model(tmp_path / "m.onnx", Profile.uniform("dense", 1, H), tmp_path / f"{lowering}.onnx", lowering)
+        assert np.abs(run(session(str(tmp_path / f"{lowering}.onnx")), feeds)[0] - want).max() <= 1e-5, lowering
 
 
 @pytest.mark.parametrize("kind", ["mha", "gqa"])

@@ -69,7 +69,7 @@ def _check(cfg, spans, past, q_len, batch, seed):
 def test_cached_queries_equal_numpy_reference(mask_type, is_causal, window, fmt, data):
     spans, seq = data.draw(templates(max_images=4, max_len=6))
     seq = max(seq, 2)
-    q_len = data.draw(st.integers(1, min(seq, 3)))
+    q_len = data.draw(st.integers(1, min(seq - 1, 3)))  # past >= 1: prefills are test_lowering_single_node's
     past = seq - q_len
     hkv = data.draw(st.sampled_from([1, 2, 4]))
     cfg = AttentionConfig(

@@ -187,6 +187,30 @@ def _gemma3_processor(tokenizer):
                            chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=GEMMA_TOKENS_PER_IMAGE)
 
 
+def _spread_weights(model, family: str) -> None:
+    """Re-draw the weights so generations depend on the prompt and the images.
+
+    transformers' N(0, 0.02) init leaves a tiny model's residual stream to the
+    last token's embedding: greedy decoding then ignores the rest of the prompt
+    and the images, and a parity test would prove little. Embeddings get
+    N(0, 1), other matrices and convolutions N(0, 2 / sqrt(fan_in)).
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim < 2:
+                continue
+            if "embed" in name and "patch_embed" not in name:
+                p.normal_(0.0, 1.0)
+            elif name.endswith("mm_input_projection_weight"):
+                # Gemma 3 applies it as x @ W (fan-in = rows) after a norm; sized so image
+                # features are as large as the sqrt(hidden)-scaled text embeddings
+                p.normal_(0.0, (p.shape[1] / p.shape[0]) ** 0.5)
+            else:
+                p.normal_(0.0, 2.0 / p[0].numel() ** 0.5)
+
+
 def build_tiny(family: str, *, seed: int = 0, num_layers: int = 2, num_kv_heads: int = 2):
     """(model, tokenizer) of a tiny random VLM of ``family``, in memory."""
     if family not in FAMILIES:
@@ -199,12 +223,7 @@ def build_tiny(family: str, *, seed: int = 0, num_layers: int = 2, num_kv_heads:
         config, Model, tokenizer = _qwen(family, num_layers, num_kv_heads)
     torch.manual_seed(seed)
     model = Model(config).eval()
-    # random init is N(0, 0.02): logits then barely depend on the input and greedy
-    # decoding repeats one token; larger weights give varied, input-dependent tokens
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and "embed" in name:
-                p.normal_(0.0, 1.0)
+    _spread_weights(model, family)
     return model, tokenizer
 
 

@@ -1,0 +1,151 @@
+"""End to end on tiny random checkpoints: bs-export, bs-compile, the runtime pipeline and bs-run.
+
+The reference is transformers' own ``generate`` (greedy) on the same checkpoint
+and inputs; the sparse profile is checked against the reference lowering.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blindsight.compiler.pipeline import compile_model
+from blindsight.models.checkpoints import make_tiny_checkpoint
+from blindsight.models.export_vlm import export_vlm
+from blindsight.profile import Profile, save
+from blindsight.runtime.pipeline import Pipeline
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
+NEW_TOKENS = 8
+SPARSE = [["intra", "sink", "intra_sink", "dense"], ["sink", "intra", "intra", "sink"]]
+
+
+class Tiny:
+    def __init__(self, family, root):
+        self.family = family
+        self.checkpoint = make_tiny_checkpoint(family, root / "checkpoint")
+        self.out = export_vlm(self.checkpoint, root / "export").out_dir
+        lm = self.out / "language_model.onnx"
+        kv = json.loads((self.out / "template.json").read_text())["num_kv_heads"]
+        self.dense_path = compile_model(lm, Profile.uniform("dense", 2, 4, num_kv_heads=kv), self.out / "lm.dense.onnx").output
+        save(Profile(SPARSE, num_kv_heads=kv), self.out / "profile.json")
+        self.fast_path = compile_model(lm, Profile(SPARSE, num_kv_heads=kv), self.out / "language_model.blindsight.onnx").output
+        self.ref_path = compile_model(lm, Profile(SPARSE, num_kv_heads=kv), self.out / "lm.reference.onnx", "reference").output
+        self._hf = None
+
+    @property
+    def hf(self):
+        from transformers import AutoModelForImageTextToText
+
+        if self._hf is None:
+            self._hf = AutoModelForImageTextToText.from_pretrained(self.checkpoint, local_files_only=True).eval()
+        return self._hf
+
+    def hf_generate(self, prompt, template, max_new_tokens):
+        """transformers' greedy tokens for the same prompt ids and pixels."""
+        ids = torch.as_tensor(prompt.input_ids)[None]
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        if prompt.num_images:
+            kw["pixel_values"] = torch.as_tensor(prompt.pixel_values)
+            if self.family != "gemma3":
+                kw["image_grid_thw"] = torch.as_tensor(prompt.image_grid_thw)
+                kw["mm_token_type_ids"] = (ids == template["image_token_id"]).long()
+            # Gemma 3: no token_type_ids, so transformers attends causally inside images as the
+            # export does (template.json: bidirectional_image_attention false)
+        with torch.no_grad():
+            out = self.hf.generate(**kw)
+        return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    return Tiny(request.param, tmp_path_factory.mktemp(f"e2e_{request.param}"))
+
+
+def _images(n, seed=0):
+    """Blocks of random colour: pixel noise would average out in the towers' pooling."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)).resize((60, 48 + 8 * i), Image.NEAREST)
+            for i in range(n)]
+
+
+CASES = [("compare <image> with <image>, which is brighter?", 2), ("<image>describe", 1), ("no image at all", 0)]
+
+
+@pytest.mark.parametrize("prompt,n", CASES)
+def test_compiled_all_dense_pipeline_equals_transformers_generate(tiny, prompt, n):
+    pipe = Pipeline(tiny.out, compiled=tiny.dense_path, threads=2)
+    built = pipe.prompts.build(_images(n), prompt)
+    got = pipe.generate_from(built, NEW_TOKENS)
+    assert len(got.image_spans) == n
+    assert got.token_ids == tiny.hf_generate(built, pipe.template, NEW_TOKENS)
+    assert got.ttft_s > 0 and got.prefill_tokens == built.input_ids.size
+
+
+def test_images_change_the_answer(tiny):
+    """The parity above would be weak if the images did not matter."""
+    pipe = Pipeline(tiny.out, compiled=False, threads=2)
+    answers = {tuple(pipe.generate(_images(2, seed), CASES[0][0], NEW_TOKENS).token_ids) for seed in range(3)}
+    assert len(answers) > 1
+
+
+def test_sparse_fast_equals_reference_lowering(tiny):
+    fast = Pipeline(tiny.out, compiled=True, threads=2)
+    ref = Pipeline(tiny.out, compiled=tiny.ref_path, threads=2)
+    assert fast.sparse and ref.sparse
+    for prompt, n in CASES:
+        built = fast.prompts.build(_images(n, 5), prompt)
+        a, b = fast.generate_from(built, 6), ref.generate_from(built, 6)
+        assert a.token_ids == b.token_ids
+        assert a.image_spans == b.image_spans
+
+
+def test_decode_from_the_compiled_cache_is_dense(tiny):
+    """A decode step of the compiled model (a text query) equals the dense export's step from the
+    same cache; the first layer's cache, computed before any attention, equals the dense prefill's."""
+    from blindsight.runtime.positions import decode_position_ids
+
+    dense = Pipeline(tiny.out, compiled=False, threads=2)
+    sparse = Pipeline(tiny.out, compiled=True, threads=2)
+    built = dense.prompts.build(_images(2), CASES[0][0])
+    spans = dense.image_spans(built.input_ids)
+    embeds = dense.embeddings(built)
+    pos, delta = dense.position_ids(built)
+    s = built.input_ids.size
+    _, dense_cache = dense._run_lm(embeds, pos, dense._empty_past(), s, spans)
+    logits, cache = sparse._run_lm(embeds, pos, dense._empty_past(), s, spans)
+    for kv in ("key", "value"):
+        name = f"past_key_values.0.{kv}"
+        np.testing.assert_allclose(cache[name], dense_cache[name], rtol=1e-5, atol=1e-5)
+    token = np.array([[int(np.argmax(logits))]], dtype=np.int64)
+    step = dense.embed.run(None, {"input_ids": token})[0]
+    step_pos = decode_position_ids(s + delta, pos.shape[0] if pos.ndim == 3 else 1)
+    want_logits, want_cache = dense._run_lm(step, step_pos, cache, s + 1, spans)
+    got_logits, got_cache = sparse._run_lm(step, step_pos, cache, s + 1, spans)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    for name in want_cache:
+        assert got_cache[name].shape[2] == s + 1
+        np.testing.assert_allclose(got_cache[name], want_cache[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiny", ["qwen2_vl"], indirect=True)  # the command line is the same for every family
+def test_bs_run_prints_answer_and_timings(tiny, tmp_path):
+    paths = []
+    for i, im in enumerate(_images(2)):
+        paths.append(tmp_path / f"{i}.png")
+        im.save(paths[-1])
+    args = [sys.executable, "-m", "blindsight.runtime.cli", tiny.out, "--image", paths[0], "--image", paths[1],
+            "--prompt", CASES[0][0], "--max-new-tokens", "5", "--threads", "2"]
+    r = subprocess.run([str(a) for a in args + ["--json"]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    want = Pipeline(tiny.out, threads=2).generate(paths, CASES[0][0], 5)
+    assert record["token_ids"] == want.token_ids and record["sparse"] is True
+    assert len(record["image_spans"]) == 2 and record["tokens_per_s"] >= 0
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(want.text) and "time to first token" in r.stdout

@@ -11,77 +11,106 @@ cheapest exact route for its image-token queries:
   longest row (per-row ``seqlens_k``). Causality inside a row is causality by
   position because rows keep position order.
 - ``sink``: image queries see only text and sink tokens, a short key set, so
-  a MatMul/Softmax over [image tokens x (text + sinks)] is cheap.
+  a grouped MatMul/Softmax over [image tokens x (text + sinks)] is cheap.
 
 Text queries of every non-dense head are dense by SPEC §2; there are few of
-them, so they take one MatMul/Softmax over all keys. Everything that depends
-on the spans (row indices, lengths, scatter maps) is computed in-graph from
-``image_spans``; a prompt with no image takes the dense route through an If.
+them, so they take one grouped MatMul/Softmax over all keys. Each group's
+output is assembled with one Gather from a pool of its image rows and the
+text rows. Everything that depends on the spans (row indices, lengths, maps)
+is computed in-graph from ``image_spans``; a prompt with no image takes the
+dense route through an If.
+
+Copies are what this lowering pays beyond the FLOPs it keeps, so: K/V are
+never repeated per query head (MatMuls run per KV group), rows are gathered
+from the input's own layout, and masked scores get a finite bias with empty
+rows zeroed on the small output instead of a NaN guard over the scores.
 
 Assumes a causal model (the model mask never allows k > q) and a prefill
-(query and key lengths equal); the reference lowering has neither limit.
+(query and key lengths equal); ``lower.py`` routes KV-cache steps elsewhere.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from blindsight.passes.builder import OPSET, MS_DOMAIN, Builder
-from blindsight.passes.lower_common import (
-    OUTPUT_NAME,
-    SpanFacts,
-    keep_mask,
-    make_function,
-    rename_output,
-    to_bnsh,
-    to_bsd,
-)
+from blindsight.passes.lower_common import OUTPUT_NAME, SpanFacts, keep_mask, make_function
 from blindsight.passes.op import AttentionConfig
 from blindsight.semantics import KEY_ANY, KEY_SAME_IMAGE, KEY_SINK, uses
 
 NEG_INF = -np.inf
+# finite, so a row with no key gives a uniform softmax (zeroed afterwards), never NaN
+MASKED = np.float32(np.finfo(np.float32).min / 2)
 
 
 class _Layer:
-    """Shared values of one lowering; ``b`` is swapped for If branches."""
+    """Shared values of one lowering; ``b`` is swapped for If branches, and
+    values are cached per builder (a branch must not read its sibling's)."""
 
     def __init__(self, cfg: AttentionConfig, b: Builder):
         self.cfg, self.b = cfg, b
-        H, Hkv = cfg.num_heads, cfg.kv_num_heads
-        self.q3, self.k3, self.v3 = (to_bsd(b, n, cfg, h) for n, h in (("query", H), ("key", Hkv), ("value", Hkv)))
-        self.q4, self.k4, self.v4 = (to_bnsh(b, n, cfg, h) for n, h in (("query", H), ("key", Hkv), ("value", Hkv)))
-        self.batch = b.op("Shape", self.q3, start=0, end=1)  # [1]
-        self.seq = b.shape_dim(self.q3, 1)
-        self.mask3 = None
-        if cfg.mask_type != "none":
-            keep = keep_mask(b, cfg, "attn_mask")
-            # broadcast masks ([B, 1, 1, S] key padding) to [Bm, 1, S, S], then drop the head axis
-            full = b.op("Expand", keep, b.concat(b.i64(1, 1), b.op("Shape", self.q3, start=1, end=2), b.op("Shape", self.k3, start=1, end=2)))
-            self.mask3 = b.op("Squeeze", full, b.i64(1))
+        self._cache: dict = {}
 
-    # ----------------------------------------------------------- helpers
-    def heads_of(self, x3: str, total: int, heads: list[int]) -> str:
-        if heads == list(range(total)):
-            return x3
+    def _once(self, key, make):
+        key = (id(self.b), key)
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    # ----------------------------------------------------------- layouts
+    def _heads(self, name: str) -> int:
+        return self.cfg.num_heads if name == "query" else self.cfg.kv_num_heads
+
+    def bsd(self, name: str) -> str:
+        """[B, S, heads*D], the layout GroupQueryAttention reads."""
+        if self.cfg.qkv_format == "BSD":
+            return name
         b = self.b
-        return b.op("Reshape", b.gather(b.op("Reshape", x3, b.i64(0, 0, total, -1)), heads, 2), b.i64(0, 0, -1))
+        return self._once(("bsd", name), lambda: b.op("Reshape", b.op("Transpose", name, perm=[0, 2, 1, 3]), b.i64(0, 0, -1)))
 
-    def gqa_operands(self, heads: list[int]):
-        cfg = self.cfg
-        kvs = sorted({cfg.kv_head(h) for h in heads})
-        whole_groups = all(all(g * cfg.group + j in heads for j in range(cfg.group)) for g in kvs)
-        kv_list = kvs if whole_groups else [cfg.kv_head(h) for h in heads]
-        q = self.heads_of(self.q3, cfg.num_heads, heads)
-        k = self.heads_of(self.k3, cfg.kv_num_heads, kv_list)
-        v = self.heads_of(self.v3, cfg.kv_num_heads, kv_list)
-        return q, k, v, len(heads), len(kv_list)
+    def bnsh(self, name: str) -> str:
+        if self.cfg.qkv_format == "BNSH":
+            return name
+        b = self.b
+        return self._once(("bnsh", name), lambda: b.op("Transpose", b.op("Reshape", name, b.i64(0, 0, self._heads(name), -1)), perm=[0, 2, 1, 3]))
 
-    def gqa(self, q, k, v, nh, nkv, seqlens, total, bias):
-        inputs = [q, k, v, "", "", seqlens, total]
-        if bias is not None:
-            inputs += ["", "", "", bias]
-        return self.b.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, num_heads=nh, kv_num_heads=nkv, scale=float(self.cfg.scale))
+    def at_positions(self, name: str, heads: list[int] | None, pos: str) -> str:
+        """[B, len(heads), P, D] of positions ``pos`` (1-D), gathered in the input's layout."""
+        b, total = self.b, self._heads(name)
+        sub = heads is not None and heads != list(range(total))
+        if self.cfg.qkv_format == "BNSH":
+            x = b.gather(name, heads, 1) if sub else name
+            return b.op("Gather", x, pos, axis=2)
+        x = b.op("Reshape", b.op("Gather", name, pos, axis=1), b.i64(0, 0, total, -1))  # [B, P, total, D]
+        if sub:
+            x = b.gather(x, heads, 2)
+        return b.op("Transpose", x, perm=[0, 2, 1, 3])
+
+    def seq(self) -> str:
+        return self._once("seq", lambda: self.b.op("Squeeze", self.b.op("Shape", "query", start=self._seq_axis(), end=self._seq_axis() + 1), self.b.i64(0)))
+
+    def batch(self) -> str:
+        return self._once("batch", lambda: self.b.op("Shape", "query", start=0, end=1))
+
+    def _seq_axis(self) -> int:
+        return 2 if self.cfg.qkv_format == "BNSH" else 1
+
+    # ----------------------------------------------------------- masks
+    def mask3(self) -> str | None:
+        """The model's keep mask as [Bm, S, S] bool (key-padding masks broadcast)."""
+        if self.cfg.mask_type == "none":
+            return None
+
+        def make():
+            b = self.b
+            keep = keep_mask(b, self.cfg, "attn_mask")
+            # only [B, 1, 1, S] key padding needs the Expand; a full mask passes through unchanged in shape
+            s = b.op("Shape", "query", start=self._seq_axis(), end=self._seq_axis() + 1)
+            full = b.op("Expand", keep, b.concat(b.i64(1, 1), s, s))
+            return b.op("Squeeze", full, b.i64(1))
+
+        return self._once("mask3", make)
 
     def window_keep(self, q_pos: str, k_pos: str) -> str | None:
         """Sliding window of the attributes, by absolute position (broadcasting)."""
@@ -91,11 +120,11 @@ class _Layer:
         return self.b.op("Greater", k_pos, self.b.op("Sub", q_pos, self.b.scalar(w)))
 
     def gathered_mask(self, q_idx: str, k_idx: str) -> str | None:
-        """Model mask at (q_idx[i], k_idx[j]) for 1-D index vectors: [Bm, 1, Q, K]."""
-        if self.mask3 is None:
+        """Model mask at (q_idx[i], k_idx[j]) for 1-D index vectors: [Bm, Q, K]."""
+        m = self.mask3()
+        if m is None:
             return None
-        b = self.b
-        return b.unsqueeze(b.op("Gather", b.op("Gather", self.mask3, q_idx, axis=1), k_idx, axis=2), 1)
+        return self.b.op("Gather", self.b.op("Gather", m, q_idx, axis=1), k_idx, axis=2)
 
     def combine(self, *keeps):
         keeps = [k for k in keeps if k is not None]
@@ -106,118 +135,181 @@ class _Layer:
             out = self.b.op("And", out, k)
         return out
 
-    def to_bias(self, keep: str) -> str:
-        return self.b.op("Where", keep, self.b.scalar(0.0, np.float32), self.b.scalar(NEG_INF, np.float32))
+    def to_bias(self, keep: str, masked=NEG_INF) -> str:
+        return self.b.op("Where", keep, self.b.scalar(0.0, np.float32), self.b.scalar(masked, np.float32))
 
-    def matmul_attention(self, heads: list[int], q_idx: str, k_idx: str) -> str:
-        """Queries at positions q_idx attend keys at k_idx (both 1-D, sorted) with
-        causality by position: [B, len(heads), Q, D]."""
+    # ----------------------------------------------------------- kernels
+    def gqa(self, q, k, v, nh, nkv, seqlens, total, bias):
+        inputs = [q, k, v, "", "", seqlens, total]
+        if bias is not None:
+            inputs += ["", "", "", bias]
+        return self.b.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, num_heads=nh, kv_num_heads=nkv, scale=float(self.cfg.scale))
+
+    def gqa_operands(self, heads: list[int]):
+        """BSD Q/K/V for a head subset: whole KV groups keep GQA sharing, else K/V per head."""
+        cfg, b = self.cfg, self.b
+        kvs = sorted({cfg.kv_head(h) for h in heads})
+        whole_groups = all(all(g * cfg.group + j in heads for j in range(cfg.group)) for g in kvs)
+        kv_list = kvs if whole_groups else [cfg.kv_head(h) for h in heads]
+
+        def sub(name, total, idx):
+            x = self.bsd(name)
+            if idx == list(range(total)):
+                return x
+            return b.op("Reshape", b.gather(b.op("Reshape", x, b.i64(0, 0, total, -1)), idx, 2), b.i64(0, 0, -1))
+
+        q = sub("query", cfg.num_heads, heads)
+        k = sub("key", cfg.kv_num_heads, kv_list)
+        v = sub("value", cfg.kv_num_heads, kv_list)
+        return q, k, v, len(heads), len(kv_list)
+
+    def grouped_attention(self, heads: list[int], q_pos: str, k_pos: str) -> str:
+        """Queries at q_pos attend keys at k_pos (1-D, sorted), causal by position,
+        through the layer's model mask and window: [B, len(heads), Q, D].
+
+        Heads run per KV group (Q reshaped to [B, kv, g*Q, D]) so K/V are read,
+        never copied per query head; a head subset that splits a group falls
+        back to one group per head."""
         b, cfg = self.b, self.cfg
-        q = b.gather(b.gather(self.q4, heads, 1) if heads != list(range(cfg.num_heads)) else self.q4, q_idx, 2)
-        kv_list = [cfg.kv_head(h) for h in heads]
-        k = b.gather(b.gather(self.k4, kv_list, 1), k_idx, 2)
-        v = b.gather(b.gather(self.v4, kv_list, 1), k_idx, 2)
-        qp, kp = b.unsqueeze(q_idx, 1), b.unsqueeze(k_idx, 0)
-        keep = self.combine(b.op("LessOrEqual", kp, qp), self.window_keep(qp, kp), self.gathered_mask(q_idx, k_idx))
-        scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.scalar(cfg.scale, np.float32))
-        probs = b.op("Softmax", b.op("Where", keep, scores, b.scalar(NEG_INF, np.float32)), axis=-1)
-        # a sliding window can leave a sink-head row with no key: it outputs zeros, as in the reference
-        probs = b.op("Where", b.op("IsNaN", probs), b.scalar(0.0, np.float32), probs)
-        return b.op("MatMul", probs, v)
+        kvs = [cfg.kv_head(h) for h in heads]
+        uniq = sorted(set(kvs))
+        whole = heads == [g * cfg.group + j for g in uniq for j in range(cfg.group)]
+        kv_list, g = (uniq, cfg.group) if whole else (kvs, 1)
+        q = self.at_positions("query", heads, q_pos)  # [B, h, Q, D]
+        k = self.at_positions("key", kv_list, k_pos)  # [B, kv, K, D]
+        v = self.at_positions("value", kv_list, k_pos)
+        qg = b.op("Reshape", q, b.concat(b.i64(0, len(kv_list), -1), b.op("Shape", q, start=3))) if g > 1 else q
+        # scale right on the MatMul so ORT fuses both into one FusedMatMul (alpha, transB)
+        scores = b.op("Mul", b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.scalar(cfg.scale, np.float32))  # [B, kv, g*Q, K]
+        qp, kp = b.unsqueeze(q_pos, 1), b.unsqueeze(k_pos, 0)
+        keep = self.combine(b.op("LessOrEqual", kp, qp), self.window_keep(qp, kp), self.gathered_mask(q_pos, k_pos))
+        if keep is None:
+            keep = b.op("LessOrEqual", kp, qp)
+        keep3 = b.unsqueeze(keep, 0) if self.cfg.mask_type == "none" else keep  # [Bm|1, Q, K]
+        bias = self.to_bias(keep3, MASKED)
+        if g > 1:
+            # allowzero: Q may be 0 (no text token), and a 0 must not copy the input's dim
+            five = b.concat(b.op("Shape", scores, start=0, end=1), b.i64(len(kv_list), g), b.op("Shape", keep3, start=1))
+            s5 = b.op("Reshape", scores, five, allowzero=1)
+            s5 = b.op("Add", s5, b.unsqueeze(bias, 1, 2))
+            probs = b.op("Reshape", b.op("Softmax", s5, axis=-1), b.op("Shape", scores), allowzero=1)
+        else:
+            probs = b.op("Softmax", b.op("Add", scores, b.unsqueeze(bias, 1)), axis=-1)
+        out = b.op("MatMul", probs, v)  # [B, kv, g*Q, D]
+        out = b.op("Reshape", out, b.concat(b.i64(0, len(heads), -1), b.op("Shape", out, start=3))) if g > 1 else out
+        if self.cfg.mask_type == "none" and self.cfg.local_window_size <= 0:
+            return out  # every row keeps a key: a text query itself, an image query its own sink
+        # a row with no key at all (a window or padding hid everything) outputs zeros, as in the reference
+        has_key = b.op("ReduceMax", b.cast(keep3, TensorProto.FLOAT), b.i64(2), keepdims=0)  # [Bm|1, Q]
+        return b.op("Mul", out, b.unsqueeze(has_key, 1, 3))
 
     # ----------------------------------------------------------- routes
-    def dense(self, heads: list[int]) -> str:
-        """Causal GQA over the whole prompt: [B, S, len(heads), D]."""
+    def dense(self, heads: list[int], flat: bool = False) -> str:
+        """Causal GQA over the whole prompt: [B, S, len(heads), D] ([B, S, h*D] if flat)."""
         b = self.b
         q, k, v, nh, nkv = self.gqa_operands(heads)
-        seqlens = b.op("Expand", b.cast(b.op("Sub", self.seq, b.scalar(1)), TensorProto.INT32), self.batch)
-        total = b.cast(self.seq, TensorProto.INT32)
-        pos = b.op("Range", b.scalar(0), self.seq, b.scalar(1))
+        seq = self.seq()
+        seqlens = b.op("Expand", b.cast(b.op("Sub", seq, b.scalar(1)), TensorProto.INT32), self.batch())
+        total = b.cast(seq, TensorProto.INT32)
+        pos = b.op("Range", b.scalar(0), seq, b.scalar(1))
         window = self.window_keep(b.unsqueeze(pos, 1), b.unsqueeze(pos, 0))
-        keep = self.combine(b.unsqueeze(self.mask3, 1) if self.mask3 is not None else None, window)
+        m = self.mask3()
+        keep = self.combine(b.unsqueeze(m, 1) if m is not None else None, window)
         out = self.gqa(q, k, v, nh, nkv, seqlens, total, None if keep is None else self.to_bias(keep))
-        return b.op("Reshape", out, b.i64(0, 0, nh, -1))
+        return out if flat else b.op("Reshape", out, b.i64(0, 0, nh, -1))
 
-    def rows(self, heads: list[int], f: SpanFacts, with_sinks: bool) -> str:
-        """One GQA row per image; returns image-query outputs at every position [B, S, h, D]."""
+    def rows(self, heads: list[int], f: SpanFacts, with_sinks: bool):
+        """One GQA row per image. Returns (pool [B, N*R, h, D], index [S] of each
+        image position in the pool)."""
         b = self.b
+        seq = self.seq()
         before = b.op("Less", f.cols(f.pos), f.rows(f.starts))  # [N, S]
         visible = b.op("Or", f.is_text, f.sink) if with_sinks else f.is_text
         member = b.op("Or", b.op("And", before, f.cols(visible)), b.op("Transpose", f.in_span, perm=[1, 0]))
         lengths = b.op("ReduceSum", b.cast(member, TensorProto.INT64), b.i64(1), keepdims=0)  # [N]
         width = b.op("ReduceMax", lengths, keepdims=1)  # [1]
-        order_key = b.op("Where", member, f.cols(f.pos), b.op("Add", f.cols(f.pos), self.seq))
+        order_key = b.op("Where", member, f.cols(f.pos), b.op("Add", f.cols(f.pos), seq))
         _, idx = b.op("TopK", order_key, width, axis=1, largest=0, sorted=1, outputs=2)  # [N, R] positions
 
         q, k, v, nh, nkv = self.gqa_operands(heads)
+        batch = self.batch()
+
         def flat(x):  # [B, S, X] -> rows [B*N, R, X]
             rows_x = b.gather(x, idx, 1)
             return b.op("Reshape", rows_x, b.concat(b.i64(-1), b.op("Shape", rows_x, start=2)))
 
-        seqlens = b.cast(b.op("Tile", b.op("Sub", lengths, b.scalar(1)), self.batch), TensorProto.INT32)
+        seqlens = b.cast(b.op("Tile", b.op("Sub", lengths, b.scalar(1)), batch), TensorProto.INT32)
         total = b.cast(b.op("Squeeze", width, b.i64(0)), TensorProto.INT32)
 
         qk = b.unsqueeze(idx, 2), b.unsqueeze(idx, 1)  # [N, R, 1], [N, 1, R]
         keep = self.window_keep(*qk)
-        if self.mask3 is not None:
-            rows = b.op("Gather", self.mask3, idx, axis=1)  # [Bm, N, R, S]
+        m = self.mask3()
+        if m is not None:
+            rows = b.op("Gather", m, idx, axis=1)  # [Bm, N, R, S]
             n_r_r = b.op("Shape", keep if keep is not None else b.op("Add", *qk))
-            cols = b.op("Expand", b.unsqueeze(b.unsqueeze(idx, 1), 0), b.concat(b.op("Shape", self.mask3, start=0, end=1), n_r_r))
+            cols = b.op("Expand", b.unsqueeze(b.unsqueeze(idx, 1), 0), b.concat(b.op("Shape", m, start=0, end=1), n_r_r))
             keep = self.combine(keep, b.op("GatherElements", rows, cols, axis=3))  # [Bm, N, R, R]
         bias = None
         if keep is not None:
-            shape4 = b.concat(self.batch, b.op("Shape", idx), b.op("Shape", idx, start=1))  # [B, N, R, R]
+            shape4 = b.concat(batch, b.op("Shape", idx), b.op("Shape", idx, start=1))  # [B, N, R, R]
             bias = b.op("Reshape", b.op("Expand", self.to_bias(keep), shape4), b.i64(-1, 1, 0, 0))
         out = self.gqa(flat(q), flat(k), flat(v), nh, nkv, seqlens, total, bias)  # [B*N, R, h*D]
-        out = b.op("Reshape", b.op("Reshape", out, b.concat(self.batch, b.i64(-1, 0))), b.i64(0, 0, nh, -1))
+        pool = b.op("Reshape", out, b.concat(batch, b.i64(-1), b.op("Shape", out, start=2)))
+        pool = b.op("Reshape", pool, b.i64(0, 0, nh, -1))  # [B, N*R, h, D]
 
         # position p of image i sits at row i, column len_i - (end_i - p)
         img = b.op("Max", f.image, b.scalar(0))
         col = b.op("Sub", b.gather(lengths, img, 0), b.op("Sub", b.gather(f.ends, img, 0), f.pos))
-        src = b.op("Add", b.op("Mul", img, b.op("Squeeze", width, b.i64(0))), col)
-        src = b.op("Where", f.is_image, src, b.scalar(0))
-        return b.gather(out, src, 1)
+        return pool, b.op("Add", b.op("Mul", img, b.op("Squeeze", width, b.i64(0))), col)
 
-    def sinks_only(self, heads: list[int], f: SpanFacts) -> str:
+    def sinks_only(self, heads: list[int], f: SpanFacts):
+        """Image queries over text and sink keys: (pool [B, M, h, D], index [S])."""
         b = self.b
         img_pos = b.op("Squeeze", b.op("NonZero", f.is_image), b.i64(0))
         key_pos = b.op("Squeeze", b.op("NonZero", b.op("Or", f.is_text, f.sink)), b.i64(0))
-        out = b.op("Transpose", self.matmul_attention(heads, img_pos, key_pos), perm=[0, 2, 1, 3])  # [B, M, h, D]
-        return b.gather(out, self._rank(f.is_image), 1)
+        pool = b.op("Transpose", self.grouped_attention(heads, img_pos, key_pos), perm=[0, 2, 1, 3])
+        return pool, _rank(b, f.is_image)
 
     def text_queries(self, heads: list[int], f: SpanFacts) -> str:
-        b = self.b
-        text_pos = b.op("Squeeze", b.op("NonZero", f.is_text), b.i64(0))
-        out = b.op("Transpose", self.matmul_attention(heads, text_pos, f.pos), perm=[0, 2, 1, 3])  # [B, T, h, D]
-        out = b.op("Pad", out, b.i64(0, 0, 0, 0, 0, 1, 0, 0))  # a zero row so T = 0 still gathers
-        return b.gather(out, self._rank(f.is_text), 1)
-
-    def _rank(self, flags: str) -> str:
-        b = self.b
-        rank = b.op("Sub", b.op("CumSum", b.cast(flags, TensorProto.INT64), b.scalar(0)), b.scalar(1))
-        return b.op("Max", rank, b.scalar(0))
-
-    def sparse(self) -> str:
-        """All routes, assembled to [B, S, H, D] in head order."""
+        """Dense rows of the text queries: [B, T, len(heads), D]."""
         b, cfg = self.b, self.cfg
-        f = SpanFacts(b, "image_spans", self.seq, cfg.sink_tokens)
+        text_pos = b.op("Squeeze", b.op("NonZero", f.is_text), b.i64(0))
+        # whole KV groups share K/V reads; the few extra text rows of dense heads are cheap
+        groups = sorted({cfg.kv_head(h) for h in heads})
+        full = [g * cfg.group + j for g in groups for j in range(cfg.group)]
+        out = b.op("Transpose", self.grouped_attention(full, text_pos, f.pos), perm=[0, 2, 1, 3])
+        return out if full == heads else b.gather(out, [full.index(h) for h in heads], 2)
+
+    def sparse(self, flat: bool = False) -> str:
+        """All routes, assembled to [B, S, H, D] in head order. With ``flat`` and a
+        single category the assembly Gather writes [B, S, H*D] itself (sets ``flat_done``)."""
+        b, cfg = self.b, self.cfg
+        self.flat_done = False
+        f = SpanFacts(b, "image_spans", self.seq(), cfg.sink_tokens)
         groups: dict[str, list[int]] = {}
         for h, c in enumerate(cfg.categories):
             groups.setdefault(c, []).append(h)
         sparse_heads = [h for h, c in enumerate(cfg.categories) if not uses(c, KEY_ANY)]
         text = self.text_queries(sparse_heads, f)
-        text_rows = b.unsqueeze(f.is_text, 0, 2, 3)
+        text_rank = _rank(b, f.is_text)
         parts, order = [], []
         for c, heads in groups.items():
             if uses(c, KEY_ANY):
                 parts.append(self.dense(heads))
             else:
                 if uses(c, KEY_SAME_IMAGE):
-                    image_out = self.rows(heads, f, with_sinks=uses(c, KEY_SINK))
+                    pool, index = self.rows(heads, f, with_sinks=uses(c, KEY_SINK))
                 else:
-                    image_out = self.sinks_only(heads, f)
-                text_out = b.gather(text, [sparse_heads.index(h) for h in heads], 2)
-                parts.append(b.op("Where", text_rows, text_out, image_out))
+                    pool, index = self.sinks_only(heads, f)
+                text_out = text if heads == sparse_heads else b.gather(text, [sparse_heads.index(h) for h in heads], 2)
+                # one Gather assembles the group: image rows from its pool, text rows after them
+                image_rows = b.op("Shape", pool, start=1, end=2)
+                index = b.op("Where", f.is_text, b.op("Add", text_rank, b.op("Squeeze", image_rows, b.i64(0))), index)
+                pooled = b.concat(pool, text_out, axis=1)
+                if flat and len(groups) == 1:
+                    self.flat_done = True
+                    return b.op("Gather", b.op("Reshape", pooled, b.i64(0, 0, -1)), index, axis=1)
+                parts.append(b.op("Gather", pooled, index, axis=1))
             order += heads
         out = parts[0] if len(parts) == 1 else b.concat(*parts, axis=2)
         if order != list(range(cfg.num_heads)):
@@ -225,24 +317,49 @@ class _Layer:
         return out
 
 
+def _rank(b: Builder, flags: str) -> str:
+    """Index of each flagged position among the flagged ones (0 elsewhere)."""
+    rank = b.op("Sub", b.op("CumSum", b.cast(flags, TensorProto.INT64), b.scalar(0)), b.scalar(1))
+    return b.op("Max", rank, b.scalar(0))
+
+
+def _final_layout(layer: _Layer, value: str) -> str:
+    """[B, S, H, D] -> the node's output layout, by a real op where possible: a
+    branch output made by a view (Reshape) costs ONNX Runtime a copy."""
+    b = layer.b
+    if layer.cfg.qkv_format == "BNSH":
+        return b.op("Transpose", value, perm=[0, 2, 1, 3])
+    return b.op("Reshape", value, b.i64(0, 0, -1))
+
+
+def _produce_as_output(b: Builder, value: str) -> None:
+    """Let the op that computes ``value`` write the function output (an Identity would be a view)."""
+    producer = next(n for n in reversed(b.nodes) if value in n.output)
+    producer.output[list(producer.output).index(value)] = OUTPUT_NAME
+
+
 def build_fast(cfg: AttentionConfig, opset: int = OPSET):
     b = Builder("fast")
     layer = _Layer(cfg, b)
     all_heads = list(range(cfg.num_heads))
     if all(uses(c, KEY_ANY) for c in cfg.categories):
-        out = layer.dense(all_heads)
-    else:
-        no_image = b.op("Equal", b.shape_dim("image_spans", 0), b.scalar(0))
-        branches = {}
-        for name, route in (("dense", lambda: layer.dense(all_heads)), ("sparse", layer.sparse)):
-            layer.b = Builder(f"fast_{name}")
-            value = route()
-            branches[name] = layer.b.subgraph(f"{name}_branch", [value])
-        layer.b = b
-        out = b.op("If", no_image, then_branch=branches["dense"], else_branch=branches["sparse"])
-    if cfg.qkv_format == "BNSH":
-        out = b.op("Transpose", out, perm=[0, 2, 1, 3])
-    else:
-        out = b.op("Reshape", out, b.i64(0, 0, -1))
-    rename_output(b, out, OUTPUT_NAME)
+        out = layer.dense(all_heads, flat=cfg.qkv_format == "BSD")
+        if cfg.qkv_format == "BNSH":
+            out = _final_layout(layer, out)
+        _produce_as_output(b, out)
+        return make_function(b, cfg, "fast", OUTPUT_NAME, opset)
+    no_image = b.op("Equal", b.shape_dim("image_spans", 0), b.scalar(0))
+    branches = {}
+    for name in ("dense", "sparse"):
+        layer.b = Builder(f"fast_{name}")
+        if name == "dense":
+            value = layer.dense(all_heads, flat=cfg.qkv_format == "BSD")
+            value = value if cfg.qkv_format == "BSD" else _final_layout(layer, value)
+        else:
+            value = layer.sparse(flat=cfg.qkv_format == "BSD")
+            value = value if cfg.qkv_format == "BSD" and layer.flat_done else _final_layout(layer, value)
+        branches[name] = layer.b.subgraph(f"{name}_branch", [value])
+    layer.b = b
+    # the If writes the function output itself: no view of it after the branches
+    b.nodes.append(helper.make_node("If", [no_image], [OUTPUT_NAME], then_branch=branches["dense"], else_branch=branches["sparse"]))
     return make_function(b, cfg, "fast", OUTPUT_NAME, opset)

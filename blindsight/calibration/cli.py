@@ -1,0 +1,172 @@
+"""bs-profile: calibrate a per-head profile from calibration prompts (and report on it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from blindsight.errors import BlindSightError
+
+DEFAULT_TEMPLATE = "8:256"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from blindsight.calibration.categorize import DEFAULT_MIN_FRACTION, DEFAULT_THRESHOLD
+    from blindsight.calibration.runner import DEFAULT_PROMPTS, DEFAULT_SEED
+    from blindsight.calibration.sweep import DEFAULT_SWEEP
+    from blindsight.models.pretrained import DEFAULT_MODEL, PRETRAINED
+
+    names = ", ".join(PRETRAINED)
+    p = argparse.ArgumentParser(
+        prog="bs-profile",
+        description=(
+            "Run a model with eager attention over deterministic multi-image calibration prompts; for every "
+            "layer and query head measure each category's recall (attention mass on its allowed keys, mean "
+            "over image-token queries), pick per prompt the sparsest category with recall >= threshold, and "
+            "keep a sparse category only where at least --min-fraction of the prompts chose it (or a sparser "
+            "one); else fall back to the next denser category. Writes a profile v1 for bs-compile. "
+            f"Built-in text-only weights ({names}) use surrogate images: text segments wrapped in image "
+            "delimiter tokens."
+        ),
+        epilog="example: bs-profile --model gemma3-270m -o gemma3-270m.profile.json --report report/ --sweep",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in weights ({names}; default {DEFAULT_MODEL}) or a local Hugging Face "
+                        "Qwen2-VL / Qwen2.5-VL / Gemma 3 directory")
+    p.add_argument("-o", "--output", default="profile.json", help="profile to write (default: profile.json)")
+    p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help=f"calibration prompts (default {DEFAULT_PROMPTS})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"prompt seed (default {DEFAULT_SEED})")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD,
+                   help=f"recall threshold: a constant (default {DEFAULT_THRESHOLD}) or FIRST:LAST, linear in "
+                        "depth from the first to the last layer (e.g. 0.85:0.95)")
+    p.add_argument("--min-fraction", type=float, default=DEFAULT_MIN_FRACTION,
+                   help=f"fraction of prompts that must choose a sparse category (default {DEFAULT_MIN_FRACTION})")
+    p.add_argument("--sink-tokens", type=int, default=1, help="leading tokens of each image that are sinks (default 1)")
+    p.add_argument("--report", metavar="DIR",
+                   help="also write DIR/heatmap.png and DIR/report.json (counts, FLOPs saved for --template)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help=f"IMAGES:TOKENS for the report's FLOP figures (default {DEFAULT_TEMPLATE})")
+    p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, metavar="T1,T2,...",
+                   help=f"with --report: threshold sweep (default list {DEFAULT_SWEEP}) -> DIR/sweep.md, "
+                        "sweep.json, sweep.png: FLOPs saved vs KL / top-1 agreement / accuracy")
+    p.add_argument("--sweep-prompts", type=int, default=32, help="task prompts per sweep point (default 32)")
+    p.add_argument("--json", action="store_true", help="print a JSON record instead of the summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+    return p
+
+
+def _check(args):
+    from blindsight.calibration.categorize import ThresholdSchedule
+    from blindsight.calibration.report import parse_template
+    from blindsight.calibration.sweep import parse_thresholds
+    from blindsight.models import pretrained
+
+    schedule = ThresholdSchedule.parse(args.threshold)
+    if not 0.0 < args.min_fraction <= 1.0:
+        raise BlindSightError(f"--min-fraction {args.min_fraction} must be in (0, 1], e.g. 0.75")
+    if args.prompts < 1 or args.sweep_prompts < 1:
+        raise BlindSightError("--prompts and --sweep-prompts must be at least 1")
+    if args.sink_tokens < 1:
+        raise BlindSightError("--sink-tokens must be at least 1")
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise BlindSightError(f"output folder {out.parent} does not exist; create it or choose another -o")
+    if args.sweep and not args.report:
+        raise BlindSightError("--sweep writes into the report folder: add --report DIR")
+    template = parse_template(args.template)
+    sweeps = parse_thresholds(args.sweep) if args.sweep else []
+    if args.model not in pretrained.PRETRAINED and not (Path(args.model) / "config.json").is_file():
+        pretrained.load(args.model)  # raises the one-line error naming the choices
+    return schedule, template, sweeps
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(args) -> dict:
+    from blindsight import profile as profile_io
+    from blindsight.calibration import report
+    from blindsight.calibration.runner import calibrate
+    from blindsight.calibration.sweep import sweep
+
+    schedule, template, sweeps = _check(args)
+    result = calibrate(
+        args.model, num_prompts=args.prompts, seed=args.seed, threshold=schedule,
+        min_fraction=args.min_fraction, sink_tokens=args.sink_tokens, progress=not args.quiet,
+    )
+    prof = result.profile
+    profile_io.save(prof, args.output)
+    record = {
+        "profile": str(args.output),
+        "model": prof.model,
+        "threshold": str(schedule),
+        "min_fraction": args.min_fraction,
+        "num_prompts": args.prompts,
+        "counts": prof.counts(),
+    }
+    if args.report:
+        folder = Path(args.report)
+        folder.mkdir(parents=True, exist_ok=True)
+        flops = report.template_flops(prof, result.loaded.model.config, template)
+        title = f"{prof.model}\nthreshold {schedule}, min fraction {args.min_fraction}, {args.prompts} prompts"
+        record["heatmap"] = str(report.heatmap(prof, folder / "heatmap.png", title))
+        record["flops"] = flops
+        if sweeps:
+            rows = sweep(result.loaded, result.recalls, sweeps, args.min_fraction, args.sweep_prompts,
+                         sink_tokens=args.sink_tokens, progress=not args.quiet)
+            table = report.sweep_table(rows)
+            _write_text(folder / "sweep.md", f"{prof.model}\n\n{table}\n")
+            _write_text(folder / "sweep.json", json.dumps({"model": prof.model, "rows": rows}, indent=1) + "\n")
+            report.sweep_plot(rows, folder / "sweep.png", f"threshold sweep, {prof.model}")
+            record["sweep"] = rows
+            record["sweep_table"] = table
+        _write_text(folder / "report.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def summary(record: dict) -> str:
+    c = record["counts"]
+    lines = [
+        f"wrote {record['profile']}: {record['model']}",
+        f"threshold {record['threshold']}, min fraction {record['min_fraction']}, {record['num_prompts']} prompts; "
+        f"heads: dense {c['dense']}, intra_sink {c['intra_sink']}, intra {c['intra']}, sink {c['sink']}",
+    ]
+    if "flops" in record:
+        f = record["flops"]
+        lines.append(
+            f"{f['template']}: attention FLOPs -{f['attention_flop_reduction']:.1%}, "
+            f"prefill FLOPs -{f['prefill_flop_reduction']:.1%} (bound {f['attention_bound']:.2f}x)"
+        )
+        lines.append(f"heatmap: {record['heatmap']}")
+    if "sweep_table" in record:
+        lines.append(record["sweep_table"])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        record = run(args)
+    except BlindSightError as exc:
+        print(f"bs-profile: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"bs-profile: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=1) if args.json else summary(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

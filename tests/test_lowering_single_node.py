@@ -94,3 +94,13 @@ def test_batch_padding_window_and_layouts(template, cats, seed, fmt, window):
 def test_edge_templates(category, spans, seq):
     cfg = AttentionConfig(4, 2, D, 0.35, (category,) * 4, mask_type="none")
     _check(cfg, np.array(spans, dtype=np.int64).reshape(-1, 2), seq, batch=1, seed=3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(template=templates(max_images=4), cats=category_lists(4), seed=st.integers(0, 2**16),
+       fmt=st.sampled_from(["BNSH", "BSD"]), window=st.sampled_from([2, 5]))
+def test_window_without_mask(template, cats, seed, fmt, window):
+    """A window given only as the attribute (as a GroupQueryAttention model carries it)."""
+    spans, seq = template
+    cfg = AttentionConfig(4, 2, D, 0.3, tuple(cats), mask_type="none", qkv_format=fmt, local_window_size=window)
+    _check(cfg, spans, seq, batch=1, seed=seed)

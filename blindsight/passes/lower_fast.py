@@ -139,11 +139,13 @@ class _Layer:
         return self.b.op("Where", keep, self.b.scalar(0.0, np.float32), self.b.scalar(masked, np.float32))
 
     # ----------------------------------------------------------- kernels
-    def gqa(self, q, k, v, nh, nkv, seqlens, total, bias):
+    def gqa(self, q, k, v, nh, nkv, seqlens, total, bias, window: int = -1):
         inputs = [q, k, v, "", "", seqlens, total]
         if bias is not None:
             inputs += ["", "", "", bias]
-        return self.b.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, num_heads=nh, kv_num_heads=nkv, scale=float(self.cfg.scale))
+        # ORT 1.31 CPU: local_window_size w keeps keys q-w+1..q, the op's own window (measured, tested)
+        return self.b.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, num_heads=nh, kv_num_heads=nkv,
+                         scale=float(self.cfg.scale), local_window_size=window if window > 0 else None)
 
     def gqa_operands(self, heads: list[int]):
         """BSD Q/K/V for a head subset: whole KV groups keep GQA sharing, else K/V per head."""
@@ -211,11 +213,9 @@ class _Layer:
         seq = self.seq()
         seqlens = b.op("Expand", b.cast(b.op("Sub", seq, b.scalar(1)), TensorProto.INT32), self.batch())
         total = b.cast(seq, TensorProto.INT32)
-        pos = b.op("Range", b.scalar(0), seq, b.scalar(1))
-        window = self.window_keep(b.unsqueeze(pos, 1), b.unsqueeze(pos, 0))
         m = self.mask3()
-        keep = self.combine(b.unsqueeze(m, 1) if m is not None else None, window)
-        out = self.gqa(q, k, v, nh, nkv, seqlens, total, None if keep is None else self.to_bias(keep))
+        bias = None if m is None else self.to_bias(b.unsqueeze(m, 1))
+        out = self.gqa(q, k, v, nh, nkv, seqlens, total, bias, window=self.cfg.local_window_size)
         return out if flat else b.op("Reshape", out, b.i64(0, 0, nh, -1))
 
     def rows(self, heads: list[int], f: SpanFacts, with_sinks: bool):

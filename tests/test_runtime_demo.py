@@ -1,0 +1,46 @@
+"""bs-demo on its embedded default (real-weights part off to stay fast): parity rows and the FLOP bound."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from blindsight.flops import Template
+from blindsight.profile import load
+from blindsight.semantics import allowed_mask
+
+
+def _bs_demo(*args):
+    return subprocess.run([sys.executable, "-m", "blindsight.demo", *map(str, args)], capture_output=True, text=True)
+
+
+def test_bs_demo_runs_the_flow_and_reports_parity(tmp_path):
+    out = tmp_path / "demo"
+    r = _bs_demo("--out", out, "--no-real-weights", "--images", 3, "--image-len", 24, "--repeats", 1,
+                 "--new-tokens", 4, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "[1/" in r.stderr  # progress is shown
+    rec = json.loads(r.stdout)
+    assert rec["ok"] and rec["vlm"]["parity_dense"] and rec["vlm"]["parity_sparse"]
+    answers = rec["vlm"]["answers"]
+    assert answers["fast"]["token_ids"] == answers["reference"]["token_ids"]
+    assert len(answers["fast"]["image_spans"]) == 3
+    assert rec["real_weights"] == {"skipped": "--no-real-weights"}
+    # the attention FLOP bound, recomputed from the SPEC §2 masks of the saved profile
+    profile = load(out / "export" / "profile.json")
+    tpl = Template(num_images=3, image_len=24)
+    pairs = {c: allowed_mask(c, tpl.spans, tpl.seq_len).sum() for c in ("dense", "sink", "intra", "intra_sink")}
+    dense = sum(pairs["dense"] for layer in profile.layers for _ in layer)
+    sparse = sum(pairs[c] for layer in profile.layers for c in layer)
+    flops = rec["speed_tiny_vlm"]["flops"]
+    assert np.isclose(flops["attention_bound"], dense / sparse)
+    for name in ("template.json", "vision.onnx", "embed.onnx", "language_model.onnx", "language_model.blindsight.onnx"):
+        assert (out / "export" / name).is_file()
+
+
+def test_bs_demo_bad_option_is_one_line(tmp_path):
+    r = _bs_demo("--out", tmp_path / "d", "--images", 0)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [l for l in r.stderr.splitlines() if l.strip()] == ["bs-demo: error: --images must be at least 1"]
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,329 @@
+"""bs-flops and bs-bench command lines."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from blindsight.errors import BlindSightError
+
+# ----------------------------------------------------------------- bs-flops
+
+
+def _template_args(p: argparse.ArgumentParser, images=8, image_len=1024):
+    g = p.add_argument_group("prompt template (SPEC §6)")
+    g.add_argument("--images", type=int, default=images, help=f"number of images N (default {images})")
+    g.add_argument("--image-len", type=int, default=image_len, help=f"tokens per image L, delimiters included (default {image_len})")
+    g.add_argument("--prefix", type=int, default=24, help="text tokens before the first image (default 24)")
+    g.add_argument("--gap", type=int, default=8, help="text tokens before every image (default 8)")
+    g.add_argument("--question", type=int, default=32, help="text tokens after the last image (default 32)")
+
+
+def _check_template(args):
+    from blindsight.flops import Template
+
+    for name in ("images", "prefix", "gap", "question"):
+        if getattr(args, name) < 0:
+            raise BlindSightError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.image_len < 1:
+        raise BlindSightError(f"--image-len must be >= 1, got {args.image_len}")
+    return Template(args.images, args.image_len, args.prefix, args.gap, args.question)
+
+
+def _fmt_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def flops_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="bs-flops",
+        description="Attention and whole-prefill FLOPs of one prompt, dense vs BlindSight, with the speed-up bounds. "
+        "Attention FLOPs of a head = 4 x head_dim x allowed causal (q, k) pairs (SPEC §2); the prefill adds the "
+        "Q/K/V/O projections, the gated MLP and the LM head (1 position unless --logit-positions). Sliding-window "
+        "layers (Gemma 3) are counted with their window.",
+    )
+    p.add_argument("--model", default="qwen2-vl-7b", help="built-in name (see --list) or a transformers config.json / checkpoint directory")
+    p.add_argument("--profile", help="head profile JSON (format v1); without it, one row per uniform category and the bench's mixed layer")
+    p.add_argument("--sink-tokens", type=int, default=None, help="sink tokens per image (default: the profile's, else 1)")
+    p.add_argument("--logit-positions", type=int, default=1, help="positions the LM head runs on (default 1: the last)")
+    p.add_argument("--list", action="store_true", help="list the built-in model configurations and exit")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
+    _template_args(p)
+    args = p.parse_args(argv)
+    try:
+        from blindsight.bench.op import mixed_categories
+        from blindsight.flops import builtin_models, count_flops, model_dims
+        from blindsight.profile import load
+
+        if args.list:
+            for name in builtin_models():
+                d = model_dims(name)
+                print(f"{name:15s} layers {d.num_layers:3d}  heads {d.num_heads:3d}/{d.num_kv_heads:<2d} head_dim {d.head_dim}  hidden {d.hidden_size}")
+            return 0
+        dims = model_dims(args.model)
+        t = _check_template(args)
+        if args.profile:
+            prof = load(args.profile)
+            profiles = {Path(args.profile).name: prof.layers}
+            sink = args.sink_tokens if args.sink_tokens is not None else prof.sink_tokens
+        else:
+            profiles = {c: [[c] * dims.num_heads] * dims.num_layers for c in ("dense", "sink", "intra", "intra_sink")}
+            profiles["mixed"] = [list(mixed_categories(dims.num_heads))] * dims.num_layers
+            sink = args.sink_tokens if args.sink_tokens is not None else 1
+        if sink < 1:
+            raise BlindSightError(f"--sink-tokens must be >= 1, got {sink}")
+        reports = {name: count_flops(dims, layers, t.spans, t.seq_len, sink, args.logit_positions) for name, layers in profiles.items()}
+    except BlindSightError as exc:
+        print(f"bs-flops: error: {exc}", file=sys.stderr)
+        return 2
+    record = {"model": dims.name, "seq_len": t.seq_len, "num_images": t.num_images, "image_len": t.image_len,
+              "sink_tokens": sink, "profiles": {k: r.to_dict() for k, r in reports.items()}}
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return 0
+    print(f"{dims.name}: {t.num_images} images x {t.image_len} tokens, {t.seq_len} tokens in all, sink_tokens {sink}")
+    rows = [[name, f"{r.attention_dense / 1e12:.2f}", f"{r.attention_sparse / 1e12:.2f}", f"{100 * r.attention_reduction:.1f}%",
+             f"{r.attention_bound:.2f}x", f"{r.prefill_dense / 1e12:.2f}", f"{r.prefill_sparse / 1e12:.2f}",
+             f"{100 * r.prefill_reduction:.1f}%", f"{r.prefill_bound:.2f}x"] for name, r in reports.items()]
+    print(_fmt_table(["profile", "attn TFLOP", "sparse", "saved", "bound", "prefill TFLOP", "sparse", "saved", "bound"], rows))
+    return 0
+
+
+# ----------------------------------------------------------------- bs-bench
+
+FULL_SIZES = ((4, 2048), (8, 1024), (16, 512))
+QUICK_SIZES = ((4, 256), (8, 128))
+
+
+def _machine() -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version()}
+
+
+def _op_level(sizes, cases, threads, repeats, memory, bar) -> list[dict]:
+    from blindsight.bench.op import OpShape, compiled_node, dense_baseline, feeds_for, flop_bound
+    from blindsight.bench.timing import interleaved, measure_in_child, session
+    from blindsight.flops import Template
+
+    shape = OpShape()
+    out = []
+    for n, l in sizes:
+        t = Template(n, l)
+        feeds = feeds_for(shape, t)
+        plain = {k: v for k, v in feeds.items() if k != "image_spans"}
+        base = session(dense_baseline(shape), threads)
+        med, base_med = {}, {}
+        for c in cases:
+            # one compiled session at a time beside the baseline: at 8K tokens a
+            # GroupQueryAttention arena alone holds S x S scores per head (GBs)
+            s = session(compiled_node(shape, c), threads)
+            pair = interleaved({"baseline": lambda: base.run(None, plain), c: lambda s=s: s.run(None, feeds)}, repeats, progress=bar)
+            med[c], base_med[c] = pair[c], pair["baseline"]
+            del s
+            gc.collect()
+        del base
+        gc.collect()
+        mem = {}
+        if memory:
+            for v in ["baseline", *cases]:
+                mem[v] = measure_in_child("blindsight.bench.op", {"variant": v, "threads": threads, "shape": vars(shape),
+                                                                  "template": {"num_images": n, "image_len": l}})["peak_rss_mb"]
+                bar.update(1)
+        for c in cases:
+            speedup, bound = base_med[c] / med[c], flop_bound(c, shape, t)
+            out.append({"category": c, "N": n, "L": l, "seq_len": t.seq_len, "speedup": speedup, "flop_bound": bound,
+                        "efficiency": speedup / bound, "time_s": med[c], "baseline_s": base_med[c],
+                        "peak_rss_mb": mem.get(c), "baseline_peak_rss_mb": mem.get("baseline")})
+    return out
+
+
+def _prefill_level(case, threads, repeats, memory, work_dir, bar) -> dict:
+    from blindsight.bench import prefill
+    from blindsight.bench.timing import interleaved, measure_in_child, session
+
+    paths = prefill.build(case, work_dir)
+    bar.update(1)
+    f = prefill.feeds(case)
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    names = {k: {i.name for i in s.get_inputs()} for k, s in sessions.items()}
+    runs = {k: (lambda k=k: sessions[k].run(None, {n: v for n, v in f.items() if n in names[k]})) for k in sessions}
+    med = interleaved(runs, repeats, progress=bar)
+    del sessions, runs
+    mem = {}
+    if memory:
+        for k, pth in paths.items():
+            mem[k] = measure_in_child("blindsight.bench.prefill", {"case": vars(case), "path": str(pth), "threads": threads})["peak_rss_mb"]
+            bar.update(1)
+    fl = prefill.flops(case)
+    speedup = med["dense"] / med["mix"]
+    return {
+        "model": case.dims().name, "num_layers": case.num_layers, "form": case.form, "N": case.num_images, "L": case.image_len,
+        "seq_len": case.template.seq_len, "speedup": speedup, "flop_bound": fl["prefill_bound"],
+        "efficiency": speedup / fl["prefill_bound"], "vs_raw_export": med["raw"] / med["mix"],
+        "dense_vs_raw_export": med["raw"] / med["dense"], "attention_flop_bound": fl["attention_bound"],
+        "time_s": {k: med[k] for k in ("raw", "dense", "mix")}, "peak_rss_mb": mem or None,
+    }
+
+
+def _plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    markers = {c: m for c, m in zip(("sink", "intra", "intra_sink", "mixed", "dense"), "os^Dv")}
+    top = 1.0
+    for r in record["op"]:
+        top = max(top, r["flop_bound"], r["speedup"])
+        ax.scatter(r["flop_bound"], r["speedup"], marker=markers.get(r["category"], "o"), s=50,
+                   label=r["category"], color=f"C{list(markers).index(r['category'])}")
+        ax.annotate(f"{r['N']}x{r['L']}", (r["flop_bound"], r["speedup"]), fontsize=7, xytext=(4, -3), textcoords="offset points")
+    xs = [1, top * 1.05]
+    ax.plot(xs, xs, "k-", lw=0.8, label="FLOP bound")
+    ax.plot(xs, [0.8 * x for x in xs], "k--", lw=0.8, label="0.8 x bound (target)")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    ax.set_xlabel("FLOP bound (dense / allowed attention pairs)")
+    ax.set_ylabel("measured speed-up vs GroupQueryAttention")
+    ax.set_title(f"BlindSightAttention (fast lowering), {record['threads']} threads, fp32")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def bench_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="bs-bench",
+        description="Measured speed-ups of the fast lowering (SPEC §6): op level, one BlindSightAttention node against "
+        "ONNX Runtime's fastest dense causal attention (GroupQueryAttention) at 28 query / 4 KV heads, head_dim 128, "
+        "fp32; prefill level, a Qwen2-VL-2B-sized language model (random weights) compiled with a profile mix vs "
+        "compiled all-dense vs the raw export. Variants run interleaved in one process; medians; FLOP bound and "
+        "efficiency (speed-up / bound) beside every speed-up; peak memory from a fresh process per variant.",
+    )
+    p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run in under 2 minutes")
+    p.add_argument("--level", choices=("op", "prefill", "all"), default="all")
+    p.add_argument("--cases", default="dense,sink,intra,intra_sink,mixed", help="op-level categories, comma-separated ('mixed': a mixed layer)")
+    p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: SPEC §6's three)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    p.add_argument("--repeats", type=int, help="timed runs per variant (default 5, quick 2)")
+    p.add_argument("--prefill-layers", type=int, help="decoder layers of the prefill model (default 4, quick 2)")
+    p.add_argument("--prefill-images", type=int, help="images in the prefill prompt (default 8, quick 4)")
+    p.add_argument("--prefill-image-len", type=int, help="tokens per image in the prefill prompt (default 1000, quick 96)")
+    p.add_argument("--form", default="attention_op", choices=("attention_op", "decomposed", "eager"), help="export form of the prefill model")
+    p.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blindsight", "bench"),
+                   help="where the prefill export is cached")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--plot", help="write a PNG of speed-up against FLOP bound here")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of the tables")
+    p.add_argument("--output", help="also write the JSON record to this file")
+    args = p.parse_args(argv)
+    try:
+        from blindsight.bench.op import CATEGORY_CASES
+        from blindsight.bench.prefill import PrefillCase
+
+        cases = [c for c in args.cases.split(",") if c]
+        bad = [c for c in cases if c not in CATEGORY_CASES]
+        if bad or not cases:
+            raise BlindSightError(f"unknown case {', '.join(bad) or '(none)'}; choose from {', '.join(CATEGORY_CASES)}")
+        sizes = QUICK_SIZES if args.quick else FULL_SIZES
+        if args.sizes:
+            try:
+                sizes = tuple(tuple(int(x) for x in s.lower().split("x")) for s in args.sizes.split(","))
+                assert all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in sizes)
+            except (ValueError, AssertionError):
+                raise BlindSightError(f"--sizes {args.sizes!r}: expected a list like 4x2048,8x1024") from None
+        repeats = args.repeats or (2 if args.quick else 5)
+        if repeats < 1 or args.threads < 1:
+            raise BlindSightError("--repeats and --threads must be >= 1")
+        case = PrefillCase(
+            num_layers=args.prefill_layers or (2 if args.quick else 4),
+            num_images=args.prefill_images or (4 if args.quick else 8),
+            image_len=args.prefill_image_len or (96 if args.quick else 1000),
+            form=args.form,
+        )
+        if case.num_layers < 2:
+            raise BlindSightError("--prefill-layers must be >= 2 (the profile mix keeps layer 0 dense)")
+        do_op, do_prefill = args.level in ("op", "all"), args.level in ("prefill", "all")
+        if do_prefill:
+            try:
+                import torch  # noqa: F401
+                import transformers  # noqa: F401
+            except ImportError:
+                raise BlindSightError("the prefill level exports a model with torch; install the export extra (pip install -e '.[export]') or pass --level op") from None
+        from tqdm import tqdm
+
+        memory = not args.no_memory
+        total = 0
+        if do_op:
+            total += len(sizes) * (2 * len(cases) * repeats + ((len(cases) + 1) if memory else 0))
+        if do_prefill:
+            total += 1 + 3 * repeats + (3 if memory else 0)
+        record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick}
+        with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
+            if do_op:
+                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar)
+            if do_prefill:
+                record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar)
+        if args.plot and do_op:
+            _plot(record, Path(args.plot))
+        if args.output:
+            tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(tmp, args.output)
+    except BlindSightError as exc:
+        print(f"bs-bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return 0
+    print(render(record))
+    return 0
+
+
+def render(record: dict) -> str:
+    """The tables of a bs-bench record (also used for BENCHMARKS.md)."""
+    parts = []
+    m = record["machine"]
+    parts.append(f"machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}; {record['threads']} threads, "
+                 f"medians of {record['repeats']} interleaved runs")
+    if record.get("op"):
+        rows = []
+        for r in record["op"]:
+            mem = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f}"
+            rows.append([r["category"], f"{r['N']}x{r['L']}", r["seq_len"], f"{r['baseline_s']:.3f}", f"{r['time_s']:.3f}",
+                         f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x", f"{r['efficiency']:.2f}", mem])
+        parts.append("\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, fp32")
+        parts.append(_fmt_table(["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"], rows))
+    pf = record.get("prefill")
+    if pf:
+        t = pf["time_s"]
+        mem = pf.get("peak_rss_mb") or {}
+        rows = [["raw export", f"{t['raw']:.2f}", "", "", "", f"{mem.get('raw', 0):.0f}" if mem else ""],
+                ["compiled all-dense", f"{t['dense']:.2f}", f"{pf['dense_vs_raw_export']:.2f}x vs raw", "", "", f"{mem.get('dense', 0):.0f}" if mem else ""],
+                ["compiled profile mix", f"{t['mix']:.2f}", f"{pf['speedup']:.2f}x vs dense", f"{pf['flop_bound']:.2f}x", f"{pf['efficiency']:.2f}",
+                 f"{mem.get('mix', 0):.0f}" if mem else ""]]
+        parts.append(f"\nprefill level: {pf['model']}, export form {pf['form']}, {pf['N']} images x {pf['L']} tokens = {pf['seq_len']} tokens "
+                     f"(mix vs raw export: {pf['vs_raw_export']:.2f}x; attention FLOP bound {pf['attention_flop_bound']:.2f}x)")
+        parts.append(_fmt_table(["graph", "seconds", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows))
+    return "\n".join(parts)

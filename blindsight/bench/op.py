@@ -1,0 +1,106 @@
+"""Op-level benchmark: one BlindSightAttention node (fast lowering) against
+ONNX Runtime's fastest dense causal attention, ``GroupQueryAttention``, for
+the same shapes (SPEC §5, §6)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
+from blindsight.flops import Template, attention_pairs
+from blindsight.passes.builder import MS_DOMAIN, OPSET
+from blindsight.passes.lower import single_node_model
+from blindsight.passes.op import AttentionConfig
+
+CATEGORY_CASES = ("dense", "sink", "intra", "intra_sink", "mixed")
+
+
+@dataclass(frozen=True)
+class OpShape:
+    num_heads: int = 28
+    kv_num_heads: int = 4
+    head_dim: int = 128
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / float(np.sqrt(self.head_dim))
+
+
+def mixed_categories(num_heads: int) -> tuple[str, ...]:
+    """A layer like the paper's profiles: mostly sparse heads, a few dense."""
+    cycle = ("intra", "sink", "intra_sink", "intra", "dense", "sink", "intra")
+    return tuple(cycle[h % len(cycle)] for h in range(num_heads))
+
+
+def categories_of(case: str, num_heads: int) -> tuple[str, ...]:
+    return mixed_categories(num_heads) if case == "mixed" else (case,) * num_heads
+
+
+def compiled_node(shape: OpShape, case: str, lowering: str = "fast") -> onnx.ModelProto:
+    cfg = AttentionConfig(shape.num_heads, shape.kv_num_heads, shape.head_dim, shape.scale, categories_of(case, shape.num_heads), qkv_format="BSD")
+    return single_node_model(cfg, lowering)
+
+
+def dense_baseline(shape: OpShape) -> onnx.ModelProto:
+    """Causal GroupQueryAttention over a whole prefill, BSD inputs (what the node gets)."""
+    H, Hkv, D = shape.num_heads, shape.kv_num_heads, shape.head_dim
+    nodes = [
+        helper.make_node("Shape", ["query"], ["s"], start=1, end=2),
+        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.INT64, [1], [1])),
+        helper.make_node("Sub", ["s", "one"], ["s1"]),
+        helper.make_node("Cast", ["s1"], ["seqlens"], to=TensorProto.INT32),
+        helper.make_node("Squeeze", ["s"], ["s0"]),
+        helper.make_node("Cast", ["s0"], ["total"], to=TensorProto.INT32),
+        helper.make_node(
+            "GroupQueryAttention", ["query", "key", "value", "", "", "seqlens", "total"], ["output"],
+            domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=shape.scale,
+        ),
+    ]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "dense_gqa",
+        [helper.make_tensor_value_info("query", f, [1, "S", H * D]), helper.make_tensor_value_info("key", f, [1, "S", Hkv * D]),
+         helper.make_tensor_value_info("value", f, [1, "S", Hkv * D])],
+        [helper.make_tensor_value_info("output", f, [1, "S", H * D])],
+    )
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def feeds_for(shape: OpShape, template: Template, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    S = template.seq_len
+
+    def x(heads):
+        return rng.standard_normal((1, S, heads * shape.head_dim), dtype=np.float32)
+
+    return {"query": x(shape.num_heads), "key": x(shape.kv_num_heads), "value": x(shape.kv_num_heads), "image_spans": template.spans}
+
+
+def flop_bound(case: str, shape: OpShape, template: Template) -> float:
+    spans, S = template.spans, template.seq_len
+    cats = categories_of(case, shape.num_heads)
+    dense = attention_pairs("dense", spans, S) * len(cats)
+    return dense / sum(attention_pairs(c, spans, S) for c in cats)
+
+
+def _child() -> None:
+    """Peak RSS of one variant in a fresh process (see timing.measure_in_child)."""
+    args = json.loads(sys.stdin.read())
+    shape, template = OpShape(**args["shape"]), Template(**args["template"])
+    feeds = feeds_for(shape, template)
+    model = dense_baseline(shape) if args["variant"] == "baseline" else compiled_node(shape, args["variant"])
+    sess = session(model, args["threads"])
+    names = {i.name for i in sess.get_inputs()}
+    reset_peak_rss()
+    sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    _child()

@@ -1,0 +1,125 @@
+"""Prefill-level benchmark: a language-model graph with real Qwen2-VL-2B text
+dimensions and random weights, raw export vs compiled all-dense vs compiled
+with a profile mix, at a multi-image prompt (SPEC §6).
+
+The vocabulary is cut (``BENCH_VOCAB``) because the export computes logits at
+every position, while time to first token needs only the last one: a full
+151,936-token head over 8K positions would dwarf the decoder and hide the
+attention this benchmark measures. The FLOP accounting counts the graph as
+built (logits at every position, the cut vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from blindsight.bench.op import mixed_categories
+from blindsight.flops import ModelDims, Template, count_flops, model_dims
+
+BENCH_VOCAB = 2048
+
+
+@dataclass(frozen=True)
+class PrefillCase:
+    model: str = "qwen2-vl-2b"
+    num_layers: int = 4
+    num_images: int = 8
+    image_len: int = 1000
+    form: str = "attention_op"
+
+    @property
+    def template(self) -> Template:
+        return Template(self.num_images, self.image_len)
+
+    def dims(self) -> ModelDims:
+        full = model_dims(self.model)
+        return replace(full, name=f"{self.model} ({self.num_layers} layers, vocab {BENCH_VOCAB})", num_layers=self.num_layers,
+                       vocab_size=BENCH_VOCAB, layer_windows=full.layer_windows[: self.num_layers])
+
+    def key(self) -> str:
+        return f"{self.model}_l{self.num_layers}_{self.form}"
+
+
+def profile_mix(dims: ModelDims) -> list[list[str]]:
+    """The mixed layer of the op-level benchmark in every layer, first layer dense
+    (calibrated profiles keep early layers dense)."""
+    return [["dense"] * dims.num_heads] + [list(mixed_categories(dims.num_heads)) for _ in range(dims.num_layers - 1)]
+
+
+def _qwen2_vl_config(dims: ModelDims):
+    from transformers import Qwen2VLConfig
+
+    text = dict(
+        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.num_layers, num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_kv_heads,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+    )
+    vision = dict(depth=1, embed_dim=32, hidden_size=dims.hidden_size, num_heads=2, mlp_ratio=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=dims.vocab_size - 4,
+                         video_token_id=dims.vocab_size - 3, vision_start_token_id=dims.vocab_size - 2,
+                         vision_end_token_id=dims.vocab_size - 1)
+
+
+def build(case: PrefillCase, work_dir: Path) -> dict[str, Path]:
+    """Export (cached in work_dir) and compile: {"raw", "dense", "mix"} -> model paths."""
+    from blindsight.compiler.pipeline import compile_model
+    from blindsight.models.export import export_language_model
+    from blindsight.profile import Profile
+
+    if not case.model.startswith("qwen2-vl"):
+        raise ValueError("the prefill benchmark builds Qwen2-VL text models; pick qwen2-vl-2b or qwen2-vl-7b")
+    dims = case.dims()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    raw = work_dir / f"{case.key()}.onnx"
+    if not raw.is_file():
+        export_language_model("qwen2_vl", case.form, raw, config=_qwen2_vl_config(dims), seq_len=64)
+    paths = {"raw": raw}
+    for name, layers in (("dense", [["dense"] * dims.num_heads for _ in range(dims.num_layers)]), ("mix", profile_mix(dims))):
+        out = work_dir / f"{case.key()}.{name}.onnx"
+        compile_model(raw, Profile(layers, num_kv_heads=dims.num_kv_heads), out, "fast")
+        paths[name] = out
+    return paths
+
+
+def feeds(case: PrefillCase, seed: int = 0) -> dict[str, np.ndarray]:
+    dims, t = case.dims(), case.template
+    rng = np.random.default_rng(seed)
+    S = t.seq_len
+    pos = np.broadcast_to(np.arange(S, dtype=np.int64), (3, 1, S)).copy()
+    return {
+        "inputs_embeds": rng.standard_normal((1, S, dims.hidden_size), dtype=np.float32),
+        "position_ids": pos,
+        "attention_mask": np.ones((1, S), dtype=np.int64),
+        "image_spans": t.spans,
+    }
+
+
+def flops(case: PrefillCase) -> dict:
+    dims, t = case.dims(), case.template
+    return count_flops(dims, profile_mix(dims), t.spans, t.seq_len, logit_positions=t.seq_len).to_dict()
+
+
+def _child() -> None:
+    """Peak RSS of one variant in a fresh process (timing.measure_in_child)."""
+    import sys
+
+    from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
+
+    args = json.loads(sys.stdin.read())
+    case = PrefillCase(**args["case"])
+    sess = session(args["path"], args["threads"])
+    names = {i.name for i in sess.get_inputs()}
+    inputs = {k: v for k, v in feeds(case).items() if k in names}
+    reset_peak_rss()
+    sess.run(None, inputs)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    _child()

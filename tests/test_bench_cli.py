@@ -1,0 +1,88 @@
+"""bs-flops and bs-bench from the command line: fields, brute-force FLOPs, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blindsight.semantics import allowed_mask
+
+
+def _run(*args, timeout=600):
+    code = "import sys; from blindsight.bench.cli import {0}; sys.exit({0}(sys.argv[1:]))"
+    prog, rest = args[0], list(args[1:])
+    fn = {"bs-flops": "flops_main", "bs-bench": "bench_main"}[prog]
+    return subprocess.run([sys.executable, "-c", code.format(fn), *rest], capture_output=True, text=True, timeout=timeout)
+
+
+def test_flops_json_equals_brute_force(tmp_path):
+    cfg = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "sliding_window": 6,
+           "layer_types": ["sliding_attention", "full_attention"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r = _run("bs-flops", "--model", str(tmp_path), "--images", "3", "--image-len", "5", "--prefix", "2", "--gap", "1",
+             "--question", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    spans = np.array([[3, 8], [9, 14], [15, 20]])
+    seq = 23
+    assert rec["seq_len"] == seq
+    q, k = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    for cat in ("dense", "sink", "intra", "intra_sink"):
+        pairs = 0
+        for window in (6, None):
+            m = allowed_mask(cat, spans, seq)
+            if window:
+                m &= k > q - window
+            pairs += 4 * int(m.sum())  # 4 heads per layer
+        got = rec["profiles"][cat]
+        assert got["attention_sparse"] == 4 * 8 * pairs
+        assert got["attention_dense"] == rec["profiles"]["dense"]["attention_sparse"]
+    assert rec["profiles"]["sink"]["attention_reduction"] > 0
+
+
+def test_flops_table_and_errors(tmp_path):
+    r = _run("bs-flops", "--model", "qwen2-vl-7b", "--images", "8", "--image-len", "1024")
+    assert r.returncode == 0 and "intra_sink" in r.stdout and "bound" in r.stdout
+    bad = _run("bs-flops", "--model", "no-such-model")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "built-in name" in bad.stderr
+    neg = _run("bs-flops", "--image-len", "0")
+    assert neg.returncode == 2 and "--image-len" in neg.stderr and "Traceback" not in neg.stderr
+
+
+def test_bench_bad_input():
+    r = _run("bs-bench", "--cases", "intra,bogus", "--level", "op")
+    assert r.returncode == 2 and "bogus" in r.stderr and "Traceback" not in r.stderr
+    r = _run("bs-bench", "--sizes", "4by2", "--level", "op")
+    assert r.returncode == 2 and "--sizes" in r.stderr
+
+
+OP_FIELDS = {"category", "N", "L", "seq_len", "speedup", "flop_bound", "efficiency", "peak_rss_mb"}
+PREFILL_FIELDS = {"speedup", "flop_bound", "efficiency", "vs_raw_export"}
+
+
+def test_bench_quick_json(tmp_path):
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    r = _run("bs-bench", "--quick", "--json", "--work-dir", str(tmp_path / "work"), "--output", str(out), "--plot", str(plot), timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)
+    assert json.loads(out.read_text()) == rec
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cats = {row["category"] for row in rec["op"]}
+    assert cats == {"dense", "sink", "intra", "intra_sink", "mixed"}
+    for row in rec["op"]:
+        assert OP_FIELDS <= row.keys()
+        assert row["speedup"] > 0 and row["peak_rss_mb"] > 0
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["flop_bound"])
+        if row["category"] == "dense":
+            assert row["flop_bound"] == 1.0
+        else:
+            assert row["flop_bound"] > 1.0
+    pf = rec["prefill"]
+    assert PREFILL_FIELDS <= pf.keys()
+    assert pf["flop_bound"] > 1.0 and pf["efficiency"] == pytest.approx(pf["speedup"] / pf["flop_bound"])

@@ -1,0 +1,145 @@
+"""bs-eval: the task's construction, last-position logits, the torch masked path against
+ONNX Runtime, and the real Gemma 3 270M end to end (export, compile, CLI record)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from _util import run, session
+from blindsight.calibration.prompts import COLOURS, OBJECTS
+from blindsight.evaluation.task import task_prompts
+
+
+def segment_texts(tp):
+    return [p.text for p in tp.pieces if p.segment]
+
+
+def test_task_is_deterministic_and_answerable_from_one_segment():
+    a, b, c = task_prompts(200, seed=5), task_prompts(200, seed=5), task_prompts(200, seed=6)
+    assert [x.pieces for x in a] == [x.pieces for x in b]
+    assert [x.pieces for x in a] != [x.pieces for x in c]
+    for tp in a:
+        segs = segment_texts(tp)
+        assert len(segs) >= 4 and len(segs) == tp.num_segments
+        obj = re.search(r"What colour is the (\w+)\?", tp.pieces[-1].text).group(1)
+        holders = [i for i, s in enumerate(segs) if re.search(rf"\b{obj}\b", s)]
+        assert holders == [tp.answer], "the object is named in exactly the target segment"
+        colour = tp.candidates[tp.answer]
+        assert re.search(rf"\b{colour} {obj}\b", segs[tp.answer])
+        # every candidate colour is in exactly one segment, so only that segment answers
+        for cand in tp.candidates:
+            assert cand in COLOURS and sum(bool(re.search(rf"\b{cand}\b", s)) for s in segs) == 1
+        assert all(o in OBJECTS for o in re.findall(r"(?:A|An) \w+ (\w+) stands", " ".join(segs)))
+
+
+def test_last_position_logits_equal_the_full_output(exported, tmp_path):
+    import onnx
+
+    from blindsight.evaluation.onnx_models import last_position_logits
+    from blindsight.models.configs import tiny_config
+    from blindsight.models.export import example_inputs
+
+    path = exported("gemma3", "eager")
+    sliced = last_position_logits(onnx.load(str(path)))
+    feeds = example_inputs("gemma3", tiny_config("gemma3"), batch=2, seq_len=19)
+    full = run(session(str(path)), feeds)[0]
+    last = run(session(sliced), feeds)[0]
+    assert last.shape == (2, 1, full.shape[-1])
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_masked_model_equals_compiled_onnx(exported, exports, tmp_path):
+    """The sweep's masked transformers run and the compiled graph (fast lowering) agree."""
+    import torch
+
+    from blindsight.calibration.hooks import category_masker, hooked
+    from blindsight.compiler.pipeline import compile_model
+    from blindsight.models.configs import tiny_config
+    from blindsight.models.export import example_inputs
+    from blindsight.profile import Profile
+    from blindsight.runtime.session import CompiledSession
+
+    layers = [["intra", "sink", "intra_sink", "dense"], ["sink", "intra", "intra", "intra_sink"]]
+    out = compile_model(exported("gemma3", "eager"), Profile(layers, num_kv_heads=2), tmp_path / "c.onnx").output
+    seq, spans = 30, [(2, 9), (11, 12), (14, 22), (24, 28)]
+    feeds = example_inputs("gemma3", tiny_config("gemma3"), seq_len=seq, seed=3)
+    got = CompiledSession(out).run(feeds, spans, seq)[0]
+    module = exports.module("gemma3", "eager")
+    with torch.no_grad(), hooked(module.decoder, mask=category_masker(layers, spans, seq)):
+        want = module(*(torch.from_numpy(feeds[k]) for k in ("inputs_embeds", "position_ids", "attention_mask")))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        dense = module(*(torch.from_numpy(feeds[k]) for k in ("inputs_embeds", "position_ids", "attention_mask")))
+    assert np.abs(dense.numpy() - got).max() > 1e-3, "the profile must change the output of this prompt"
+
+
+# ---------------------------------------------------------------- real Gemma 3 270M
+
+
+@pytest.fixture(scope="module")
+def gemma_eval(tmp_path_factory):
+    """bs-eval on 3 prompts of the real Gemma 3 270M with an all-intra profile (export cached in a tmp work dir)."""
+    from blindsight.evaluation.cli import main
+    from blindsight.profile import Profile, save
+
+    root = tmp_path_factory.mktemp("gemma_eval")
+    prof = root / "intra.json"
+    save(Profile.uniform("intra", 18, 4, num_kv_heads=1), prof)
+    out = root / "record.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["--profile", str(prof), "--prompts", "3", "--work-dir", str(root / "work"), "--json", "--quiet"])
+    assert rc == 0
+    out.write_text(buf.getvalue())
+    return root, json.loads(buf.getvalue())
+
+
+def test_bs_eval_runs_end_to_end_on_gemma3_270m(gemma_eval):
+    _, rec = gemma_eval
+    for key in ("model", "num_prompts", "dense_accuracy", "compiled_accuracy", "top1_agreement", "mean_kl",
+                "attention_flop_reduction"):
+        assert key in rec
+    assert "surrogate" in rec["model"] and rec["num_prompts"] == 3
+    assert 0.0 <= rec["dense_accuracy"] <= 1.0 and 0.0 <= rec["compiled_accuracy"] <= 1.0
+    assert rec["mean_kl"] > 0.0, "an all-intra profile changes the distribution"
+    # all-intra on 4-6 segments: most image-to-image pairs are skipped
+    assert 0.3 < rec["attention_flop_reduction"] < 1.0
+
+
+def test_gemma3_export_and_compiled_models_equal_transformers(gemma_eval):
+    """Dense ONNX, compiled all-dense ONNX and compiled all-intra ONNX against transformers
+    (plain, and with the category masks applied by the sweep's hook) on one task prompt."""
+    import torch
+
+    from blindsight.calibration.hooks import category_masker, hooked
+    from blindsight.calibration.prompts import encode
+    from blindsight.evaluation.onnx_models import compile_with
+    from blindsight.evaluation.runner import onnx_feeds
+    from blindsight.models import pretrained
+    from blindsight.profile import Profile
+    from blindsight.runtime.session import CompiledSession
+
+    root, _ = gemma_eval
+    loaded = pretrained.load("gemma3-270m")
+    ids, spans = encode(task_prompts(1, seed=11)[0].pieces, loaded.tokenizer, loaded.delimiters)
+    feeds = onnx_feeds(loaded, ids)
+    with torch.no_grad():
+        want = loaded.model(input_ids=torch.from_numpy(ids)[None], logits_to_keep=1).logits[0, -1].numpy()
+        intra = [["intra"] * 4] * 18
+        with hooked(loaded.model, mask=category_masker(intra, spans, len(ids))):
+            want_intra = loaded.model(input_ids=torch.from_numpy(ids)[None], logits_to_keep=1).logits[0, -1].numpy()
+    dense_path = root / "work" / "dense.onnx"
+    dense = run(session(str(dense_path)), feeds)[0][0, -1]
+    tol = dict(rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(dense, want, **tol)
+    all_dense = compile_with(dense_path, Profile.uniform("dense", 18, 4, num_kv_heads=1))
+    np.testing.assert_allclose(CompiledSession(all_dense).run(feeds, spans, len(ids))[0][0, -1], want, **tol)
+    all_intra = compile_with(dense_path, Profile.uniform("intra", 18, 4, num_kv_heads=1))  # cached by bs-eval
+    got_intra = CompiledSession(all_intra).run(feeds, spans, len(ids))[0][0, -1]
+    np.testing.assert_allclose(got_intra, want_intra, **tol)
+    assert np.abs(want_intra - want).max() > 10 * 2e-3, "the intra profile must move these logits"

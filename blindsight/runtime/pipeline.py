@@ -89,7 +89,16 @@ class Pipeline:
         self.prompts = PromptBuilder(self.out_dir, self.template)
         self.lm = self._session(self.model_path)
         self.embed = self._session(self.out_dir / self.template["files"]["embed"])
-        self._vision = None
+        # loaded here, not on the first image, so time to first token counts no set-up
+        self.vision = self._session(self.out_dir / self.template["files"]["vision"])
+        self.vision_inputs = [i.name for i in self.vision.get_inputs()]
+        self._vision_feeds = None
+        if self.family != "gemma3" and not set(self.vision_inputs) <= {"pixel_values", "image_grid_thw"}:
+            # the export takes the tower's index tensors, computed on the host
+            from blindsight.models.export_vision import qwen_vision_feeds
+
+            self._vision_feeds = qwen_vision_feeds
+        self.prompts.image_processor  # noqa: B018 (load it now)
         self.lm_inputs = {i.name for i in self.lm.get_inputs()}
         self.sparse = SPANS_INPUT in self.lm_inputs
         self.num_layers = int(self.template["num_layers"])
@@ -101,25 +110,15 @@ class Pipeline:
             raise BlindSightError(f"{path} is missing from the export directory; run bs-export again")
         return ort.InferenceSession(str(path), self.options, providers=self.providers)
 
-    @property
-    def vision(self) -> ort.InferenceSession:
-        if self._vision is None:
-            self._vision = self._session(self.out_dir / self.template["files"]["vision"])
-        return self._vision
-
     # ------------------------------------------------------------- pieces
 
     def image_features(self, prompt: Prompt) -> np.ndarray:
         """[num_image_tokens, hidden] in prompt order."""
-        names = [i.name for i in self.vision.get_inputs()]
-        if self.family == "gemma3":
-            feeds = {"pixel_values": prompt.pixel_values}
-        elif set(names) <= {"pixel_values", "image_grid_thw"}:
+        names = self.vision_inputs
+        if self._vision_feeds is not None:
+            feeds = self._vision_feeds(self.family, self.template["vision"], prompt.pixel_values, prompt.image_grid_thw)
+        else:
             feeds = {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
-        else:  # the export takes the tower's index tensors, computed on the host
-            from blindsight.models.export_vision import qwen_vision_feeds
-
-            feeds = qwen_vision_feeds(self.family, self.template["vision"], prompt.pixel_values, prompt.image_grid_thw)
         feeds = {k: v for k, v in feeds.items() if k in names}
         out = self.vision.run(None, feeds)[0]
         return out.reshape(-1, out.shape[-1])

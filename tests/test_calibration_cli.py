@@ -63,3 +63,18 @@ def test_bs_eval_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert eval_main(["--profile", str(wrong), "--prompts", "0"]) == 2
     assert eval_main(["--profile", str(wrong), "--model", "smollm2-135m"]) == 2
     assert "gemma3-270m" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_bs_profile_on_a_vlm_directory_uses_its_images(family, tmp_path, capsys):
+    """A Hugging Face VLM directory: prompts with drawn images through the family's tokenizer and
+    image processor; the spans are the images' delimiters, the profile fits the checkpoint."""
+    from blindsight.models.checkpoints import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(family, tmp_path / "ck")
+    out = tmp_path / "p.json"
+    assert profile_main(["--model", str(ck), "--prompts", "2", "-o", str(out), "--quiet", "--json"]) == 0
+    prof = profile_io.load(out)
+    cfg = json.loads((ck / "config.json").read_text())["text_config"]
+    assert (prof.num_layers, prof.num_heads) == (cfg["num_hidden_layers"], cfg["num_attention_heads"])
+    assert "surrogate" not in prof.model and prof.calibration["images_per_prompt"]["min"] >= 3

@@ -161,9 +161,10 @@ def load(name_or_dir: str, attn_implementation: str = "eager", cache: Path | Non
 
 
 def _load_vlm_dir(directory: Path, attn_implementation: str) -> LoadedModel:
-    """A Hugging Face VLM directory of one of the three families (real images through its processor)."""
+    """A Hugging Face VLM directory of one of the three families (prompts with real images are
+    built by :mod:`blindsight.calibration.vlm_prompts`)."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     family = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "gemma3": "gemma3"}.get(config.model_type)
@@ -175,8 +176,8 @@ def _load_vlm_dir(directory: Path, attn_implementation: str) -> LoadedModel:
         delimiters = Delimiters(start=int(config.boi_token_index), end=int(config.eoi_token_index))
     else:
         delimiters = Delimiters(start=int(config.vision_start_token_id), end=int(config.vision_end_token_id))
-    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(
         directory, local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation
     )
-    return LoadedModel(str(directory), model.eval(), processor, family, delimiters, False, directory)
+    return LoadedModel(str(directory), model.eval(), tokenizer, family, delimiters, False, directory)

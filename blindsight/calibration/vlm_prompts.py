@@ -1,0 +1,56 @@
+"""Calibration prompts for a real VLM directory: its processor builds multi-image prompts.
+
+No image data set ships offline, so the images are drawn: each is a plain
+background with a few coloured shapes, deterministic from the seed (for a
+real calibration, pass prompts of your own images through the same path).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from blindsight.semantics import find_spans
+
+SHAPE_COLOURS = [(220, 40, 40), (40, 90, 220), (40, 170, 70), (230, 200, 40), (20, 20, 20), (240, 240, 240)]
+
+
+def drawn_image(rng: random.Random, size: int = 224):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), tuple(rng.randrange(90, 200) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 4)):
+        x0, y0 = rng.randrange(0, size - 40), rng.randrange(0, size - 40)
+        box = (x0, y0, x0 + rng.randrange(20, 40 + size // 3), y0 + rng.randrange(20, 40 + size // 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=rng.choice(SHAPE_COLOURS))
+    return img
+
+
+def vlm_calibration_prompts(loaded, num_prompts: int, seed: int, images: tuple[int, int] = (3, 5)):
+    """Encoded prompts (ids, spans from the family's delimiters, pixel inputs in ``extra``),
+    built by bs-run's prompt builder (the family's chat template and image expansion)."""
+    import torch
+
+    from blindsight.calibration.runner import Encoded
+    from blindsight.models.export_vlm import build_template
+    from blindsight.runtime.prompt import PromptBuilder
+
+    template = build_template(loaded.family, loaded.model.config, loaded.directory)
+    builder = PromptBuilder(loaded.directory, template)
+    # what the family's processor returns beside input_ids: 1 marks an image token
+    type_key = "token_type_ids" if loaded.family == "gemma3" else "mm_token_type_ids"
+    rng = random.Random(f"vlm-calibration-{seed}")
+    out = []
+    for _ in range(num_prompts):
+        imgs = [drawn_image(rng) for _ in range(rng.randint(*images))]
+        question = rng.choice(["Describe the differences between these images.", "Which image has the most shapes?",
+                               "What colours appear in every image?"])
+        p = builder.build(imgs, question)
+        types = (p.input_ids == int(template["image_token_id"])).astype(np.int64)[None]
+        extra = {"pixel_values": torch.from_numpy(p.pixel_values), type_key: torch.from_numpy(types)}
+        if p.image_grid_thw is not None:
+            extra["image_grid_thw"] = torch.from_numpy(p.image_grid_thw)
+        out.append(Encoded(p.input_ids, find_spans(p.input_ids, loaded.delimiters), extra))
+    return out

@@ -117,8 +117,8 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
-def _op_level(sizes, cases, threads, repeats, memory, bar) -> list[dict]:
-    from blindsight.bench.op import OpShape, compiled_node, dense_baseline, feeds_for, flop_bound
+def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False) -> list[dict]:
+    from blindsight.bench.op import OpShape, breakdown, compiled_node, dense_baseline, feeds_for, flop_bound
     from blindsight.bench.timing import interleaved, measure_in_child, session
     from blindsight.flops import Template
 
@@ -129,7 +129,7 @@ def _op_level(sizes, cases, threads, repeats, memory, bar) -> list[dict]:
         feeds = feeds_for(shape, t)
         plain = {k: v for k, v in feeds.items() if k != "image_spans"}
         base = session(dense_baseline(shape), threads)
-        med, base_med = {}, {}
+        med, base_med, why = {}, {}, {}
         for c in cases:
             # one compiled session at a time beside the baseline: at 8K tokens a
             # GroupQueryAttention arena alone holds S x S scores per head (GBs)
@@ -137,6 +137,8 @@ def _op_level(sizes, cases, threads, repeats, memory, bar) -> list[dict]:
             pair = interleaved({"baseline": lambda: base.run(None, plain), c: lambda s=s: s.run(None, feeds)}, repeats, progress=bar)
             med[c], base_med[c] = pair[c], pair["baseline"]
             del s
+            if explain:
+                why[c] = breakdown(compiled_node(shape, c), feeds, threads)
             gc.collect()
         del base
         gc.collect()
@@ -151,6 +153,8 @@ def _op_level(sizes, cases, threads, repeats, memory, bar) -> list[dict]:
             out.append({"category": c, "N": n, "L": l, "seq_len": t.seq_len, "speedup": speedup, "flop_bound": bound,
                         "efficiency": speedup / bound, "time_s": med[c], "baseline_s": base_med[c],
                         "peak_rss_mb": mem.get(c), "baseline_peak_rss_mb": mem.get("baseline")})
+            if explain:
+                out[-1]["breakdown_ms"] = why[c]
     return out
 
 
@@ -234,6 +238,7 @@ def bench_main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blindsight", "bench"),
                    help="where the prefill export is cached")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--breakdown", action="store_true", help="op level: also profile one run per case and report milliseconds per kernel class (where the time goes)")
     p.add_argument("--plot", help="write a PNG of speed-up against FLOP bound here")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of the tables")
     p.add_argument("--output", help="also write the JSON record to this file")
@@ -282,7 +287,7 @@ def bench_main(argv=None) -> int:
         record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick}
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
             if do_op:
-                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar)
+                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown)
             if do_prefill:
                 record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar)
         if args.plot and do_op:
@@ -315,6 +320,12 @@ def render(record: dict) -> str:
                          f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x", f"{r['efficiency']:.2f}", mem])
         parts.append("\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, fp32")
         parts.append(_fmt_table(["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"], rows))
+        explained = [r for r in record["op"] if r.get("breakdown_ms")]
+        if explained:
+            classes = sorted({k for r in explained for k in r["breakdown_ms"]})
+            rows = [[r["category"], f"{r['N']}x{r['L']}"] + [f"{r['breakdown_ms'].get(k, 0):.0f}" for k in classes] for r in explained]
+            parts.append("\nwhere the time goes (ms per run, ORT profiler, one profiled session per case)")
+            parts.append(_fmt_table(["category", "N x L"] + classes, rows))
     pf = record.get("prefill")
     if pf:
         t = pf["time_s"]

@@ -104,3 +104,49 @@ def _child() -> None:
 
 if __name__ == "__main__":
     _child()
+
+
+KERNEL_CLASSES = {
+    "GroupQueryAttention": "attention kernel (GQA)",
+    "MatMul": "MatMul", "FusedMatMul": "MatMul",
+    "Softmax": "softmax + bias", "Add": "softmax + bias", "Where": "softmax + bias",
+    "Gather": "copies (gather/concat/transpose)", "Concat": "copies (gather/concat/transpose)",
+    "Transpose": "copies (gather/concat/transpose)", "Reshape": "copies (gather/concat/transpose)",
+    "GatherElements": "copies (gather/concat/transpose)",
+}
+
+
+def breakdown(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 2) -> dict[str, float]:
+    """Milliseconds per kernel class of one run (ORT profiler, If bodies included):
+    where the time goes beyond the FLOPs."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"bs_bench_{os.getpid()}")
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    f = {k: v for k, v in feeds.items() if k in names}
+    for _ in range(runs + 1):
+        sess.run(None, f)
+    path = sess.end_profiling()
+    try:
+        events = json.load(open(path))
+    finally:
+        os.remove(path)
+    total: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        if op in ("If", "Loop", "Scan"):
+            continue  # their bodies are reported node by node
+        cls = KERNEL_CLASSES.get(op, "other")
+        total[cls] = total.get(cls, 0.0) + e["dur"] / 1000.0
+    # the first run fills the arena; count the last `runs`
+    return {k: v / (runs + 1) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}

@@ -17,7 +17,7 @@ from blindsight.calibration.recall import RECALL_CATEGORIES
 from blindsight.errors import BlindSightError
 from blindsight.semantics import DENSITY_ORDER
 
-DEFAULT_THRESHOLD = "0.9"
+DEFAULT_THRESHOLD = "0.8"
 DEFAULT_MIN_FRACTION = 0.75
 
 # recall column of each DENSITY_ORDER entry

@@ -49,9 +49,8 @@ class Piece:
 
 
 def describe(rng: random.Random, colour: str, obj: str, filler: int) -> str:
-    """One segment's text: the key sentence among ``filler`` neutral sentences."""
-    article = "An" if colour[0] in "aeiou" else "A"
-    key = f"{article} {colour} {obj} stands {rng.choice(PLACES)}."
+    """One segment's text: the key sentences among ``filler`` neutral sentences."""
+    key = f"A {obj} stands {rng.choice(PLACES)}. The {obj} is {colour}."
     others = rng.sample(FILLER, filler)
     at = rng.randrange(filler + 1)
     return " ".join(others[:at] + [key] + others[at:])

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blindsight.calibration.prompts import encode
+from blindsight.errors import BlindSightError
 from blindsight.evaluation.onnx_models import compile_with, export_dense
 from blindsight.evaluation.task import DEFAULT_SEED, candidate_token_ids, task_prompts
 from blindsight.flops import count_flops, model_dims
@@ -69,12 +70,9 @@ def evaluate(
 ) -> dict:
     """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``)."""
     loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model)
-    if loaded.family != "gemma3" and loaded.family not in ("qwen2_vl", "qwen2_5_vl"):
-        from blindsight.errors import BlindSightError
-
-        raise BlindSightError(
-            f"bs-eval runs exported models of the gemma3/qwen2_vl/qwen2_5_vl families; {loaded.name} is {loaded.family}"
-        )
+    if not loaded.surrogate or loaded.family != "gemma3":
+        # the task's segments are text: it needs text-only weights with an ONNX export
+        raise BlindSightError(f"bs-eval runs the built-in Gemma 3 weights (gemma3-270m); {loaded.name} is {loaded.family}")
     folder = work_dir_for(loaded.name, work_dir)
     dense_path = export_dense(loaded.family, loaded.directory, folder)
     compiled_path = compile_with(dense_path, profile, "fast")

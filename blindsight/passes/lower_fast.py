@@ -271,14 +271,82 @@ class _Layer:
         return pool, _rank(b, f.is_image)
 
     def text_queries(self, heads: list[int], f: SpanFacts) -> str:
-        """Dense rows of the text queries: [B, T, len(heads), D]."""
+        """Dense rows of the text queries: [B, T, len(heads), D].
+
+        A single prompt runs each run of text tokens as one GroupQueryAttention
+        with everything before it as past context (a Loop over the N + 1 runs):
+        causal work only, fused softmax. Batches (GQA takes past context with
+        more than one new token only at batch 1) and prompts with no text take
+        one grouped MatMul/Softmax over all keys."""
         b, cfg = self.b, self.cfg
-        text_pos = b.op("Squeeze", b.op("NonZero", f.is_text), b.i64(0))
         # whole KV groups share K/V reads; the few extra text rows of dense heads are cheap
         groups = sorted({cfg.kv_head(h) for h in heads})
         full = [g * cfg.group + j for g in groups for j in range(cfg.group)]
-        out = b.op("Transpose", self.grouped_attention(full, text_pos, f.pos), perm=[0, 2, 1, 3])
+        one = b.op("Equal", b.op("Squeeze", self.batch(), b.i64(0)), b.scalar(1))
+        some_text = b.op("ReduceMax", b.cast(f.is_text, TensorProto.INT64), keepdims=0)
+        use_loop = b.op("And", one, b.cast(b.op("Max", some_text, b.scalar(0)), TensorProto.BOOL))
+        outer = self.b
+        branches = []
+        for route in (self._text_runs_gqa, self._text_matmul):
+            self.b = Builder(f"{outer._prefix}_{route.__name__.strip('_')}")
+            branches.append(self.b.subgraph(route.__name__.strip("_"), [route(full, f)]))
+        self.b = outer
+        out = b.op("If", use_loop, then_branch=branches[0], else_branch=branches[1])
         return out if full == heads else b.gather(out, [full.index(h) for h in heads], 2)
+
+    def _text_matmul(self, heads: list[int], f: SpanFacts) -> str:
+        b = self.b
+        text_pos = b.op("Squeeze", b.op("NonZero", f.is_text), b.i64(0))
+        return b.op("Transpose", self.grouped_attention(heads, text_pos, f.pos), perm=[0, 2, 1, 3])
+
+    def _text_runs_gqa(self, heads: list[int], f: SpanFacts) -> str:
+        b, cfg = self.b, self.cfg
+        q, k, v, nh, nkv = self.gqa_operands(heads)  # [1, S, X]
+        past_k, past_v = (b.op("Transpose", b.op("Reshape", x, b.i64(0, 0, nkv, -1)), perm=[0, 2, 1, 3]) for x in (k, v))
+        text = b.cast(f.is_text, TensorProto.INT64)
+        before = b.op("Pad", text, b.i64(1, 0))  # is_text[p - 1], 0 before the prompt
+        after = b.op("Slice", b.op("Pad", text, b.i64(0, 1)), b.i64(1), b.i64(2**62), b.i64(0))  # is_text[p + 1]
+        first = b.op("And", f.is_text, b.op("Not", b.cast(b.op("Slice", before, b.i64(0), b.op("Shape", text), b.i64(0)), TensorProto.BOOL)))
+        last = b.op("And", f.is_text, b.op("Not", b.cast(after, TensorProto.BOOL)))
+        starts = b.op("Squeeze", b.op("NonZero", first), b.i64(0))  # [C]
+        ends = b.op("Add", b.op("Squeeze", b.op("NonZero", last), b.i64(0)), b.scalar(1))
+        width = b.op("ReduceMax", b.op("Sub", ends, starts), keepdims=1)  # [1], C >= 1 here
+        m = self.mask3()
+
+        body = Builder(f"{b._prefix}_run")
+        i = body.fresh("iter")
+        cond_in = body.fresh("cond")
+        a = body.op("Unsqueeze", body.op("Gather", starts, i, axis=0), body.i64(0))  # [1]
+        e = body.op("Unsqueeze", body.op("Gather", ends, i, axis=0), body.i64(0))
+        qc, kc, vc = (body.op("Slice", x, a, e, body.i64(1)) for x in (q, k, v))
+        pk, pv = (body.op("Slice", x, body.i64(0), a, body.i64(2)) for x in (past_k, past_v))
+        seqlens = body.cast(body.op("Sub", e, body.i64(1)), TensorProto.INT32)
+        total = body.cast(body.op("Squeeze", e, body.i64(0)), TensorProto.INT32)
+        inputs = [qc, kc, vc, pk, pv, seqlens, total]
+        if m is not None:
+            keep = body.op("Slice", m, body.concat(a, body.i64(0)), body.concat(e, e), body.i64(1, 2))  # [1, len, e]
+            bias = body.op("Where", body.unsqueeze(keep, 1), body.scalar(0.0, np.float32), body.scalar(MASKED, np.float32))
+            inputs += ["", "", "", bias]
+        w = cfg.local_window_size
+        out = body.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=3, num_heads=nh, kv_num_heads=nkv,
+                      scale=float(cfg.scale), local_window_size=w if w > 0 else None)[0]
+        pad = body.op("Sub", width, body.op("Sub", e, a))
+        padded = body.op("Pad", out, body.concat(body.i64(0, 0, 0, 0), pad, body.i64(0)))  # [1, width, nh*D]
+        cond_out = body.op("Identity", cond_in)
+        graph = helper.make_graph(
+            body.nodes, "text_run",
+            [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(padded, TensorProto.FLOAT, None)],
+        )
+        runs = b.op("Squeeze", b.op("Shape", starts), b.i64(0))
+        scan = b.op("Loop", runs, "", body=graph)  # [C, 1, width, nh*D]
+        pool = b.op("Reshape", scan, b.concat(b.i64(-1, nh), b.op("Shape", past_k, start=3)))  # [C*width, nh, D]
+        # text position p sits in run r(p) at column p - start(r)
+        run_of = b.op("Sub", b.op("CumSum", b.cast(first, TensorProto.INT64), b.scalar(0)), b.scalar(1))
+        text_pos = b.op("Squeeze", b.op("NonZero", f.is_text), b.i64(0))
+        r = b.op("Gather", run_of, text_pos, axis=0)
+        idx = b.op("Add", b.op("Mul", r, b.op("Squeeze", width, b.i64(0))), b.op("Sub", text_pos, b.op("Gather", starts, r, axis=0)))
+        return b.unsqueeze(b.op("Gather", pool, idx, axis=0), 0)  # [1, T, nh, D]
 
     def sparse(self, flat: bool = False) -> str:
         """All routes, assembled to [B, S, H, D] in head order. With ``flat`` and a

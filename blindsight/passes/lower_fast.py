@@ -53,7 +53,7 @@ class _Layer:
         self._cache: dict = {}
 
     def _once(self, key, make):
-        key = (id(self.b), key)
+        key = (self.b, key)  # the builder itself: an id() of a freed branch builder can come back
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
@@ -223,12 +223,14 @@ class _Layer:
         image position in the pool)."""
         b = self.b
         seq = self.seq()
-        before = b.op("Less", f.cols(f.pos), f.rows(f.starts))  # [N, S]
+        # b.unsqueeze, not f.cols/f.rows: those emit into the builder f was made with, and this may run in a branch
+        before = b.op("Less", b.unsqueeze(f.pos, 0), b.unsqueeze(f.starts, 1))  # [N, S]
         visible = b.op("Or", f.is_text, f.sink) if with_sinks else f.is_text
-        member = b.op("Or", b.op("And", before, f.cols(visible)), b.op("Transpose", f.in_span, perm=[1, 0]))
+        member = b.op("Or", b.op("And", before, b.unsqueeze(visible, 0)), b.op("Transpose", f.in_span, perm=[1, 0]))
         lengths = b.op("ReduceSum", b.cast(member, TensorProto.INT64), b.i64(1), keepdims=0)  # [N]
         width = b.op("ReduceMax", lengths, keepdims=1)  # [1]
-        order_key = b.op("Where", member, f.cols(f.pos), b.op("Add", f.cols(f.pos), seq))
+        pos = b.unsqueeze(f.pos, 0)
+        order_key = b.op("Where", member, pos, b.op("Add", pos, seq))
         _, idx = b.op("TopK", order_key, width, axis=1, largest=0, sorted=1, outputs=2)  # [N, R] positions
 
         q, k, v, nh, nkv = self.gqa_operands(heads)
@@ -348,6 +350,67 @@ class _Layer:
         idx = b.op("Add", b.op("Mul", r, b.op("Squeeze", width, b.i64(0))), b.op("Sub", text_pos, b.op("Gather", starts, r, axis=0)))
         return b.unsqueeze(b.op("Gather", pool, idx, axis=0), 0)  # [1, T, nh, D]
 
+    def _assemble(self, pool, index, text_out, text_rank, f: SpanFacts, flat: bool) -> str:
+        """One Gather assembles a group: image rows from its pool, text rows after them."""
+        b = self.b
+        image_rows = b.op("Shape", pool, start=1, end=2)
+        index = b.op("Where", f.is_text, b.op("Add", text_rank, b.op("Squeeze", image_rows, b.i64(0))), index)
+        pooled = b.concat(pool, text_out, axis=1)
+        if flat:
+            return b.op("Gather", b.op("Reshape", pooled, b.i64(0, 0, -1)), index, axis=1)
+        return b.op("Gather", pooled, index, axis=1)
+
+    def image_runs(self, heads: list[int], f: SpanFacts, with_sinks: bool):
+        """Batch 1: a Loop with one GroupQueryAttention per image, its visible keys
+        (text, plus earlier sinks with ``with_sinks``) as past context and its own
+        tokens as the new ones. Returns (pool [1, N*Lmax, h, D], index [S])."""
+        b, cfg = self.b, self.cfg
+        q, k, v, nh, nkv = self.gqa_operands(heads)  # [1, S, X]
+        past_k, past_v = (b.op("Transpose", b.op("Reshape", x, b.i64(0, 0, nkv, -1)), perm=[0, 2, 1, 3]) for x in (k, v))
+        visible = b.op("Or", f.is_text, f.sink) if with_sinks else f.is_text
+        lengths = b.op("Sub", f.ends, f.starts)
+        width = b.op("ReduceMax", lengths, keepdims=1)  # [1]; N >= 1 on this path
+        m = self.mask3()
+        w = cfg.local_window_size
+
+        body = Builder(f"{b._prefix}_img")
+        i, cond_in = body.fresh("iter"), body.fresh("cond")
+        s = body.op("Unsqueeze", body.op("Gather", f.starts, i, axis=0), body.i64(0))  # [1]
+        e = body.op("Unsqueeze", body.op("Gather", f.ends, i, axis=0), body.i64(0))
+        before = body.op("And", visible, body.op("Less", f.pos, s))
+        idx = body.op("Squeeze", body.op("NonZero", before), body.i64(0))  # [P] visible positions before the image
+        qc, kc, vc = (body.op("Slice", x, s, e, body.i64(1)) for x in (q, k, v))
+        pk, pv = (body.op("Gather", x, idx, axis=2) for x in (past_k, past_v))
+        total = body.op("Add", body.op("Shape", idx), body.op("Sub", e, s))  # [1]
+        seqlens = body.cast(body.op("Sub", total, body.i64(1)), TensorProto.INT32)
+        inputs = [qc, kc, vc, pk, pv, seqlens, body.cast(body.op("Squeeze", total, body.i64(0)), TensorProto.INT32)]
+        if m is not None or w > 0:
+            q_pos = body.op("Range", body.op("Squeeze", s, body.i64(0)), body.op("Squeeze", e, body.i64(0)), body.scalar(1))
+            k_pos = body.concat(idx, q_pos)
+            qp, kp = body.unsqueeze(q_pos, 1), body.unsqueeze(k_pos, 0)
+            keeps = []
+            if w > 0:
+                keeps.append(body.op("Greater", kp, body.op("Sub", qp, body.scalar(w))))
+            if m is not None:
+                keeps.append(body.op("Gather", body.op("Gather", m, q_pos, axis=1), k_pos, axis=2))  # [Bm, L, P+L]
+            keep = keeps[0] if len(keeps) == 1 else body.op("And", keeps[0], keeps[1])
+            keep = keep if m is not None else body.unsqueeze(keep, 0)
+            inputs += ["", "", "", body.op("Where", body.unsqueeze(keep, 1), body.scalar(0.0, np.float32), body.scalar(MASKED, np.float32))]
+        out = body.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=3, num_heads=nh, kv_num_heads=nkv,
+                      scale=float(cfg.scale))[0]
+        padded = body.op("Pad", out, body.concat(body.i64(0, 0, 0, 0), body.op("Sub", width, body.op("Sub", e, s)), body.i64(0)))
+        cond_out = body.op("Identity", cond_in)
+        graph = helper.make_graph(
+            body.nodes, "image_run",
+            [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(padded, TensorProto.FLOAT, None)],
+        )
+        scan = b.op("Loop", b.op("Squeeze", b.op("Shape", f.starts), b.i64(0)), "", body=graph)  # [N, 1, Lmax, h*D]
+        pool = b.op("Reshape", scan, b.concat(b.i64(1, -1, nh), b.op("Shape", past_k, start=3)))  # [1, N*Lmax, h, D]
+        img = b.op("Max", f.image, b.scalar(0))
+        col = b.op("Sub", f.pos, b.gather(f.starts, img, 0))
+        return pool, b.op("Add", b.op("Mul", img, b.op("Squeeze", width, b.i64(0))), col)
+
     def sparse(self, flat: bool = False) -> str:
         """All routes, assembled to [B, S, H, D] in head order. With ``flat`` and a
         single category the assembly Gather writes [B, S, H*D] itself (sets ``flat_done``)."""
@@ -365,19 +428,26 @@ class _Layer:
             if uses(c, KEY_ANY):
                 parts.append(self.dense(heads))
             else:
+                text_out = text if heads == sparse_heads else b.gather(text, [sparse_heads.index(h) for h in heads], 2)
+                single = flat and len(groups) == 1
                 if uses(c, KEY_SAME_IMAGE):
-                    pool, index = self.rows(heads, f, with_sinks=uses(c, KEY_SINK))
+                    # a single prompt runs one GQA per image with its visible keys as past
+                    # context (no padding, no text query rows); batches take padded rows
+                    outer, branches = self.b, []
+                    for route in (self.image_runs, self.rows):
+                        self.b = Builder(f"{outer._prefix}_{route.__name__}_{c}")
+                        pool, index = route(heads, f, with_sinks=uses(c, KEY_SINK))
+                        branches.append(self.b.subgraph(route.__name__, [self._assemble(pool, index, text_out, text_rank, f, single)]))
+                    self.b = outer
+                    one = b.op("Equal", b.op("Squeeze", self.batch(), b.i64(0)), b.scalar(1))
+                    part = b.op("If", one, then_branch=branches[0], else_branch=branches[1])
                 else:
                     pool, index = self.sinks_only(heads, f)
-                text_out = text if heads == sparse_heads else b.gather(text, [sparse_heads.index(h) for h in heads], 2)
-                # one Gather assembles the group: image rows from its pool, text rows after them
-                image_rows = b.op("Shape", pool, start=1, end=2)
-                index = b.op("Where", f.is_text, b.op("Add", text_rank, b.op("Squeeze", image_rows, b.i64(0))), index)
-                pooled = b.concat(pool, text_out, axis=1)
-                if flat and len(groups) == 1:
+                    part = self._assemble(pool, index, text_out, text_rank, f, single)
+                if single:
                     self.flat_done = True
-                    return b.op("Gather", b.op("Reshape", pooled, b.i64(0, 0, -1)), index, axis=1)
-                parts.append(b.op("Gather", pooled, index, axis=1))
+                    return part
+                parts.append(part)
             order += heads
         out = parts[0] if len(parts) == 1 else b.concat(*parts, axis=2)
         if order != list(range(cfg.num_heads)):

@@ -14,8 +14,9 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(model, threads: int, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+def session(model, threads: int, provider: str = "CPUExecutionProvider", arena: bool = True) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3

@@ -113,7 +113,7 @@ def _child() -> None:
 
     args = json.loads(sys.stdin.read())
     case = PrefillCase(**args["case"])
-    sess = session(args["path"], args["threads"])
+    sess = session(args["path"], args["threads"], arena=False)  # as timed
     names = {i.name for i in sess.get_inputs()}
     inputs = {k: v for k, v in feeds(case).items() if k in names}
     reset_peak_rss()

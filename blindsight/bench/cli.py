@@ -258,6 +258,8 @@ def bench_main(argv=None) -> int:
     p.add_argument("--plot", help="write a PNG of speed-up against FLOP bound here")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of the tables")
     p.add_argument("--output", help="also write the JSON record to this file")
+    p.add_argument("--markdown", help="also write the tables as a Markdown report (BENCHMARKS.md) to this file")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="run nothing: merge records written by --output (e.g. op and prefill runs) and report them")
     args = p.parse_args(argv)
     try:
         from blindsight.bench.op import CATEGORY_CASES
@@ -286,7 +288,9 @@ def bench_main(argv=None) -> int:
         if case.num_layers < 2:
             raise BlindSightError("--prefill-layers must be >= 2 (the profile mix keeps layer 0 dense)")
         do_op, do_prefill = args.level in ("op", "all"), args.level in ("prefill", "all")
-        if do_prefill:
+        if args.merge:
+            do_op = do_prefill = False
+        if do_prefill and not args.merge:
             try:
                 import torch  # noqa: F401
                 import transformers  # noqa: F401
@@ -301,13 +305,23 @@ def bench_main(argv=None) -> int:
         if do_prefill:
             total += 1 + 6 * repeats + (3 if memory else 0)
         record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick}
+        for path in args.merge or []:
+            try:
+                part = json.loads(Path(path).read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise BlindSightError(f"--merge {path}: not a bs-bench JSON record ({exc})") from None
+            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "op", "prefill")})
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
             if do_op:
                 record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown)
             if do_prefill:
                 record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar)
-        if args.plot and do_op:
+        if args.plot and record.get("op"):
             _plot(record, Path(args.plot))
+        if args.markdown:
+            tmp = Path(args.markdown).with_name(f".{Path(args.markdown).name}.tmp")
+            tmp.write_text(markdown(record, args.plot))
+            os.replace(tmp, args.markdown)
         if args.output:
             tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
             tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -354,3 +368,31 @@ def render(record: dict) -> str:
                      f"(mix vs raw export: {pf['vs_raw_export']:.2f}x; attention FLOP bound {pf['attention_flop_bound']:.2f}x)")
         parts.append(_fmt_table(["graph", "seconds", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows))
     return "\n".join(parts)
+
+
+def markdown(record: dict, plot: str | None = None) -> str:
+    """BENCHMARKS.md: the machine, the tables, the plot and how to reproduce them."""
+    m = record["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured on {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, Python {m['python']}; "
+        f"{record['threads']} intra-op threads, fp32, medians of {record['repeats']} interleaved runs after a warm-up "
+        "(SPEC §6). The machine is shared, so absolute seconds drift between runs; the ratios come from variants "
+        "timed in the same loop.",
+        "",
+        "Reproduce (about 25 minutes on 2 cores; the prefill level needs the `export` extra):",
+        "",
+        "```bash",
+        "bs-bench --level op --output op.json && bs-bench --level prefill --output prefill.json",
+        "bs-bench --merge op.json prefill.json --markdown BENCHMARKS.md --plot docs/bench/speedup.png",
+        "```",
+        "",
+        "```",
+        render(record),
+        "```",
+        "",
+    ]
+    if plot:
+        lines += [f"![measured speed-up against FLOP bound]({plot})", ""]
+    return "\n".join(lines)

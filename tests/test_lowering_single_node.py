@@ -91,8 +91,9 @@ def test_batch_padding_window_and_layouts(template, cats, seed, fmt, window):
     [([], 7), ([(0, 5)], 5), ([(0, 3), (3, 9)], 12), ([(4, 12)], 12), ([(0, 1)], 1)],
     ids=["no-image", "only-image", "start", "end", "single-token"],
 )
-def test_edge_templates(category, spans, seq):
-    cfg = AttentionConfig(4, 2, D, 0.35, (category,) * 4, mask_type="none")
+@pytest.mark.parametrize("fmt", ["BNSH", "BSD"])
+def test_edge_templates(category, spans, seq, fmt):
+    cfg = AttentionConfig(4, 2, D, 0.35, (category,) * 4, mask_type="none", qkv_format=fmt)
     _check(cfg, np.array(spans, dtype=np.int64).reshape(-1, 2), seq, batch=1, seed=3)
 
 

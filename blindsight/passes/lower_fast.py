@@ -82,7 +82,9 @@ class _Layer:
         if self.cfg.qkv_format == "BNSH":
             x = b.gather(name, heads, 1) if sub else name
             return b.op("Gather", x, pos, axis=2)
-        x = b.op("Reshape", b.op("Gather", name, pos, axis=1), b.i64(0, 0, total, -1))  # [B, P, total, D]
+        rows = b.op("Gather", name, pos, axis=1)  # [B, P, total*D]; P may be 0, so no -1 in the shape
+        d = b.op("Div", b.op("Shape", rows, start=2), b.i64(total))
+        x = b.op("Reshape", rows, b.concat(b.op("Shape", rows, start=0, end=2), b.i64(total), d))  # [B, P, total, D]
         if sub:
             x = b.gather(x, heads, 2)
         return b.op("Transpose", x, perm=[0, 2, 1, 3])

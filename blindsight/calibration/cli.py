@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from blindsight.errors import BlindSightError
+from blindsight.errors import BlindSightError, run_cli
 
 DEFAULT_TEMPLATE = "8:256"
 
@@ -154,16 +154,9 @@ def summary(record: dict) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        record = run(args)
-    except BlindSightError as exc:
-        print(f"bs-profile: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"bs-profile: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
+    code, record = run_cli("bs-profile", lambda: run(args), args.debug)
+    if code:
+        return code
     print(json.dumps(record, indent=1) if args.json else summary(record))
     return 0
 

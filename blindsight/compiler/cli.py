@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from blindsight.compiler.pipeline import compile_model
-from blindsight.errors import BlindSightError
+from blindsight.errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,16 +36,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        result = compile_model(args.model, args.profile, args.output, args.lowering)
-    except BlindSightError as exc:
-        print(f"bs-compile: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # one line, not a traceback, unless asked
-        if args.debug:
-            raise
-        print(f"bs-compile: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
+    code, result = run_cli("bs-compile", lambda: compile_model(args.model, args.profile, args.output, args.lowering), args.debug)
+    if code:
+        return code
     print(result.summary())
     return 0
 

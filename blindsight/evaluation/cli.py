@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from blindsight.errors import BlindSightError
+from blindsight.errors import BlindSightError, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,20 +88,17 @@ def table(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def work():
         prof = _check(args)
         from blindsight.evaluation.runner import evaluate
 
-        record = evaluate(prof, args.model, num_prompts=args.prompts, seed=args.seed,
-                          work_dir=args.work_dir, threads=args.threads, progress=not args.quiet)
-    except BlindSightError as exc:
-        print(f"bs-eval: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"bs-eval: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
+        return evaluate(prof, args.model, num_prompts=args.prompts, seed=args.seed,
+                        work_dir=args.work_dir, threads=args.threads, progress=not args.quiet)
+
+    code, record = run_cli("bs-eval", work, args.debug)
+    if code:
+        return code
     print(json.dumps(record, indent=1) if args.json else table(record))
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from blindsight.errors import BlindSightError
+from blindsight.errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,16 +35,11 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from blindsight.models.export_vlm import export_vlm
 
-    try:
-        result = export_vlm(args.model_dir, args.output, progress=not args.quiet, overwrite=args.overwrite)
-    except BlindSightError as exc:
-        print(f"bs-export: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"bs-export: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 1
+    code, result = run_cli(
+        "bs-export", lambda: export_vlm(args.model_dir, args.output, progress=not args.quiet, overwrite=args.overwrite), args.debug
+    )
+    if code:
+        return code
     if args.json:
         print(json.dumps({"output": str(result.out_dir), "template": result.template}, indent=2))
     else:

@@ -222,6 +222,8 @@ def _plot(record: dict, path: Path) -> None:
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")  # bounds span 1x to ~50x
     ax.set_xlabel("FLOP bound (dense / allowed attention pairs)")
     ax.set_ylabel("measured speed-up vs GroupQueryAttention")
     ax.set_title(f"BlindSightAttention (fast lowering), {record['threads']} threads, fp32")

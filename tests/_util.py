@@ -16,6 +16,19 @@ def session(model) -> ort.InferenceSession:
     return ort.InferenceSession(data if isinstance(data, bytes) else str(data), opts, providers=["CPUExecutionProvider"])
 
 
+_NODE_SESSIONS: dict = {}
+
+
+def node_session(cfg, lowering: str) -> ort.InferenceSession:
+    """A session over a single-node model, cached per (config, lowering)."""
+    from blindsight.passes.lower import single_node_model
+
+    key = (cfg, lowering)
+    if key not in _NODE_SESSIONS:
+        _NODE_SESSIONS[key] = session(single_node_model(cfg, lowering))
+    return _NODE_SESSIONS[key]
+
+
 def run(sess: ort.InferenceSession, feeds: dict):
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})

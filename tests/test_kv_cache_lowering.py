@@ -8,20 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _util import category_lists, run, session, templates
+from _util import category_lists, node_session, run, templates
 from blindsight.passes.lower import single_node_model
 from blindsight.passes.op import AttentionConfig
 from blindsight.semantics import reference_attention
 
 D = 8
-_SESSIONS = {}
-
-
-def _session(cfg, lowering):
-    key = (cfg, lowering)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = session(single_node_model(cfg, lowering))
-    return _SESSIONS[key]
 
 
 def _model_mask(batch, past, q_len, window):
@@ -51,7 +43,7 @@ def _check(cfg, spans, past, q_len, batch, seed):
         feeds["attn_mask"] = np.where(mask, 0.0, -np.inf).astype(np.float32)
     want = reference_attention(q, k, v, spans, cfg.categories, sink_tokens=cfg.sink_tokens, scale=cfg.scale, model_mask=mask)
     for lowering in ("reference", "fast"):
-        got = run(_session(cfg, lowering), feeds)[0]
+        got = run(node_session(cfg, lowering), feeds)[0]
         if cfg.qkv_format == "BSD":
             got = got.reshape(batch, q_len, H, D).transpose(0, 2, 1, 3)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"{lowering} lowering, past {past}, {cfg}")

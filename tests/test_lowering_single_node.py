@@ -5,20 +5,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _util import category_lists, run, session, templates
-from blindsight.passes.lower import single_node_model
+from _util import category_lists, node_session, run, templates
 from blindsight.passes.op import AttentionConfig
 from blindsight.semantics import reference_attention
 
 D = 8
-_SESSIONS = {}
-
-
-def _session(cfg, lowering):
-    key = (cfg, lowering)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = session(single_node_model(cfg, lowering))
-    return _SESSIONS[key]
 
 
 def _feeds(rng, cfg, batch, seq, spans, mask):
@@ -54,7 +45,7 @@ def _check(cfg, spans, seq, batch, seed, pad_keys=0):
     if cfg.mask_type == "none" and cfg.local_window_size > 0:
         want = reference_attention(q, k, v, spans, cfg.categories, sink_tokens=cfg.sink_tokens, scale=cfg.scale, model_mask=mask)
     for lowering in ("reference", "fast"):
-        got = run(_session(cfg, lowering), feeds)[0]
+        got = run(node_session(cfg, lowering), feeds)[0]
         if cfg.qkv_format == "BSD":
             got = got.reshape(batch, seq, cfg.num_heads, D).transpose(0, 2, 1, 3)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"{lowering} lowering, {cfg}")

@@ -83,13 +83,6 @@ def to_bnsh(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
     return b.op("Transpose", b.op("Reshape", x, b.i64(0, 0, heads, -1)), perm=[0, 2, 1, 3])
 
 
-def to_bsd(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
-    """[B, S, heads*D] layout, the one GroupQueryAttention reads."""
-    if cfg.qkv_format == "BSD":
-        return x
-    return b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
-
-
 def keep_mask(b: Builder, cfg: AttentionConfig, mask: str) -> str:
     """The model's mask as bool (True keeps); float masks keep entries > -inf/2."""
     if cfg.mask_type == "bool":

@@ -69,12 +69,6 @@ class _Layer:
         b = self.b
         return self._once(("bsd", name), lambda: b.op("Reshape", b.op("Transpose", name, perm=[0, 2, 1, 3]), b.i64(0, 0, -1)))
 
-    def bnsh(self, name: str) -> str:
-        if self.cfg.qkv_format == "BNSH":
-            return name
-        b = self.b
-        return self._once(("bnsh", name), lambda: b.op("Transpose", b.op("Reshape", name, b.i64(0, 0, self._heads(name), -1)), perm=[0, 2, 1, 3]))
-
     def at_positions(self, name: str, heads: list[int] | None, pos: str) -> str:
         """[B, len(heads), P, D] of positions ``pos`` (1-D), gathered in the input's layout."""
         b, total = self.b, self._heads(name)
@@ -303,10 +297,55 @@ class _Layer:
         text_pos = b.op("Squeeze", b.op("NonZero", f.is_text), b.i64(0))
         return b.op("Transpose", self.grouped_attention(heads, text_pos, f.pos), perm=[0, 2, 1, 3])
 
-    def _text_runs_gqa(self, heads: list[int], f: SpanFacts) -> str:
+    def _gqa_runs(self, heads: list[int], starts: str, ends: str, past_positions):
+        """Batch 1: a Loop with one GroupQueryAttention per run [starts[i], ends[i]):
+        the run's tokens are the new ones, the keys at ``past_positions(body, start)``
+        (1-D, sorted, all before the run) enter as past context. Causality, the
+        window and the model mask hold by absolute position. Returns
+        (pool [1, runs*width, h, D], width [1]); run i's outputs fill rows
+        i*width .. i*width + len_i - 1."""
         b, cfg = self.b, self.cfg
         q, k, v, nh, nkv = self.gqa_operands(heads)  # [1, S, X]
         past_k, past_v = (b.op("Transpose", b.op("Reshape", x, b.i64(0, 0, nkv, -1)), perm=[0, 2, 1, 3]) for x in (k, v))
+        width = b.op("ReduceMax", b.op("Sub", ends, starts), keepdims=1)  # [1]; at least one run on this path
+        m = self.mask3()
+
+        outer = self.b
+        body = self.b = Builder(f"{outer._prefix}_run")
+        i, cond_in = body.fresh("iter"), body.fresh("cond")
+        s = body.op("Unsqueeze", body.op("Gather", starts, i, axis=0), body.i64(0))  # [1]
+        e = body.op("Unsqueeze", body.op("Gather", ends, i, axis=0), body.i64(0))
+        idx = past_positions(body, s)
+        qc, kc, vc = (body.op("Slice", x, s, e, body.i64(1)) for x in (q, k, v))
+        pk, pv = (body.op("Gather", x, idx, axis=2) for x in (past_k, past_v))
+        total = body.op("Add", body.op("Shape", idx), body.op("Sub", e, s))  # [1]
+        seqlens = body.cast(body.op("Sub", total, body.i64(1)), TensorProto.INT32)
+        inputs = [qc, kc, vc, pk, pv, seqlens, body.cast(body.op("Squeeze", total, body.i64(0)), TensorProto.INT32)]
+        q_pos = body.op("Range", body.op("Squeeze", s, body.i64(0)), body.op("Squeeze", e, body.i64(0)), body.scalar(1))
+        k_pos = body.concat(idx, q_pos)
+        qp, kp = body.unsqueeze(q_pos, 1), body.unsqueeze(k_pos, 0)
+        in_mask = None if m is None else body.op("Gather", body.op("Gather", m, q_pos, axis=1), k_pos, axis=2)  # [Bm, L, P+L]
+        keep = self.combine(self.window_keep(qp, kp), in_mask)
+        if keep is not None:
+            keep = keep if m is not None else body.unsqueeze(keep, 0)
+            inputs += ["", "", "", self.to_bias(body.unsqueeze(keep, 1), MASKED)]
+        out = body.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=3, num_heads=nh, kv_num_heads=nkv,
+                      scale=float(cfg.scale))[0]
+        padded = body.op("Pad", out, body.concat(body.i64(0, 0, 0, 0), body.op("Sub", width, body.op("Sub", e, s)), body.i64(0)))
+        cond_out = body.op("Identity", cond_in)
+        self.b = outer
+        graph = helper.make_graph(
+            body.nodes, "gqa_run",
+            [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(padded, TensorProto.FLOAT, None)],
+        )
+        scan = b.op("Loop", b.op("Squeeze", b.op("Shape", starts), b.i64(0)), "", body=graph)  # [runs, 1, width, h*D]
+        pool = b.op("Reshape", scan, b.concat(b.i64(1, -1, nh), b.op("Shape", past_k, start=3)))  # [1, runs*width, h, D]
+        return pool, width
+
+    def _text_runs_gqa(self, heads: list[int], f: SpanFacts) -> str:
+        """Each run of text tokens attends everything before it: [1, T, h, D]."""
+        b = self.b
         text = b.cast(f.is_text, TensorProto.INT64)
         before = b.op("Pad", text, b.i64(1, 0))  # is_text[p - 1], 0 before the prompt
         after = b.op("Slice", b.op("Pad", text, b.i64(0, 1)), b.i64(1), b.i64(2**62), b.i64(0))  # is_text[p + 1]
@@ -314,43 +353,13 @@ class _Layer:
         last = b.op("And", f.is_text, b.op("Not", b.cast(after, TensorProto.BOOL)))
         starts = b.op("Squeeze", b.op("NonZero", first), b.i64(0))  # [C]
         ends = b.op("Add", b.op("Squeeze", b.op("NonZero", last), b.i64(0)), b.scalar(1))
-        width = b.op("ReduceMax", b.op("Sub", ends, starts), keepdims=1)  # [1], C >= 1 here
-        m = self.mask3()
-
-        body = Builder(f"{b._prefix}_run")
-        i = body.fresh("iter")
-        cond_in = body.fresh("cond")
-        a = body.op("Unsqueeze", body.op("Gather", starts, i, axis=0), body.i64(0))  # [1]
-        e = body.op("Unsqueeze", body.op("Gather", ends, i, axis=0), body.i64(0))
-        qc, kc, vc = (body.op("Slice", x, a, e, body.i64(1)) for x in (q, k, v))
-        pk, pv = (body.op("Slice", x, body.i64(0), a, body.i64(2)) for x in (past_k, past_v))
-        seqlens = body.cast(body.op("Sub", e, body.i64(1)), TensorProto.INT32)
-        total = body.cast(body.op("Squeeze", e, body.i64(0)), TensorProto.INT32)
-        inputs = [qc, kc, vc, pk, pv, seqlens, total]
-        if m is not None:
-            keep = body.op("Slice", m, body.concat(a, body.i64(0)), body.concat(e, e), body.i64(1, 2))  # [1, len, e]
-            bias = body.op("Where", body.unsqueeze(keep, 1), body.scalar(0.0, np.float32), body.scalar(MASKED, np.float32))
-            inputs += ["", "", "", bias]
-        w = cfg.local_window_size
-        out = body.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=3, num_heads=nh, kv_num_heads=nkv,
-                      scale=float(cfg.scale), local_window_size=w if w > 0 else None)[0]
-        pad = body.op("Sub", width, body.op("Sub", e, a))
-        padded = body.op("Pad", out, body.concat(body.i64(0, 0, 0, 0), pad, body.i64(0)))  # [1, width, nh*D]
-        cond_out = body.op("Identity", cond_in)
-        graph = helper.make_graph(
-            body.nodes, "text_run",
-            [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
-            [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(padded, TensorProto.FLOAT, None)],
-        )
-        runs = b.op("Squeeze", b.op("Shape", starts), b.i64(0))
-        scan = b.op("Loop", runs, "", body=graph)  # [C, 1, width, nh*D]
-        pool = b.op("Reshape", scan, b.concat(b.i64(-1, nh), b.op("Shape", past_k, start=3)))  # [C*width, nh, D]
+        pool, width = self._gqa_runs(heads, starts, ends, lambda body, s: body.op("Range", body.scalar(0), body.op("Squeeze", s, body.i64(0)), body.scalar(1)))
         # text position p sits in run r(p) at column p - start(r)
         run_of = b.op("Sub", b.op("CumSum", b.cast(first, TensorProto.INT64), b.scalar(0)), b.scalar(1))
         text_pos = b.op("Squeeze", b.op("NonZero", f.is_text), b.i64(0))
         r = b.op("Gather", run_of, text_pos, axis=0)
         idx = b.op("Add", b.op("Mul", r, b.op("Squeeze", width, b.i64(0))), b.op("Sub", text_pos, b.op("Gather", starts, r, axis=0)))
-        return b.unsqueeze(b.op("Gather", pool, idx, axis=0), 0)  # [1, T, nh, D]
+        return b.op("Gather", pool, idx, axis=1)  # [1, T, h, D]
 
     def _assemble(self, pool, index, text_out, text_rank, f: SpanFacts, flat: bool) -> str:
         """One Gather assembles a group: image rows from its pool, text rows after them."""
@@ -363,52 +372,16 @@ class _Layer:
         return b.op("Gather", pooled, index, axis=1)
 
     def image_runs(self, heads: list[int], f: SpanFacts, with_sinks: bool):
-        """Batch 1: a Loop with one GroupQueryAttention per image, its visible keys
-        (text, plus earlier sinks with ``with_sinks``) as past context and its own
-        tokens as the new ones. Returns (pool [1, N*Lmax, h, D], index [S])."""
-        b, cfg = self.b, self.cfg
-        q, k, v, nh, nkv = self.gqa_operands(heads)  # [1, S, X]
-        past_k, past_v = (b.op("Transpose", b.op("Reshape", x, b.i64(0, 0, nkv, -1)), perm=[0, 2, 1, 3]) for x in (k, v))
+        """Batch 1: one GroupQueryAttention per image, its visible keys (text, plus
+        earlier sinks with ``with_sinks``) as past context and its own tokens as the
+        new ones. Returns (pool [1, N*Lmax, h, D], index [S])."""
+        b = self.b
         visible = b.op("Or", f.is_text, f.sink) if with_sinks else f.is_text
-        lengths = b.op("Sub", f.ends, f.starts)
-        width = b.op("ReduceMax", lengths, keepdims=1)  # [1]; N >= 1 on this path
-        m = self.mask3()
-        w = cfg.local_window_size
 
-        body = Builder(f"{b._prefix}_img")
-        i, cond_in = body.fresh("iter"), body.fresh("cond")
-        s = body.op("Unsqueeze", body.op("Gather", f.starts, i, axis=0), body.i64(0))  # [1]
-        e = body.op("Unsqueeze", body.op("Gather", f.ends, i, axis=0), body.i64(0))
-        before = body.op("And", visible, body.op("Less", f.pos, s))
-        idx = body.op("Squeeze", body.op("NonZero", before), body.i64(0))  # [P] visible positions before the image
-        qc, kc, vc = (body.op("Slice", x, s, e, body.i64(1)) for x in (q, k, v))
-        pk, pv = (body.op("Gather", x, idx, axis=2) for x in (past_k, past_v))
-        total = body.op("Add", body.op("Shape", idx), body.op("Sub", e, s))  # [1]
-        seqlens = body.cast(body.op("Sub", total, body.i64(1)), TensorProto.INT32)
-        inputs = [qc, kc, vc, pk, pv, seqlens, body.cast(body.op("Squeeze", total, body.i64(0)), TensorProto.INT32)]
-        if m is not None or w > 0:
-            q_pos = body.op("Range", body.op("Squeeze", s, body.i64(0)), body.op("Squeeze", e, body.i64(0)), body.scalar(1))
-            k_pos = body.concat(idx, q_pos)
-            qp, kp = body.unsqueeze(q_pos, 1), body.unsqueeze(k_pos, 0)
-            keeps = []
-            if w > 0:
-                keeps.append(body.op("Greater", kp, body.op("Sub", qp, body.scalar(w))))
-            if m is not None:
-                keeps.append(body.op("Gather", body.op("Gather", m, q_pos, axis=1), k_pos, axis=2))  # [Bm, L, P+L]
-            keep = keeps[0] if len(keeps) == 1 else body.op("And", keeps[0], keeps[1])
-            keep = keep if m is not None else body.unsqueeze(keep, 0)
-            inputs += ["", "", "", body.op("Where", body.unsqueeze(keep, 1), body.scalar(0.0, np.float32), body.scalar(MASKED, np.float32))]
-        out = body.op("GroupQueryAttention", *inputs, domain=MS_DOMAIN, outputs=3, num_heads=nh, kv_num_heads=nkv,
-                      scale=float(cfg.scale))[0]
-        padded = body.op("Pad", out, body.concat(body.i64(0, 0, 0, 0), body.op("Sub", width, body.op("Sub", e, s)), body.i64(0)))
-        cond_out = body.op("Identity", cond_in)
-        graph = helper.make_graph(
-            body.nodes, "image_run",
-            [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
-            [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(padded, TensorProto.FLOAT, None)],
-        )
-        scan = b.op("Loop", b.op("Squeeze", b.op("Shape", f.starts), b.i64(0)), "", body=graph)  # [N, 1, Lmax, h*D]
-        pool = b.op("Reshape", scan, b.concat(b.i64(1, -1, nh), b.op("Shape", past_k, start=3)))  # [1, N*Lmax, h, D]
+        def past(body, s):  # visible positions before the image
+            return body.op("Squeeze", body.op("NonZero", body.op("And", visible, body.op("Less", f.pos, s))), body.i64(0))
+
+        pool, width = self._gqa_runs(heads, f.starts, f.ends, past)
         img = b.op("Max", f.image, b.scalar(0))
         col = b.op("Sub", f.pos, b.gather(f.starts, img, 0))
         return pool, b.op("Add", b.op("Mul", img, b.op("Squeeze", width, b.i64(0))), col)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from blindsight.errors import BlindSightError
-from blindsight.semantics import CATEGORIES
+from blindsight.attention import CATEGORIES
 
 STEPS = 7
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from blindsight.errors import ProfileError
-from blindsight.semantics import CATEGORIES
+from blindsight.attention import CATEGORIES
 
 FORMAT = "blindsight-profile"
 VERSION = 1

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 from hypothesis import strategies as st
 
-from blindsight.semantics import CATEGORIES
+from blindsight.attention import CATEGORIES
 
 
 def session(model) -> ort.InferenceSession:
@@ -21,7 +21,7 @@ _NODE_SESSIONS: dict = {}
 
 def node_session(cfg, lowering: str) -> ort.InferenceSession:
     """A session over a single-node model, cached per (config, lowering)."""
-    from blindsight.passes.lower import single_node_model
+    from blindsight.passes.lowering.fixture import single_node_model
 
     key = (cfg, lowering)
     if key not in _NODE_SESSIONS:

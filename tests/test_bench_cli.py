@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from blindsight.semantics import allowed_mask
+from blindsight.attention import allowed_mask
 
 
 def _run(*args, timeout=600):

@@ -10,7 +10,7 @@ from _util import templates
 from blindsight.calibration.categorize import ThresholdSchedule, categorize, choose_per_prompt
 from blindsight.calibration.recall import RECALL_CATEGORIES, head_recalls
 from blindsight.errors import BlindSightError
-from blindsight.semantics import CATEGORIES
+from blindsight.attention import CATEGORIES
 
 
 def image_of(spans, t):
@@ -128,7 +128,7 @@ def r(sink, intra, intra_sink):
 def test_per_prompt_choice_is_the_sparsest_above_threshold():
     table = recall_table([[r(0.95, 0.97, 0.99), r(0.5, 0.92, 0.93), r(0.5, 0.6, 0.91), r(0.5, 0.6, 0.7)]])
     choice = choose_per_prompt(table, ThresholdSchedule.parse("0.9"))
-    from blindsight.semantics import DENSITY_ORDER
+    from blindsight.attention import DENSITY_ORDER
 
     assert [DENSITY_ORDER[i] for i in choice[0, 0]] == ["sink", "intra", "intra_sink", "dense"]
 

@@ -14,9 +14,9 @@ from _util import category_lists, run, session, templates
 from blindsight.compiler.pipeline import compile_model
 from blindsight.models.configs import FAMILIES, tiny_config
 from blindsight.models.export import FORMS, example_inputs, text_dims
-from blindsight.passes.lower import is_blindsight
+from blindsight.attention.schema import is_blindsight
 from blindsight.profile import Profile
-from blindsight.semantics import reference_attention
+from blindsight.attention import reference_attention
 
 CASES = [(f, m) for f in FAMILIES for m in FORMS]
 

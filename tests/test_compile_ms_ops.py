@@ -11,7 +11,7 @@ from onnx import helper as h
 from _util import category_lists, run, session, templates
 from blindsight.compiler.pipeline import compile_model
 from blindsight.profile import Profile
-from blindsight.semantics import reference_attention
+from blindsight.attention import reference_attention
 
 H, HKV, D = 4, 2, 8
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from _util import category_lists, templates
 from blindsight.errors import BlindSightError
 from blindsight.flops import ModelDims, Template, attention_pairs, builtin_models, count_flops, model_dims
-from blindsight.semantics import CATEGORIES, allowed_mask
+from blindsight.attention import CATEGORIES, allowed_mask
 
 
 def brute_pairs(category, spans, seq, sink_tokens, window):

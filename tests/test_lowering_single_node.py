@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _util import category_lists, node_session, run, templates
-from blindsight.passes.op import AttentionConfig
-from blindsight.semantics import reference_attention
+from blindsight.attention.schema import AttentionConfig
+from blindsight.attention import reference_attention
 
 D = 8
 

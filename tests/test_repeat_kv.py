@@ -8,7 +8,7 @@ from _util import run, session
 from blindsight.compiler.pipeline import compile_model
 from blindsight.models.configs import FAMILIES, tiny_config
 from blindsight.models.export import FORMS, example_inputs, text_dims
-from blindsight.passes.lower import is_blindsight
+from blindsight.attention.schema import is_blindsight
 from blindsight.profile import Profile
 
 

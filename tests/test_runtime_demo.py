@@ -8,7 +8,7 @@ import numpy as np
 
 from blindsight.flops import Template
 from blindsight.profile import load
-from blindsight.semantics import allowed_mask
+from blindsight.attention import allowed_mask
 
 
 def _bs_demo(*args):

@@ -13,7 +13,7 @@ from blindsight.errors import BlindSightError
 from blindsight.models.checkpoints import make_tiny_checkpoint
 from blindsight.runtime.positions import mrope_position_ids
 from blindsight.runtime.prompt import PromptBuilder, split_prompt
-from blindsight.semantics import Delimiters, find_spans
+from blindsight.attention import Delimiters, find_spans
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
 

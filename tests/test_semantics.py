@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from blindsight import semantics as sem
+from blindsight import attention as sem
 from blindsight.errors import SpanError
 
 

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 
 from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
 from blindsight.flops import Template, attention_pairs
-from blindsight.passes.builder import MS_DOMAIN, OPSET
-from blindsight.passes.lower import single_node_model
-from blindsight.passes.op import AttentionConfig
+from blindsight.passes.lowering.builder import MS_DOMAIN, OPSET
+from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.attention.schema import AttentionConfig
 
 CATEGORY_CASES = ("dense", "sink", "intra", "intra_sink", "mixed")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from blindsight.calibration.recall import RECALL_CATEGORIES
 from blindsight.errors import BlindSightError
-from blindsight.semantics import DENSITY_ORDER
+from blindsight.attention import DENSITY_ORDER
 
 DEFAULT_THRESHOLD = "0.8"
 DEFAULT_MIN_FRACTION = 0.75

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from blindsight.semantics import head_masks
+from blindsight.attention import head_masks
 
 IMPL = "blindsight_hook"
 

@@ -13,7 +13,7 @@ import random
 
 import numpy as np
 
-from blindsight.semantics import Delimiters, validate_spans
+from blindsight.attention import Delimiters, validate_spans
 
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "pink")
 OBJECTS = (

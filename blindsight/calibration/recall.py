@@ -3,14 +3,14 @@
 For one layer's attention probabilities ``p`` [H, S, S] (rows sum to 1 under
 the model's own mask), the recall of head h for category c is the mean over
 image-token query rows q of sum_k p[h, q, k] * allowed_c[q, k]. Allowed keys
-come from :func:`blindsight.semantics.allowed_mask`, never from here.
+come from :func:`blindsight.attention.allowed_mask`, never from here.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from blindsight.semantics import CATEGORIES, allowed_mask, token_facts
+from blindsight.attention import CATEGORIES, allowed_mask, token_facts
 
 # recall columns, sparsest last (as semantics.DENSITY_ORDER lists them)
 RECALL_CATEGORIES = CATEGORIES

@@ -11,7 +11,7 @@ import numpy as np
 
 from blindsight.flops import Template, count_flops, model_dims
 from blindsight.profile import Profile
-from blindsight.semantics import DENSITY_ORDER
+from blindsight.attention import DENSITY_ORDER
 
 COLOURS = {"dense": "#3b4cc0", "intra_sink": "#8db0fe", "intra": "#f4987a", "sink": "#b40426"}
 

@@ -11,7 +11,7 @@ import random
 
 import numpy as np
 
-from blindsight.semantics import find_spans
+from blindsight.attention import find_spans
 
 SHAPE_COLOURS = [(220, 40, 40), (40, 90, 220), (40, 170, 70), (230, 200, 40), (20, 20, 20), (240, 240, 240)]
 

@@ -1,4 +1,9 @@
-"""bs-compile as a function: load -> find attention -> apply profile -> lower -> save."""
+"""bs-compile as a function: load, run the passes in order, save.
+
+The passes (:data:`PASSES`), each returning how many places it changed, like
+onnxscript's ``fuse_xformers``: rewrite the attention cores into
+BlindSightAttention nodes, look through ``repeat_kv``, drop what became
+unused, annotate the nodes from the profile, give them function bodies."""
 
 from __future__ import annotations
 
@@ -12,20 +17,23 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from blindsight import profile as profile_io
 from blindsight.errors import ModelError
-from blindsight.passes.lower import LOWERINGS, MIN_OPSET, is_blindsight, lower_model
-from blindsight.passes.op import DOMAIN, SPANS_INPUT
+from blindsight.attention import CATEGORIES
+from blindsight.attention.schema import DOMAIN, SPANS_INPUT
+from blindsight.passes.annotate import annotate, attention_nodes
+from blindsight.passes.lower import lower_model
+from blindsight.passes.lowering import LOWERINGS, MIN_OPSET
 from blindsight.passes.repeat_kv import look_through_repeat_kv
 from blindsight.passes.rules import attention_rules
 from blindsight.profile import Profile
-from blindsight.semantics import CATEGORIES
 
 
 @dataclasses.dataclass
 class CompileResult:
     output: Path
     num_nodes: int
-    counts: dict[str, int]
+    counts: dict[str, int]  # heads per category
     lowering: str
+    passes: dict[str, int] = dataclasses.field(default_factory=dict)  # what each pass changed
 
     def summary(self) -> str:
         cats = ", ".join(f"{c} {self.counts.get(c, 0)}" for c in CATEGORIES)
@@ -65,16 +73,39 @@ def _has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
-def _attention_nodes(model: ir.Model) -> list[ir.Node]:
-    model.graph.sort()
-    return [n for n in model.graph if is_blindsight(n)]
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What the passes read besides the graph."""
+
+    profile: Profile
+    lowering: str
+    source: Path
 
 
-def _set_attr(node: ir.Node, name: str, value) -> None:
-    if isinstance(value, list):
-        node.attributes[name] = ir.Attr(name, ir.AttributeType.STRINGS, value)
-    else:
-        node.attributes[name] = ir.Attr(name, ir.AttributeType.INT, int(value))
+def _annotate(model: ir.Model, opts: CompileOptions) -> int:
+    if not attention_nodes(model):
+        raise ModelError(f"no attention core found in {opts.source}: nothing to compile (is it a language-model export?)")
+    return annotate(model, opts.profile)
+
+
+def _remove_unused(model: ir.Model, opts: CompileOptions) -> int:
+    before = sum(1 for _ in model.graph)
+    RemoveUnusedNodesPass()(model)
+    return before - sum(1 for _ in model.graph)
+
+
+# In order; each pass takes (model, options) and returns how many places it changed.
+PASSES = (
+    ("rewrite", lambda model, opts: attention_rules().apply_to_model(model)),
+    ("repeat_kv", lambda model, opts: look_through_repeat_kv(model)),
+    ("remove_unused", _remove_unused),
+    ("annotate", _annotate),
+    ("lower", lambda model, opts: lower_model(model, opts.lowering)),
+)
+
+
+def run_passes(model: ir.Model, opts: CompileOptions) -> dict[str, int]:
+    return {name: run(model, opts) for name, run in PASSES}
 
 
 def compile_model(
@@ -107,33 +138,11 @@ def compile_model(
     if opset < MIN_OPSET:
         raise ModelError(f"{model_path} uses ONNX opset {opset}; BlindSight needs opset >= {MIN_OPSET} (re-export with a newer opset)")
 
-    attention_rules().apply_to_model(model)
-    look_through_repeat_kv(model)
-    RemoveUnusedNodesPass()(model)
-    nodes = _attention_nodes(model)
-    if not nodes:
-        raise ModelError(f"no attention core found in {model_path}: nothing to compile (is it a language-model export?)")
-
-    profile.check_model(
-        len(nodes),
-        [n.attributes["num_heads"].value for n in nodes],
-        [n.attributes["kv_num_heads"].value for n in nodes],
-    )
-    spans = ir.Value(name=SPANS_INPUT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["num_images", 2]))
-    model.graph.inputs.append(spans)
-    for layer, (node, cats) in enumerate(zip(nodes, profile.layers)):
-        _set_attr(node, "categories", list(cats))
-        _set_attr(node, "layer", layer)
-        _set_attr(node, "sink_tokens", profile.sink_tokens)
-        node.name = f"blindsight_attention_{layer}"
-        node.resize_inputs(5)
-        node.replace_input_with(4, spans)
-    lower_model(model, lowering)
+    counts = run_passes(model, CompileOptions(profile, lowering, model_path))
     if model.ir_version > 10:
         model.ir_version = 10  # ONNX Runtime 1.31 reads IR <= 10 with functions/overloads
     _save_atomically(model, output)
-    counts = profile.counts()
-    return CompileResult(output, len(nodes), counts, lowering)
+    return CompileResult(output, counts["annotate"], profile.counts(), lowering, counts)
 
 
 def _save_atomically(model: ir.Model, output: Path) -> None:

@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 from blindsight.errors import BlindSightError
-from blindsight.semantics import FAMILY_DELIMITERS, Delimiters
+from blindsight.attention import Delimiters
+from blindsight.families import FAMILY_DELIMITERS
 
 SURROGATE_NOTE = "surrogate images: text segments wrapped in image delimiter tokens (text-only weights)"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from blindsight.passes.lower import is_blindsight
+from blindsight.attention.schema import is_blindsight, read_attribute, write_attributes
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
@@ -49,16 +49,16 @@ def look_through_repeat_kv(model: ir.Model) -> int:
     """Rewire every BNSH node whose K and V are repeated; returns how many were."""
     count = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if not is_blindsight(node) or node.attributes["qkv_format"].value != "BNSH":
+        if not is_blindsight(node) or read_attribute(node, "qkv_format") != "BNSH":
             continue
-        heads = node.attributes["num_heads"].value
-        if node.attributes["kv_num_heads"].value != heads:
+        heads = read_attribute(node, "num_heads")
+        if read_attribute(node, "kv_num_heads") != heads:
             continue
         k, v = _unrepeated(node.inputs[1], heads), _unrepeated(node.inputs[2], heads)
         if k is None or v is None or k[1] != v[1]:
             continue
         node.replace_input_with(1, k[0])
         node.replace_input_with(2, v[0])
-        node.attributes["kv_num_heads"] = ir.Attr("kv_num_heads", ir.AttributeType.INT, k[1])
+        write_attributes(node, kv_num_heads=k[1])
         count += 1
     return count

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchFailureError
 
-from blindsight.passes.op import DOMAIN, OP_TYPE
+from blindsight.attention.schema import DOMAIN, AttentionConfig
 
 _MS = "com.microsoft"
 
@@ -58,20 +58,8 @@ def _mask_4d(op, mask: ir.Value | None):
 
 
 def _emit(op, q, k, v, mask, *, num_heads, kv_num_heads, scale, is_causal=0, window=-1, fmt="BNSH"):
-    inputs = [q, k, v, mask]
-    return op.BlindSightAttention(
-        *inputs,
-        _domain=DOMAIN,
-        num_heads=num_heads,
-        kv_num_heads=kv_num_heads,
-        scale=float(scale),
-        categories=["dense"] * num_heads,
-        sink_tokens=1,
-        layer=0,
-        is_causal=is_causal,
-        local_window_size=window,
-        qkv_format=fmt,
-    )
+    cfg = AttentionConfig.placeholder(num_heads, kv_num_heads, scale, is_causal=is_causal, local_window_size=window, qkv_format=fmt)
+    return op.BlindSightAttention(q, k, v, mask, _domain=DOMAIN, **cfg.attributes())
 
 
 class AttentionOp(pattern.RewriteRuleClassBase):

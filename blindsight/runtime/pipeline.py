@@ -20,11 +20,11 @@ import numpy as np
 import onnxruntime as ort
 
 from blindsight.errors import BlindSightError
-from blindsight.passes.op import SPANS_INPUT
+from blindsight.attention.schema import SPANS_INPUT
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
 from blindsight.runtime.prompt import Prompt, PromptBuilder
 from blindsight.runtime.session import resolve_provider
-from blindsight.semantics import Delimiters, find_spans
+from blindsight.attention import Delimiters, find_spans
 
 TEMPLATE = "template.json"
 COMPILED_NAME = "language_model.blindsight.onnx"

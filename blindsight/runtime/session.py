@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 
 from blindsight.errors import BlindSightError
-from blindsight.passes.op import SPANS_INPUT
-from blindsight.semantics import validate_spans
+from blindsight.attention.schema import SPANS_INPUT
+from blindsight.attention import validate_spans
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

@@ -1,7 +1,10 @@
-"""A tiny NodeProto emitter for function bodies and subgraphs.
+"""A tiny NodeProto emitter for function bodies, If branches and Loop bodies.
 
 Function bodies are generated per configuration, so names are counters
-(deterministic output) and every constant is a Constant node.
+(deterministic output) and every constant is a Constant node. A branch or a
+loop body is a :meth:`Builder.child`: its own node list and names, reading
+the enclosing builders' values by name (ONNX outer-scope references), never
+writing into them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ MS_DOMAIN = "com.microsoft"
 class Builder:
     def __init__(self, prefix: str = "t"):
         self.nodes: list[onnx.NodeProto] = []
-        self._prefix = prefix
+        self.prefix = prefix
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
+    def child(self, name: str) -> "Builder":
+        """A builder for an If branch or a Loop body nested in this one."""
+        return Builder(f"{self.prefix}_{name}")
+
     def fresh(self, hint: str = "v") -> str:
         self._n += 1
-        return f"{self._prefix}_{hint}_{self._n}"
+        return f"{self.prefix}_{hint}_{self._n}"
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
         outs = [self.fresh(op_type.lower()) for _ in range(outputs)]
@@ -64,6 +71,20 @@ class Builder:
         if not isinstance(idx, str):
             idx = self.const(idx, np.int64)
         return self.op("Gather", x, idx, axis=axis)
+
+    def nonzero(self, flags: str) -> str:
+        """1-D int64 positions where ``flags`` (1-D bool) is set."""
+        return self.op("Squeeze", self.op("NonZero", flags), self.i64(0))
+
+    def all_of(self, *keeps):
+        """And of the given bool values, skipping None; None when none is given."""
+        keeps = [k for k in keeps if k is not None]
+        if not keeps:
+            return None
+        out = keeps[0]
+        for k in keeps[1:]:
+            out = self.op("And", out, k)
+        return out
 
     def subgraph(self, name: str, outputs: list[str], elem_type=onnx.TensorProto.FLOAT) -> onnx.GraphProto:
         return helper.make_graph(self.nodes, name, [], [helper.make_tensor_value_info(o, elem_type, None) for o in outputs])

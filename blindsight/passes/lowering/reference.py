@@ -1,45 +1,43 @@
 """Reference lowering: an explicit per-head boolean mask and dense compute.
 
 Slow by design; it is the validation path for the fast lowering and works
-for any model mask, any KV-cache offset and any category mix.
+for any model mask, any KV-cache offset and any category of the rule table.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from blindsight.passes.builder import OPSET, Builder
-from blindsight.passes.lower_common import (
-    OUTPUT_NAME,
-    OnnxOps,
-    SpanFacts,
-    additive_bias,
-    keep_mask,
-    make_function,
-    rename_output,
-    structural_keep,
-    to_bnsh,
-)
-from blindsight.passes.op import AttentionConfig
-from blindsight.semantics import category_mask
+from blindsight.attention import category_mask
+from blindsight.attention.schema import SPANS_INPUT, AttentionConfig
+from blindsight.passes.lowering.builder import OPSET, Builder
+from blindsight.passes.lowering.facts import SpanFacts
+from blindsight.passes.lowering.function import make_function, rename_output
+from blindsight.passes.lowering.masks import additive_bias, keep_mask, structural_keep
+
+
+def _to_bnsh(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
+    if cfg.qkv_format == "BNSH":
+        return x
+    return b.op("Transpose", b.op("Reshape", x, b.i64(0, 0, heads, -1)), perm=[0, 2, 1, 3])
 
 
 def build_reference(cfg: AttentionConfig, opset: int = OPSET):
     b = Builder("ref")
-    q = to_bnsh(b, "query", cfg, cfg.num_heads)
-    k = to_bnsh(b, "key", cfg, cfg.kv_num_heads)
-    v = to_bnsh(b, "value", cfg, cfg.kv_num_heads)
+    q = _to_bnsh(b, "query", cfg, cfg.num_heads)
+    k = _to_bnsh(b, "key", cfg, cfg.kv_num_heads)
+    v = _to_bnsh(b, "value", cfg, cfg.kv_num_heads)
     if cfg.group > 1:
         per_head = [cfg.kv_head(h) for h in range(cfg.num_heads)]
         k, v = b.gather(k, per_head, 1), b.gather(v, per_head, 1)
 
     sq, skv = b.shape_dim(q, 2), b.shape_dim(k, 2)
-    facts = SpanFacts(b, "image_spans", skv, cfg.sink_tokens)
+    facts = SpanFacts(b, SPANS_INPUT, skv, cfg.sink_tokens)
     # with a KV cache the queries are the last sq positions
     q_idx = b.op("Range", b.op("Sub", skv, sq), skv, b.scalar(1))
     qf, kf = facts.query_facts(q_idx), facts.key_facts()
 
-    ops = OnnxOps(b)
+    ops = facts.ops(b)
     used = sorted(set(cfg.categories), key=cfg.categories.index)
     per_cat = [b.unsqueeze(category_mask(c, qf, kf, ops), 0) for c in used]
     stacked = per_cat[0] if len(per_cat) == 1 else b.concat(*per_cat, axis=0)
@@ -61,5 +59,5 @@ def build_reference(cfg: AttentionConfig, opset: int = OPSET):
     out = b.op("MatMul", probs, v)
     if cfg.qkv_format == "BSD":
         out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
-    rename_output(b, out, OUTPUT_NAME)
-    return make_function(b, cfg, "reference", OUTPUT_NAME, opset)
+    rename_output(b, out)
+    return make_function(b, cfg, "reference", opset=opset)

@@ -1,0 +1,157 @@
+"""The ``ai.blindsight::BlindSightAttention`` operator's schema: its inputs,
+outputs and attributes (the README's operator section documents each), and
+:class:`AttentionConfig`, the one object that writes and reads them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+from blindsight.attention.semantics import RULES
+
+DOMAIN = "ai.blindsight"
+OP_TYPE = "BlindSightAttention"
+OP_VERSION = 1
+SPANS_INPUT = "image_spans"
+
+# Input order of the node and of its function body.
+INPUTS = ("query", "key", "value", "attn_mask", SPANS_INPUT)
+OUTPUTS = ("output",)
+FORMATS = ("BNSH", "BSD")
+MASK_TYPES = ("none", "bool", "float")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+    name: str
+    type: str  # "int", "float", "string", "strings" (the ONNX attribute type)
+    default: Any  # None: required
+    meaning: str
+
+
+ATTRIBUTES = (
+    Attribute("num_heads", "int", None, "number of query heads H"),
+    Attribute("kv_num_heads", "int", None, "number of key/value heads; divides H (head h reads KV head h / (H / kv_num_heads))"),
+    Attribute("scale", "float", None, "scale of Q K^T (1/sqrt(head_size) in most models)"),
+    Attribute("categories", "strings", None, "H category names, one per query head (SPEC §2)"),
+    Attribute("sink_tokens", "int", 1, "leading tokens of every image span that count as sinks"),
+    Attribute("layer", "int", 0, "index of this attention core in topological order (the profile's layer)"),
+    Attribute("is_causal", "int", 1, "1: apply causality in addition to attn_mask; 0: attn_mask carries it"),
+    Attribute("local_window_size", "int", -1, "sliding window in tokens (key k allowed for query q only if q - k < window); -1: none"),
+    Attribute("qkv_format", "string", "BNSH", "BNSH: Q/K/V are [B, heads, S, D]; BSD: [B, S, heads x D]"),
+)
+ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
+
+
+def is_blindsight(node) -> bool:
+    """A BlindSightAttention node (onnx-ir or onnx proto)."""
+    return node.domain == DOMAIN and node.op_type == OP_TYPE
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Everything a lowering needs to know statically about one node: the
+    attributes, plus ``head_size`` and ``mask_type`` read off its inputs."""
+
+    num_heads: int
+    kv_num_heads: int
+    head_size: int
+    scale: float
+    categories: tuple[str, ...]
+    sink_tokens: int = 1
+    layer: int = 0
+    is_causal: int = 1
+    local_window_size: int = -1
+    qkv_format: str = "BNSH"
+    mask_type: str = "none"  # "none", "bool" (True keeps) or "float" (additive)
+
+    def __post_init__(self):
+        if self.num_heads % self.kv_num_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of kv_num_heads {self.kv_num_heads}")
+        if len(self.categories) != self.num_heads:
+            raise ValueError(f"{len(self.categories)} categories for {self.num_heads} heads")
+        unknown = sorted(set(self.categories) - set(RULES))
+        if unknown:
+            raise ValueError(f"unknown categories {unknown}; expected names from {', '.join(RULES)}")
+        if self.qkv_format not in FORMATS:
+            raise ValueError(f"qkv_format must be one of {FORMATS}")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}")
+
+    @classmethod
+    def placeholder(cls, num_heads: int, kv_num_heads: int, scale: float, **attrs) -> "AttentionConfig":
+        """A freshly rewritten node: all heads ``dense`` until a profile annotates it."""
+        return cls(num_heads, kv_num_heads, 0, float(scale), ("dense",) * num_heads, **attrs)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.kv_num_heads
+
+    def kv_head(self, h: int) -> int:
+        return h // self.group
+
+    def overload(self, lowering: str) -> str:
+        """Functions are keyed by (domain, name, overload); one body per distinct config."""
+        key = dataclasses.replace(self, layer=0)
+        digest = hashlib.sha256(repr((lowering, key)).encode()).hexdigest()[:12]
+        return f"{lowering}_{digest}"
+
+    def attributes(self) -> dict:
+        """The node's attributes, in schema order, with ONNX-ready Python values."""
+        out = {}
+        for a in ATTRIBUTES:
+            value = getattr(self, a.name)
+            out[a.name] = _PY[a.type](value)
+        return out
+
+    @classmethod
+    def from_node(cls, node) -> "AttentionConfig":
+        """Read an onnx-ir node: attributes through the schema, the rest off its inputs."""
+        attrs = {a.name: read_attribute(node, a.name) for a in ATTRIBUTES}
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        mask_type = "none"
+        if mask is not None:
+            import onnx_ir as ir
+
+            if mask.dtype is None:
+                raise ValueError(f"{node.name}: the attn_mask input has no known element type")
+            mask_type = "bool" if mask.dtype == ir.DataType.BOOL else "float"
+        q_shape = node.inputs[0].shape
+        head_size = 0
+        if q_shape is not None and isinstance(q_shape[-1], int):
+            head_size = q_shape[-1] if attrs["qkv_format"] == "BNSH" else q_shape[-1] // attrs["num_heads"]
+        attrs["categories"] = tuple(attrs["categories"])
+        return cls(head_size=head_size, mask_type=mask_type, **attrs)
+
+
+_PY = {"int": int, "float": float, "string": str, "strings": list}
+
+
+def _attribute(name: str) -> Attribute:
+    for a in ATTRIBUTES:
+        if a.name == name:
+            return a
+    raise KeyError(f"BlindSightAttention has no attribute {name!r}; it has {', '.join(ATTRIBUTE_NAMES)}")
+
+
+def read_attribute(node, name: str):
+    """An attribute of an onnx-ir node, or its schema default."""
+    a = _attribute(name)
+    attr = node.attributes.get(name)
+    if attr is None:
+        if a.default is None:
+            raise ValueError(f"{node.name}: BlindSightAttention needs the attribute {name!r}")
+        return a.default
+    return attr.value
+
+
+def write_attributes(node, **values) -> None:
+    """Set attributes of an onnx-ir node with the schema's types."""
+    import onnx_ir as ir
+
+    kinds = {"int": ir.AttributeType.INT, "float": ir.AttributeType.FLOAT,
+             "string": ir.AttributeType.STRING, "strings": ir.AttributeType.STRINGS}
+    for name, value in values.items():
+        a = _attribute(name)
+        node.attributes[name] = ir.Attr(name, kinds[a.type], _PY[a.type](value))

@@ -1,0 +1,86 @@
+"""Image spans (SPEC §2): validation, token facts, and spans found from token ids."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from blindsight.errors import SpanError
+
+
+def validate_spans(spans, seq_len: int | None = None) -> np.ndarray:
+    """Return spans as int64 [N, 2] or raise SpanError naming the first fault."""
+    try:
+        arr = np.asarray(spans, dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise SpanError(f"image_spans must be integer pairs (start, end): {exc}") from None
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise SpanError(
+            f"image_spans must have shape [N, 2] (rows of start, end); got shape {list(arr.shape)}"
+        )
+    prev_end = None
+    for i, (start, end) in enumerate(arr.tolist()):
+        if start < 0:
+            raise SpanError(f"image span {i} ({start}, {end}) starts before position 0")
+        if end <= start:
+            raise SpanError(f"image span {i} ({start}, {end}) is empty or reversed: end must exceed start")
+        if seq_len is not None and end > seq_len:
+            raise SpanError(
+                f"image span {i} ({start}, {end}) ends past the prompt of {seq_len} tokens"
+            )
+        if prev_end is not None and start < prev_end:
+            raise SpanError(
+                f"image span {i} ({start}, {end}) overlaps or precedes span {i - 1}, which ends at "
+                f"{prev_end}: spans must be sorted and non-overlapping"
+            )
+        prev_end = end
+    return arr
+
+
+def token_facts(spans, length: int, sink_tokens: int = 1, offset: int = 0):
+    """numpy image ids (-1 for text) and sink flags of positions offset..offset+length-1."""
+    spans = validate_spans(spans)
+    pos = np.arange(offset, offset + length, dtype=np.int64)
+    image = np.full(length, -1, dtype=np.int64)
+    sink = np.zeros(length, dtype=bool)
+    for i, (start, end) in enumerate(spans.tolist()):
+        inside = (pos >= start) & (pos < end)
+        image[inside] = i
+        sink |= inside & (pos - start < sink_tokens)
+    return image, sink
+
+
+@dataclasses.dataclass(frozen=True)
+class Delimiters:
+    """Token ids that open and close one image in a model family's prompt."""
+
+    start: int
+    end: int
+
+
+def find_spans(input_ids, delimiters) -> np.ndarray:
+    """Spans [start, end) from a 1-D id sequence: each opens at an image-start
+    delimiter and closes after the matching image-end delimiter.
+    ``delimiters``: a :class:`Delimiters` or a family name (``blindsight.families``)."""
+    if isinstance(delimiters, str):
+        from blindsight.families import delimiters_of
+
+        delimiters = delimiters_of(delimiters)
+    ids = np.asarray(input_ids).reshape(-1).tolist()
+    spans, open_at = [], None
+    for t, tok in enumerate(ids):
+        if tok == delimiters.start:
+            if open_at is not None:
+                raise SpanError(f"image-start token at position {t} before the image opened at {open_at} was closed")
+            open_at = t
+        elif tok == delimiters.end:
+            if open_at is None:
+                raise SpanError(f"image-end token at position {t} with no open image")
+            spans.append((open_at, t + 1))
+            open_at = None
+    if open_at is not None:
+        raise SpanError(f"image opened at position {open_at} is never closed")
+    return validate_spans(spans, len(ids))

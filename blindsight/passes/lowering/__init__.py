@@ -1,0 +1,68 @@
+"""Function bodies for ``BlindSightAttention`` (SPEC §4): ONNX and
+``com.microsoft`` operators only, so a plain InferenceSession runs them.
+
+- ``reference``: explicit per-head mask, dense compute (:mod:`.reference`);
+- ``fast``: skips the masked-out work (:mod:`.fast`) on a prefill, and runs the
+  reference body on KV-cache steps (:func:`prefill_or_cached`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+from onnx import helper
+
+from blindsight.attention.schema import AttentionConfig
+from blindsight.passes.lowering.builder import OPSET
+from blindsight.passes.lowering.fast import build_fast
+from blindsight.passes.lowering.function import OUTPUT_NAME
+from blindsight.passes.lowering.reference import build_reference
+
+MIN_OPSET = 15  # Shape(start, end) and axes-as-input Squeeze/ReduceSum
+
+
+def _branch(function: onnx.FunctionProto, name: str) -> onnx.GraphProto:
+    """A function body as an If branch: its nodes read the enclosing function's
+    formal inputs from the outer scope; the output gets a branch-unique name."""
+    out = f"{name}_{OUTPUT_NAME}"
+    nodes = [copy.deepcopy(n) for n in function.node]
+    for n in nodes:
+        n.output[:] = [out if o == OUTPUT_NAME else o for o in n.output]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)])
+
+
+def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
+    """The fast lowering assumes a prefill (query length == key length). With a
+    KV cache (past > 0, decode steps or a chunked prefill) the queries sit at
+    absolute positions past..past+Sq-1 and the reference body, which handles
+    that offset, runs instead; decode steps of text tokens are dense by SPEC §2."""
+    fast = build_fast(cfg, opset)
+    cached = build_reference(cfg, opset)
+    seq_axis = 2 if cfg.qkv_format == "BNSH" else 1
+    cond = "kv_is_prefill"
+    nodes = [
+        helper.make_node("Shape", ["query"], ["kv_q_len"], start=seq_axis, end=seq_axis + 1),
+        helper.make_node("Shape", ["key"], ["kv_k_len"], start=seq_axis, end=seq_axis + 1),
+        helper.make_node("Equal", ["kv_q_len", "kv_k_len"], ["kv_same_len"]),
+        helper.make_node("Squeeze", ["kv_same_len"], [cond]),
+        helper.make_node(
+            "If", [cond], [OUTPUT_NAME],
+            then_branch=_branch(fast, "prefill"), else_branch=_branch(cached, "cached"),
+        ),
+    ]
+    return helper.make_function(
+        fast.domain, fast.name, list(fast.input), [OUTPUT_NAME], nodes, list(fast.opset_import),
+        overload=fast.overload, doc_string=fast.doc_string + "; KV-cache steps (past > 0): reference body",
+    )
+
+
+LOWERINGS = {"fast": prefill_or_cached, "reference": build_reference}
+
+
+def build_function(cfg: AttentionConfig, lowering: str, opset: int = OPSET) -> onnx.FunctionProto:
+    try:
+        builder = LOWERINGS[lowering]
+    except KeyError:
+        raise ValueError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}") from None
+    return builder(cfg, max(opset, MIN_OPSET))

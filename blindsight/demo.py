@@ -62,8 +62,9 @@ class Table:
 def mixed_profile(num_layers: int, num_heads: int, num_kv_heads: int):
     from blindsight.profile import Profile
 
-    layers = [[CATEGORIES[(layer + h) % 4] for h in range(num_heads)] for layer in range(num_layers)]
-    return Profile(layers, num_kv_heads=num_kv_heads, model="bs-demo: hand-made mix (random weights have nothing to calibrate)")
+    # head h of layer L: the categories in turn, starting L places along
+    return Profile.mixed(num_layers, num_heads, cycle=CATEGORIES, rotate=True, num_kv_heads=num_kv_heads,
+                         model="bs-demo: hand-made mix (random weights have nothing to calibrate)")
 
 
 def _images(n: int, seed: int = 0):
@@ -130,11 +131,9 @@ def vlm_path(args, out: Path, table: Table, record: dict):
 
 def time_prefills(paths: dict, feeds: dict, repeats: int, threads: int) -> dict:
     """Median seconds of one prefill per model, the models run interleaved after a warm-up round."""
-    import onnxruntime as ort
+    from blindsight.runtime.session import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
     times = {k: [] for k in sessions}
     for rep in range(repeats + 1):
         for k, sess in sessions.items():

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from blindsight.errors import ProfileError
 from blindsight.attention import CATEGORIES
@@ -16,6 +16,16 @@ FORMAT = "blindsight-profile"
 VERSION = 1
 _KEYS = {"format", "version", "model", "num_layers", "num_heads", "num_kv_heads", "sink_tokens", "layers", "calibration"}
 _REQUIRED = ("format", "version", "num_layers", "num_heads", "layers")
+
+# A layer like the paper's profiles: mostly sparse heads, a few dense (the benchmarks' mixed layer,
+# named MIXED in their tables).
+MIXED = "mixed"
+MIX_CYCLE = ("intra", "sink", "intra_sink", "intra", "dense", "sink", "intra")
+
+
+def mixed_layer(num_heads: int, cycle: Sequence[str] = MIX_CYCLE, offset: int = 0) -> tuple[str, ...]:
+    """Categories of one layer: head h gets ``cycle[(offset + h) % len(cycle)]``."""
+    return tuple(cycle[(offset + h) % len(cycle)] for h in range(num_heads))
 
 
 @dataclasses.dataclass
@@ -41,6 +51,16 @@ class Profile:
     @classmethod
     def uniform(cls, category: str, num_layers: int, num_heads: int, **kw) -> "Profile":
         return cls([[category] * num_heads for _ in range(num_layers)], **kw)
+
+    @classmethod
+    def mixed(cls, num_layers: int, num_heads: int, *, cycle: Sequence[str] = MIX_CYCLE, rotate: bool = False,
+              first_dense: bool = False, **kw) -> "Profile":
+        """Every layer a :func:`mixed_layer`; ``rotate``: layer L starts ``L`` places further
+        along the cycle; ``first_dense``: layer 0 all dense (as calibrated profiles keep it)."""
+        layers = [list(mixed_layer(num_heads, cycle, layer if rotate else 0)) for layer in range(num_layers)]
+        if first_dense and layers:
+            layers[0] = ["dense"] * num_heads
+        return cls(layers, **kw)
 
     def counts(self) -> dict[str, int]:
         out = {c: 0 for c in CATEGORIES}

@@ -7,13 +7,11 @@ import onnxruntime as ort
 from hypothesis import strategies as st
 
 from blindsight.attention import CATEGORIES
+from blindsight.runtime.session import make_session
 
 
 def session(model) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
-    return ort.InferenceSession(data if isinstance(data, bytes) else str(data), opts, providers=["CPUExecutionProvider"])
+    return make_session(model, threads=2)
 
 
 _NODE_SESSIONS: dict = {}

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from _util import run, session
-from blindsight.calibration.prompts import COLOURS, OBJECTS
-from blindsight.evaluation.task import task_prompts
+from blindsight.prompts import COLOURS, OBJECTS, task_prompts
 
 
 def segment_texts(tp):
@@ -117,11 +116,11 @@ def test_gemma3_export_and_compiled_models_equal_transformers(gemma_eval):
     import torch
 
     from blindsight.calibration.hooks import category_masker, hooked
-    from blindsight.calibration.prompts import encode
     from blindsight.evaluation.onnx_models import compile_with
     from blindsight.evaluation.runner import onnx_feeds
     from blindsight.models import pretrained
     from blindsight.profile import Profile
+    from blindsight.prompts import encode
     from blindsight.runtime.session import CompiledSession
 
     root, _ = gemma_eval

@@ -33,6 +33,7 @@ from blindsight.models import (  # noqa: E402
     text_dims,
     tiny_config,
 )
+from blindsight.runtime.session import make_session  # noqa: E402
 
 INPUTS = ("inputs_embeds", "position_ids", "attention_mask")
 ATOL = 1e-4
@@ -51,7 +52,7 @@ def _torch_logits(module, inputs: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _ort_logits(path, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = make_session(path)
     return sess.run(["logits"], inputs)[0]
 
 

@@ -56,3 +56,31 @@ def test_check_model_names_layer():
     with pytest.raises(ProfileError, match="layer 1: profile has 2 heads but the model's layer has 4"):
         prof.check_model(2, [2, 4])
     prof.check_model(2, [2, 2], [1, 2])  # exporters may repeat K/V heads
+
+
+def test_mixed_layer_is_the_benchmarks_layout():
+    # read off the original bench/op.py mixed_categories(8)
+    assert P.mixed_layer(8) == ("intra", "sink", "intra_sink", "intra", "dense", "sink", "intra", "intra")
+    assert P.mixed_layer(3, ("dense", "sink"), offset=1) == ("sink", "dense", "sink")
+
+
+def test_mixed_profiles_of_the_bench_and_the_demo():
+    from blindsight.bench.prefill import profile_mix
+    from blindsight.demo import mixed_profile
+    from blindsight.flops import ModelDims
+
+    layer = ["intra", "sink", "intra_sink", "intra", "dense"]
+    assert P.Profile.mixed(2, 5).layers == [layer, layer]
+    # bench/prefill.py: the mixed layer everywhere but layer 0, which is dense
+    assert P.Profile.mixed(3, 5, first_dense=True).layers == [["dense"] * 5, layer, layer]
+    dims = ModelDims("m", num_layers=3, hidden_size=8, num_heads=5, num_kv_heads=1, head_dim=8, intermediate_size=8,
+                     vocab_size=8)
+    assert profile_mix(dims) == [["dense"] * 5, layer, layer]
+    # bs-demo: the four categories in turn, one place further along per layer
+    demo = mixed_profile(3, 7, 1)
+    assert demo.layers == [
+        ["dense", "sink", "intra", "intra_sink", "dense", "sink", "intra"],
+        ["sink", "intra", "intra_sink", "dense", "sink", "intra", "intra_sink"],
+        ["intra", "intra_sink", "dense", "sink", "intra", "intra_sink", "dense"],
+    ]
+    assert demo.num_kv_heads == 1 and demo.model.startswith("bs-demo")

@@ -59,9 +59,9 @@ def flops_main(argv=None) -> int:
     _template_args(p)
     args = p.parse_args(argv)
     try:
-        from blindsight.bench.op import mixed_categories
         from blindsight.flops import builtin_models, count_flops, model_dims
-        from blindsight.profile import load
+        from blindsight.profile import MIXED, Profile, load
+        from blindsight.attention import CATEGORIES
 
         if args.list:
             for name in builtin_models():
@@ -75,8 +75,8 @@ def flops_main(argv=None) -> int:
             profiles = {Path(args.profile).name: prof.layers}
             sink = args.sink_tokens if args.sink_tokens is not None else prof.sink_tokens
         else:
-            profiles = {c: [[c] * dims.num_heads] * dims.num_layers for c in ("dense", "sink", "intra", "intra_sink")}
-            profiles["mixed"] = [list(mixed_categories(dims.num_heads))] * dims.num_layers
+            profiles = {c: [[c] * dims.num_heads] * dims.num_layers for c in CATEGORIES}
+            profiles[MIXED] = Profile.mixed(dims.num_layers, dims.num_heads).layers
             sink = args.sink_tokens if args.sink_tokens is not None else 1
         if sink < 1:
             raise BlindSightError(f"--sink-tokens must be >= 1, got {sink}")
@@ -208,8 +208,12 @@ def _plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from blindsight.profile import MIXED
+    from blindsight.attention import DENSITY_ORDER
+
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
-    markers = {c: m for c, m in zip(("sink", "intra", "intra_sink", "mixed", "dense"), "os^Dv")}
+    # sparsest first, then the mixed layer, then dense
+    markers = {c: m for c, m in zip((*reversed(DENSITY_ORDER[1:]), MIXED, DENSITY_ORDER[0]), "os^Dv")}
     top = 1.0
     for r in record["op"]:
         top = max(top, r["flop_bound"], r["speedup"])
@@ -235,6 +239,8 @@ def _plot(record: dict, path: Path) -> None:
 
 
 def bench_main(argv=None) -> int:
+    from blindsight.bench.op import CATEGORY_CASES
+
     p = argparse.ArgumentParser(
         prog="bs-bench",
         description="Measured speed-ups of the fast lowering (SPEC §6): op level, one BlindSightAttention node against "
@@ -245,7 +251,7 @@ def bench_main(argv=None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run in under 2 minutes")
     p.add_argument("--level", choices=("op", "prefill", "all"), default="all")
-    p.add_argument("--cases", default="dense,sink,intra,intra_sink,mixed", help="op-level categories, comma-separated ('mixed': a mixed layer)")
+    p.add_argument("--cases", default=",".join(CATEGORY_CASES), help="op-level categories, comma-separated ('mixed': a mixed layer)")
     p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: SPEC §6's three)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, help="timed runs per variant (default 5, quick 2)")
@@ -264,7 +270,6 @@ def bench_main(argv=None) -> int:
     p.add_argument("--merge", nargs="+", metavar="JSON", help="run nothing: merge records written by --output (e.g. op and prefill runs) and report them")
     args = p.parse_args(argv)
     try:
-        from blindsight.bench.op import CATEGORY_CASES
         from blindsight.bench.prefill import PrefillCase
 
         cases = [c for c in args.cases.split(",") if c]

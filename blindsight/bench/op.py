@@ -14,11 +14,13 @@ from onnx import TensorProto, helper
 
 from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
 from blindsight.flops import Template, attention_pairs
+from blindsight.attention import CATEGORIES
+from blindsight.attention.schema import AttentionConfig
 from blindsight.passes.lowering.builder import MS_DOMAIN, OPSET
 from blindsight.passes.lowering.fixture import single_node_model
-from blindsight.attention.schema import AttentionConfig
+from blindsight.profile import MIXED, mixed_layer
 
-CATEGORY_CASES = ("dense", "sink", "intra", "intra_sink", "mixed")
+CATEGORY_CASES = (*CATEGORIES, MIXED)  # MIXED: the mixed layer (profile.mixed_layer)
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,8 @@ class OpShape:
         return 1.0 / float(np.sqrt(self.head_dim))
 
 
-def mixed_categories(num_heads: int) -> tuple[str, ...]:
-    """A layer like the paper's profiles: mostly sparse heads, a few dense."""
-    cycle = ("intra", "sink", "intra_sink", "intra", "dense", "sink", "intra")
-    return tuple(cycle[h % len(cycle)] for h in range(num_heads))
-
-
 def categories_of(case: str, num_heads: int) -> tuple[str, ...]:
-    return mixed_categories(num_heads) if case == "mixed" else (case,) * num_heads
+    return mixed_layer(num_heads) if case == MIXED else (case,) * num_heads
 
 
 def compiled_node(shape: OpShape, case: str, lowering: str = "fast") -> onnx.ModelProto:
@@ -122,14 +118,10 @@ def breakdown(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 2) 
     import os
     import tempfile
 
-    import onnxruntime as ort
+    from blindsight.runtime.session import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"bs_bench_{os.getpid()}")
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    prefix = os.path.join(tempfile.gettempdir(), f"bs_bench_{os.getpid()}")
+    sess = make_session(model, threads=threads, log_severity=3, profile_prefix=prefix)
     names = {i.name for i in sess.get_inputs()}
     f = {k: v for k, v in feeds.items() if k in names}
     for _ in range(runs + 1):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from blindsight.bench.op import mixed_categories
 from blindsight.flops import ModelDims, Template, count_flops, model_dims
+from blindsight.profile import Profile
 
 BENCH_VOCAB = 2048
 
@@ -47,7 +47,7 @@ class PrefillCase:
 def profile_mix(dims: ModelDims) -> list[list[str]]:
     """The mixed layer of the op-level benchmark in every layer, first layer dense
     (calibrated profiles keep early layers dense)."""
-    return [["dense"] * dims.num_heads] + [list(mixed_categories(dims.num_heads)) for _ in range(dims.num_layers - 1)]
+    return Profile.mixed(dims.num_layers, dims.num_heads, first_dense=True).layers
 
 
 def _qwen2_vl_config(dims: ModelDims):
@@ -70,7 +70,6 @@ def build(case: PrefillCase, work_dir: Path) -> dict[str, Path]:
     """Export (cached in work_dir) and compile: {"raw", "dense", "mix"} -> model paths."""
     from blindsight.compiler.pipeline import compile_model
     from blindsight.models.export import export_language_model
-    from blindsight.profile import Profile
 
     if not case.model.startswith("qwen2-vl"):
         raise ValueError("the prefill benchmark builds Qwen2-VL text models; pick qwen2-vl-2b or qwen2-vl-7b")

@@ -13,15 +13,12 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from blindsight.runtime.session import make_session
 
-def session(model, threads: int, provider: str = "CPUExecutionProvider", arena: bool = True) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = arena
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    return ort.InferenceSession(data, opts, providers=[provider])
+
+def session(model, threads: int, provider: str = "cpu", arena: bool = True) -> ort.InferenceSession:
+    """The benchmarks' session: ``threads`` intra-op threads, one inter-op thread, errors-only log."""
+    return make_session(model, provider=provider, threads=threads, inter_threads=1, arena=arena, log_severity=3)
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict[str, float]:

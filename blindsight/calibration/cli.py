@@ -134,11 +134,13 @@ def run(args) -> dict:
 
 
 def summary(record: dict) -> str:
+    from blindsight.attention import DENSITY_ORDER
+
     c = record["counts"]
     lines = [
         f"wrote {record['profile']}: {record['model']}",
         f"threshold {record['threshold']}, min fraction {record['min_fraction']}, {record['num_prompts']} prompts; "
-        f"heads: dense {c['dense']}, intra_sink {c['intra_sink']}, intra {c['intra']}, sink {c['sink']}",
+        f"heads: {', '.join(f'{k} {c[k]}' for k in DENSITY_ORDER)}",
     ]
     if "flops" in record:
         f = record["flops"]

@@ -13,7 +13,8 @@ from blindsight.flops import Template, count_flops, model_dims
 from blindsight.profile import Profile
 from blindsight.attention import DENSITY_ORDER
 
-COLOURS = {"dense": "#3b4cc0", "intra_sink": "#8db0fe", "intra": "#f4987a", "sink": "#b40426"}
+COLOURS = dict(zip(DENSITY_ORDER, ("#3b4cc0", "#8db0fe", "#f4987a", "#b40426")))  # dense blue .. sparsest red
+SHORT = {"intra_sink": "isink"}  # narrow table headers
 
 
 def _save_png(fig, path: Path) -> None:
@@ -46,7 +47,8 @@ def heatmap(profile: Profile, path, title: str) -> Path:
 
     grid = np.array([[DENSITY_ORDER.index(c) for c in layer] for layer in profile.layers]).T
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * profile.num_layers + 2), max(2.0, 0.35 * profile.num_heads + 1.2)))
-    ax.imshow(grid, cmap=ListedColormap([COLOURS[c] for c in DENSITY_ORDER]), vmin=-0.5, vmax=3.5, aspect="auto")
+    ax.imshow(grid, cmap=ListedColormap([COLOURS[c] for c in DENSITY_ORDER]), vmin=-0.5, vmax=len(DENSITY_ORDER) - 0.5,
+              aspect="auto")
     ax.set_xlabel("layer")
     ax.set_ylabel("query head")
     ax.set_xticks(range(profile.num_layers))
@@ -56,7 +58,7 @@ def heatmap(profile: Profile, path, title: str) -> Path:
     counts = profile.counts()
     ax.legend(
         handles=[Patch(color=COLOURS[c], label=f"{c} ({counts[c]})") for c in DENSITY_ORDER],
-        loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, fontsize=8, frameon=False,
+        loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(DENSITY_ORDER), fontsize=8, frameon=False,
     )
     _save_png(fig, path)
     plt.close(fig)
@@ -88,7 +90,7 @@ def template_flops(profile: Profile, dims_spec, template: Template) -> dict:
 
 SWEEP_COLUMNS = [
     ("threshold", "threshold", "{}"),
-    ("dense/isink/intra/sink", None, "{}"),
+    ("/".join(SHORT.get(c, c) for c in DENSITY_ORDER), None, "{}"),
     ("attn FLOPs saved", "attention_flop_reduction", "{:.1%}"),
     ("prefill saved", "prefill_flop_reduction", "{:.1%}"),
     ("mean KL", "mean_kl", "{:.4f}"),
@@ -105,7 +107,7 @@ def sweep_table(rows: list[dict]) -> str:
         for _, key, fmt in SWEEP_COLUMNS:
             if key is None:
                 h = r["heads"]
-                cells.append(f"{h['dense']}/{h['intra_sink']}/{h['intra']}/{h['sink']}")
+                cells.append("/".join(str(h[c]) for c in DENSITY_ORDER))
             else:
                 cells.append(fmt.format(r[key]))
         body.append(cells)

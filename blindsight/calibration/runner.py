@@ -17,26 +17,14 @@ from blindsight.calibration.categorize import (
     categorize,
 )
 from blindsight.calibration.hooks import decoder_attentions, hooked
-from blindsight.calibration.prompts import calibration_prompts, encode
 from blindsight.calibration.recall import RECALL_CATEGORIES, category_masks, head_recalls
+from blindsight.calibration.vlm_prompts import vlm_calibration_prompts
 from blindsight.models import pretrained
 from blindsight.profile import Profile
+from blindsight.prompts import CALIBRATION_SEED, Encoded, calibration_prompts, encode
 
 DEFAULT_PROMPTS = 16
-DEFAULT_SEED = 1234
-
-
-@dataclasses.dataclass
-class Encoded:
-    """One tokenised prompt: ids [S] and its segment spans [N, 2]."""
-
-    ids: np.ndarray
-    spans: np.ndarray
-    extra: dict = dataclasses.field(default_factory=dict)  # e.g. a VLM processor's pixel inputs
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.ids.shape[0])
+DEFAULT_SEED = CALIBRATION_SEED
 
 
 @dataclasses.dataclass
@@ -83,8 +71,6 @@ def encode_calibration(loaded: pretrained.LoadedModel, num_prompts: int, seed: i
         return [
             Encoded(*encode(p, loaded.tokenizer, loaded.delimiters)) for p in calibration_prompts(num_prompts, seed)
         ]
-    from blindsight.calibration.vlm_prompts import vlm_calibration_prompts
-
     return vlm_calibration_prompts(loaded, num_prompts, seed)
 
 

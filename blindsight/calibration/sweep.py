@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 
 from blindsight.calibration.categorize import ThresholdSchedule, categorize
 from blindsight.calibration.hooks import category_masker, hooked
-from blindsight.calibration.prompts import encode
-from blindsight.calibration.runner import Encoded, forward
+from blindsight.calibration.runner import forward
 from blindsight.flops import count_flops, model_dims
+from blindsight.prompts import Encoded, candidate_token_ids, encode, task_prompts
+from blindsight.attention import DENSITY_ORDER
 
 DEFAULT_SWEEP = "0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.98"
 SWEEP_SEED = 77  # task prompts for the sweep; bs-eval defaults to another seed
@@ -37,8 +38,6 @@ def _kl(p, q) -> float:
 def sweep(loaded, recalls: np.ndarray, schedules, min_fraction: float, num_prompts: int = 32,
           seed: int = SWEEP_SEED, sink_tokens: int = 1, progress: bool = True) -> list[dict]:
     """One row per threshold schedule (plus an all-dense baseline row first)."""
-    from blindsight.evaluation.task import candidate_token_ids, task_prompts
-
     tasks = task_prompts(num_prompts, seed)
     encoded = [Encoded(*encode(t.pieces, loaded.tokenizer, loaded.delimiters)) for t in tasks]
     cands = [candidate_token_ids(loaded.tokenizer, t.candidates) for t in tasks]
@@ -63,7 +62,7 @@ def sweep(loaded, recalls: np.ndarray, schedules, min_fraction: float, num_promp
             attn.append(f.attention_reduction)
             prefill.append(f.prefill_reduction)
             bar.update()
-        counts = {k: sum(row.count(k) for row in layers) for k in ("dense", "intra_sink", "intra", "sink")}
+        counts = {k: sum(row.count(k) for row in layers) for k in DENSITY_ORDER}
         rows.append(
             dict(
                 threshold=str(schedule),

@@ -12,6 +12,7 @@ import random
 import numpy as np
 
 from blindsight.attention import find_spans
+from blindsight.prompts import Encoded
 
 SHAPE_COLOURS = [(220, 40, 40), (40, 90, 220), (40, 170, 70), (230, 200, 40), (20, 20, 20), (240, 240, 240)]
 
@@ -33,7 +34,6 @@ def vlm_calibration_prompts(loaded, num_prompts: int, seed: int, images: tuple[i
     built by bs-run's prompt builder (the family's chat template and image expansion)."""
     import torch
 
-    from blindsight.calibration.runner import Encoded
     from blindsight.models.export_vlm import build_template
     from blindsight.runtime.prompt import PromptBuilder
 

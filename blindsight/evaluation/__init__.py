@@ -1,10 +1,10 @@
 """Accuracy (bs-eval): dense vs BlindSight-compiled on a deterministic multi-segment task.
 
 Python API: ``evaluate(...) -> dict`` (see :mod:`blindsight.evaluation.runner`)
-and ``task_prompts`` for the task itself.
+and ``task_prompts`` for the task itself (:mod:`blindsight.prompts`).
 """
 
-from blindsight.evaluation.task import TaskPrompt, task_prompts
+from blindsight.prompts import TaskPrompt, task_prompts
 
 __all__ = ["TaskPrompt", "task_prompts", "evaluate"]
 

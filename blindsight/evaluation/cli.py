@@ -12,8 +12,8 @@ from blindsight.errors import BlindSightError, run_cli
 
 def _parser() -> argparse.ArgumentParser:
     from blindsight.evaluation.runner import DEFAULT_PROMPTS
-    from blindsight.evaluation.task import DEFAULT_SEED
     from blindsight.models.pretrained import DEFAULT_MODEL, PRETRAINED
+    from blindsight.prompts import TASK_SEED
 
     p = argparse.ArgumentParser(
         prog="bs-eval",
@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"built-in weights ({', '.join(p_ for p_ in PRETRAINED if p_.startswith('gemma'))}; "
                         f"default {DEFAULT_MODEL})")
     p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help=f"task prompts (default {DEFAULT_PROMPTS})")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"task seed (default {DEFAULT_SEED})")
+    p.add_argument("--seed", type=int, default=TASK_SEED, help=f"task seed (default {TASK_SEED})")
     p.add_argument("--work-dir", help="where the ONNX export and compiled models are cached "
                                       "(default ~/.cache/blindsight/onnx/MODEL)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")

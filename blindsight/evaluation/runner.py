@@ -10,14 +10,13 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
-from blindsight.calibration.prompts import encode
 from blindsight.errors import BlindSightError
 from blindsight.evaluation.onnx_models import compile_with, export_dense
-from blindsight.evaluation.task import DEFAULT_SEED, candidate_token_ids, task_prompts
 from blindsight.flops import count_flops, model_dims
 from blindsight.models import pretrained
 from blindsight.profile import Profile
-from blindsight.runtime.session import CompiledSession
+from blindsight.prompts import TASK_SEED, candidate_token_ids, encode, task_prompts
+from blindsight.runtime.session import CompiledSession, make_session
 
 DEFAULT_PROMPTS = 200
 
@@ -47,13 +46,6 @@ def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray) -> dict[str, np.
     }
 
 
-def _session(path: Path, threads: int | None):
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def work_dir_for(name: str, work_dir: Path | None) -> Path:
     return Path(work_dir) if work_dir is not None else pretrained.cache_root() / "onnx" / name
 
@@ -63,7 +55,7 @@ def evaluate(
     model: str | pretrained.LoadedModel = pretrained.DEFAULT_MODEL,
     *,
     num_prompts: int = DEFAULT_PROMPTS,
-    seed: int = DEFAULT_SEED,
+    seed: int = TASK_SEED,
     work_dir: Path | None = None,
     threads: int | None = None,
     progress: bool = True,
@@ -76,7 +68,7 @@ def evaluate(
     folder = work_dir_for(loaded.name, work_dir)
     dense_path = export_dense(loaded.family, loaded.directory, folder)
     compiled_path = compile_with(dense_path, profile, "fast")
-    dense = _session(dense_path, threads)
+    dense = make_session(dense_path, threads=threads)
     compiled = CompiledSession(compiled_path, threads=threads)
     dims = model_dims(loaded.directory)
 

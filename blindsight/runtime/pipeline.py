@@ -23,8 +23,8 @@ from blindsight.errors import BlindSightError
 from blindsight.attention.schema import SPANS_INPUT
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
 from blindsight.runtime.prompt import Prompt, PromptBuilder
-from blindsight.runtime.session import resolve_provider
 from blindsight.attention import Delimiters, find_spans
+from blindsight.runtime.session import make_session, resolve_provider
 
 TEMPLATE = "template.json"
 COMPILED_NAME = "language_model.blindsight.onnx"
@@ -82,10 +82,8 @@ class Pipeline:
         self.template = load_template(self.out_dir)
         self.family = self.template["family"]
         self.model_path = resolve_model(self.out_dir, self.template, compiled)
-        self.providers = resolve_provider(provider)
-        self.options = ort.SessionOptions()
-        if threads:
-            self.options.intra_op_num_threads = threads
+        resolve_provider(provider)  # a bad provider fails before anything loads
+        self.provider, self.threads = provider, threads
         self.prompts = PromptBuilder(self.out_dir, self.template)
         self.lm = self._session(self.model_path)
         self.embed = self._session(self.out_dir / self.template["files"]["embed"])
@@ -108,7 +106,7 @@ class Pipeline:
     def _session(self, path) -> ort.InferenceSession:
         if not Path(path).is_file():
             raise BlindSightError(f"{path} is missing from the export directory; run bs-export again")
-        return ort.InferenceSession(str(path), self.options, providers=self.providers)
+        return make_session(path, provider=self.provider, threads=self.threads)
 
     # ------------------------------------------------------------- pieces
 

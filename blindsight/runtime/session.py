@@ -1,4 +1,5 @@
-"""Run a compiled model: spans are validated before they reach the graph."""
+"""ONNX Runtime sessions: the one session factory, and compiled models whose spans are
+validated before they reach the graph."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ PROVIDERS = {
 }
 
 
+_SHORT = {v: k for k, v in PROVIDERS.items()}
+
+
 def resolve_provider(name: str) -> list[str]:
+    """Providers for a session: a short name ('cpu', 'cuda', ...) or ONNX Runtime's
+    ('CUDAExecutionProvider'); accelerators fall back to the CPU."""
+    name = _SHORT.get(name, name)
     available = ort.get_available_providers()
     if name not in PROVIDERS:
         raise BlindSightError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
@@ -29,15 +36,45 @@ def resolve_provider(name: str) -> list[str]:
     return [PROVIDERS[name]] + (["CPUExecutionProvider"] if name != "cpu" else [])
 
 
+def make_session(
+    model,
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+    inter_threads: int | None = None,
+    arena: bool = True,
+    log_severity: int | None = None,
+    profile_prefix: str | None = None,
+) -> ort.InferenceSession:
+    """An InferenceSession over ``model`` (a path, serialized bytes or an onnx.ModelProto).
+
+    ``threads``/``inter_threads``: intra-/inter-op threads (None or 0: ONNX Runtime's
+    default); ``arena``: the CPU memory arena; ``log_severity``: ONNX Runtime's log level
+    (None: its default); ``profile_prefix``: turn on ONNX Runtime's profiler, files there.
+    """
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
+    if threads:
+        opts.intra_op_num_threads = threads
+    if inter_threads:
+        opts.inter_op_num_threads = inter_threads
+    if log_severity is not None:
+        opts.log_severity_level = log_severity
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    data = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(data, opts, providers=resolve_provider(provider))
+
+
 class CompiledSession:
     """An InferenceSession over a compiled model that takes spans as a separate argument."""
 
     def __init__(self, path, provider: str = "cpu", threads: int | None = None):
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=resolve_provider(provider))
+        self.session = make_session(path, provider=provider, threads=threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         if SPANS_INPUT not in self.input_names:
             raise BlindSightError(f"{path} has no '{SPANS_INPUT}' input: it is not a compiled BlindSight model")

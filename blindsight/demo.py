@@ -25,6 +25,7 @@ import numpy as np
 
 from blindsight.errors import BlindSightError
 from blindsight.attention import CATEGORIES
+from blindsight.families import FAMILIES
 
 STEPS = 7
 
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bs-demo", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bs-demo-out", help="folder for the checkpoint, export, profile and compiled models")
-    p.add_argument("--family", default="qwen2_vl", choices=("qwen2_vl", "qwen2_5_vl", "gemma3"))
+    p.add_argument("--family", default="qwen2_vl", choices=FAMILIES)
     p.add_argument("--layers", type=int, default=2, help="layers of the tiny random VLM (default 2)")
     p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per answer (default 8)")
     p.add_argument("--images", type=int, default=8, help="images in the surrogate timing prompt (default 8)")

@@ -7,9 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from blindsight.families import FAMILIES
 from blindsight.models.checkpoints import make_tiny_checkpoint
-
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from blindsight.compiler.pipeline import compile_model
+from blindsight.families import FAMILIES
 from blindsight.models.checkpoints import make_tiny_checkpoint
 from blindsight.models.export_vlm import export_vlm
 from blindsight.profile import Profile, save
 from blindsight.runtime.pipeline import Pipeline
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
 NEW_TOKENS = 8
 SPARSE = [["intra", "sink", "intra_sink", "dense"], ["sink", "intra", "intra", "sink"]]
 

@@ -10,12 +10,11 @@ import torch
 from PIL import Image
 
 from blindsight.errors import BlindSightError
+from blindsight.families import FAMILIES
 from blindsight.models.checkpoints import make_tiny_checkpoint
 from blindsight.runtime.positions import mrope_position_ids
 from blindsight.runtime.prompt import PromptBuilder, split_prompt
 from blindsight.attention import Delimiters, find_spans
-
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
 
 
 def template_of(family, config) -> dict:

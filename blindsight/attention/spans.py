@@ -66,9 +66,11 @@ def find_spans(input_ids, delimiters) -> np.ndarray:
     delimiter and closes after the matching image-end delimiter.
     ``delimiters``: a :class:`Delimiters` or a family name (``blindsight.families``)."""
     if isinstance(delimiters, str):
-        from blindsight.families import delimiters_of
+        from blindsight import families  # lazily: the registry imports Delimiters from here
 
-        delimiters = delimiters_of(delimiters)
+        if delimiters not in families.REGISTRY:
+            raise SpanError(f"unknown model family {delimiters!r}; known: {', '.join(families.FAMILIES)}")
+        delimiters = families.get(delimiters).delimiters
     ids = np.asarray(input_ids).reshape(-1).tolist()
     spans, open_at = [], None
     for t, tok in enumerate(ids):

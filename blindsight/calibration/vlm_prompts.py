@@ -11,6 +11,7 @@ import random
 
 import numpy as np
 
+from blindsight import families
 from blindsight.attention import find_spans
 from blindsight.prompts import Encoded
 
@@ -40,7 +41,7 @@ def vlm_calibration_prompts(loaded, num_prompts: int, seed: int, images: tuple[i
     template = build_template(loaded.family, loaded.model.config, loaded.directory)
     builder = PromptBuilder(loaded.directory, template)
     # what the family's processor returns beside input_ids: 1 marks an image token
-    type_key = "token_type_ids" if loaded.family == "gemma3" else "mm_token_type_ids"
+    type_key = families.get(loaded.family).token_type_key
     rng = random.Random(f"vlm-calibration-{seed}")
     out = []
     for _ in range(num_prompts):

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check(args):
     from blindsight import profile as profile_io
     from blindsight.flops import model_dims
+    from blindsight.families import FAMILIES
     from blindsight.models import pretrained
 
     if args.prompts < 1:
@@ -53,7 +54,7 @@ def _check(args):
         raise BlindSightError("--threads must be at least 1")
     prof = profile_io.load(args.profile)
     p = pretrained.spec(args.model) if args.model in pretrained.PRETRAINED else None
-    if p is None or p.family != "gemma3":
+    if p is None or p.family not in FAMILIES:  # the task needs an ONNX export of the weights
         raise BlindSightError(
             f"bs-eval runs the exportable built-in weights (gemma3-270m); got {args.model!r}"
         )

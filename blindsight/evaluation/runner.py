@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blindsight.errors import BlindSightError
+from blindsight.families import FAMILIES
 from blindsight.evaluation.onnx_models import compile_with, export_dense
 from blindsight.flops import count_flops, model_dims
 from blindsight.models import pretrained
@@ -62,7 +63,7 @@ def evaluate(
 ) -> dict:
     """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``)."""
     loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model)
-    if not loaded.surrogate or loaded.family != "gemma3":
+    if not loaded.surrogate or loaded.family not in FAMILIES:
         # the task's segments are text: it needs text-only weights with an ONNX export
         raise BlindSightError(f"bs-eval runs the built-in Gemma 3 weights (gemma3-270m); {loaded.name} is {loaded.family}")
     folder = work_dir_for(loaded.name, work_dir)

@@ -22,8 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from blindsight import families
 from blindsight.models.configs import (
-    FAMILIES,
     TINY_HEAD_DIM,
     TINY_HEADS,
     TINY_HIDDEN,
@@ -97,7 +97,7 @@ def _text_dims(vocab_size: int, num_layers: int, num_kv_heads: int) -> dict:
                 num_key_value_heads=num_kv_heads, max_position_embeddings=2048)
 
 
-def _qwen(family: str, num_layers: int, num_kv_heads: int):
+def _qwen(spec: families.Family, num_layers: int, num_kv_heads: int):
     from transformers import PreTrainedTokenizerFast
 
     tok, vocab = _byte_level_tokenizer([], QWEN_SPECIALS)
@@ -110,24 +110,20 @@ def _qwen(family: str, num_layers: int, num_kv_heads: int):
                 pad_token_id=ids["<|endoftext|>"])
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
-
-        vision = dict(depth=1, embed_dim=32, hidden_size=TINY_HIDDEN, num_heads=2, mlp_ratio=2,
-                      patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2)
-    else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
-
+    if spec.windowed_vision:  # Qwen2.5-VL's tower
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY_HIDDEN,
                       patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
                       window_size=56, fullatt_block_indexes=[1])
-    config = Config(text_config=text, vision_config=vision, **tokens,
+    else:
+        vision = dict(depth=1, embed_dim=32, hidden_size=TINY_HIDDEN, num_heads=2, mlp_ratio=2,
+                      patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2)
+    config = families.transformers_class(spec.config_class)(text_config=text, vision_config=vision, **tokens,
                     eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
-    return config, Model, tokenizer
+    return config, families.transformers_class(spec.model_class), tokenizer
 
 
 def _qwen_image_processor():
@@ -139,7 +135,7 @@ def _qwen_image_processor():
         patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2)
 
 
-def _save_qwen_processor(family: str, tokenizer, out: Path) -> None:
+def _save_qwen_processor(spec: families.Family, tokenizer, out: Path) -> None:
     """Tokenizer, image processor, chat template and processor class, as a released checkpoint has them.
 
     Without torchvision transformers cannot build ``Qwen2VLProcessor`` (it
@@ -149,12 +145,11 @@ def _save_qwen_processor(family: str, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
     _qwen_image_processor().save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
-    cls = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": cls}, indent=2) + "\n")
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": spec.processor_class}, indent=2) + "\n")
 
 
-def _gemma3(num_layers: int, num_kv_heads: int):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
+def _gemma3(spec: families.Family, num_layers: int, num_kv_heads: int):
+    from transformers import PreTrainedTokenizerFast
 
     tok, vocab = _byte_level_tokenizer(GEMMA_LEADING, GEMMA_TRAILING, bos="<bos>")
     layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"] if num_layers > 1 else ["sliding_attention"]
@@ -164,7 +159,7 @@ def _gemma3(num_layers: int, num_kv_heads: int):
                 pad_token_id=vocab["<pad>"], bos_token_id=vocab["<bos>"], eos_token_id=[vocab["<eos>"], vocab["<end_of_turn>"]])
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=GEMMA_IMAGE, patch_size=GEMMA_PATCH)
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE,
+    config = families.transformers_class(spec.config_class)(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE,
                           boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
                           image_token_index=vocab["<image_soft_token>"],
                           # untied: with tied random embeddings greedy decoding echoes the last token
@@ -175,16 +170,23 @@ def _gemma3(num_layers: int, num_kv_heads: int):
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>", "start_of_turn_token": "<start_of_turn>",
                               "end_of_turn_token": "<end_of_turn>"})
-    return config, Gemma3ForConditionalGeneration, tokenizer
+    return config, families.transformers_class(spec.model_class), tokenizer
 
 
-def _gemma3_processor(tokenizer):
-    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+def _save_gemma3_processor(spec: families.Family, tokenizer, out: Path) -> None:
+    from transformers import Gemma3ImageProcessorPil
 
     image_processor = Gemma3ImageProcessorPil(size={"height": GEMMA_IMAGE, "width": GEMMA_IMAGE},
-                                           do_pan_and_scan=False)
-    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                           chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=GEMMA_TOKENS_PER_IMAGE)
+                                              do_pan_and_scan=False)
+    processor = families.transformers_class(spec.processor_class)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=GEMMA_TOKENS_PER_IMAGE)
+    processor.save_pretrained(out)
+
+
+# (config, model class, tokenizer) and the processor files of a tiny checkpoint, by kind of vision tower
+_BUILDERS = {families.QWEN_VISION: (_qwen, _save_qwen_processor),
+             families.SIGLIP_VISION: (_gemma3, _save_gemma3_processor)}
 
 
 def _spread_weights(model, family: str) -> None:
@@ -213,14 +215,11 @@ def _spread_weights(model, family: str) -> None:
 
 def build_tiny(family: str, *, seed: int = 0, num_layers: int = 2, num_kv_heads: int = 2):
     """(model, tokenizer) of a tiny random VLM of ``family``, in memory."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    spec = families.get(family)
     import torch
 
-    if family == "gemma3":
-        config, Model, tokenizer = _gemma3(num_layers, num_kv_heads)
-    else:
-        config, Model, tokenizer = _qwen(family, num_layers, num_kv_heads)
+    build, _ = _BUILDERS[spec.vision_tower]
+    config, Model, tokenizer = build(spec, num_layers, num_kv_heads)
     torch.manual_seed(seed)
     model = Model(config).eval()
     _spread_weights(model, family)
@@ -234,15 +233,14 @@ def make_tiny_checkpoint(family: str, out_dir, seed: int = 0, *, num_layers: int
     a failure never leaves a half-written checkpoint.
     """
     out = Path(out_dir)
+    spec = families.get(family)
+    _, save_processor = _BUILDERS[spec.vision_tower]
     model, tokenizer = build_tiny(family, seed=seed, num_layers=num_layers, num_kv_heads=num_kv_heads)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        if family == "gemma3":
-            _gemma3_processor(tokenizer).save_pretrained(tmp)
-        else:
-            _save_qwen_processor(family, tokenizer, tmp)
+        save_processor(spec, tokenizer, tmp)
         (tmp / "blindsight_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
         if out.exists():
             shutil.rmtree(out)

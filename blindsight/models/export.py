@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .configs import FAMILIES, tiny_config
+from blindsight import families
+
+from .configs import tiny_config
 
 FORMS = ("attention_op", "decomposed", "eager")
 
@@ -54,8 +56,7 @@ OUTPUT_NAMES = ("logits",)
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    families.get(family)
 
 
 def _check_form(form: str) -> None:
@@ -71,7 +72,7 @@ def _text_config(config):
 
 
 def _uses_3d_positions(family: str) -> bool:
-    return family in ("qwen2_vl", "qwen2_5_vl")
+    return families.get(family).mrope_positions
 
 
 # --------------------------------------------------------------------------- #
@@ -107,16 +108,13 @@ class LanguageModelPrefill(nn.Module):
 
 
 def _model_class(family: str, config):
-    import transformers
+    # a full VLM config -> conditional generation; a text-only one (gemma3's tiny config) -> causal LM
+    return families.transformers_class(families.get(family).model_class_for(config))
 
-    if family == "qwen2_vl":
-        return transformers.Qwen2VLForConditionalGeneration
-    if family == "qwen2_5_vl":
-        return transformers.Qwen2_5_VLForConditionalGeneration
-    # gemma3: a text config -> causal LM, a full VLM config -> conditional generation.
-    if getattr(config, "model_type", None) == "gemma3":
-        return transformers.Gemma3ForConditionalGeneration
-    return transformers.Gemma3ForCausalLM
+
+def _logit_softcapping(family: str, text_cfg) -> float | None:
+    """The final logit soft-capping the family applies (the text config's value), else None."""
+    return getattr(text_cfg, "final_logit_softcapping", None) if families.get(family).logit_softcapping else None
 
 
 def _split_model(family: str, model: nn.Module) -> LanguageModelPrefill:
@@ -124,8 +122,7 @@ def _split_model(family: str, model: nn.Module) -> LanguageModelPrefill:
     inner = model.model
     decoder = getattr(inner, "language_model", inner)
     text_cfg = _text_config(model.config)
-    cap = getattr(text_cfg, "final_logit_softcapping", None) if family == "gemma3" else None
-    return LanguageModelPrefill(decoder, model.lm_head, cap)
+    return LanguageModelPrefill(decoder, model.lm_head, _logit_softcapping(family, text_cfg))
 
 
 def _perturb_constant_params(model: nn.Module, seed: int, std: float = 0.1) -> None:

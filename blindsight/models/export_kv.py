@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import _quiet, _save, _text_config, _uses_3d_positions
+from .export import _logit_softcapping, _quiet, _save, _text_config, _uses_3d_positions
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -76,7 +76,7 @@ def language_model_with_cache(family: str, model: nn.Module) -> LanguageModelWit
     inner = model.model
     decoder = getattr(inner, "language_model", inner)
     text_cfg = _text_config(model.config)
-    cap = getattr(text_cfg, "final_logit_softcapping", None) if family == "gemma3" else None
+    cap = _logit_softcapping(family, text_cfg)
     return LanguageModelWithCache(decoder, model.lm_head, text_cfg.num_hidden_layers, cap).eval()
 
 

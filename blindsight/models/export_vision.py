@@ -20,17 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blindsight import families
+
 from .export import _quiet, _save
 
 # A name with "flash" in it makes the Qwen vision attention pass cu_seqlens to
 # the attention function instead of splitting the patches per image in Python.
 SEGMENT_ATTENTION = "flash_blindsight_segments"
-
-QWEN_VISION_INPUTS = {
-    "qwen2_vl": ("pixel_values", "vision_position_ids", "cu_seqlens"),
-    "qwen2_5_vl": ("pixel_values", "vision_position_ids", "cu_seqlens", "window_index", "cu_window_seqlens"),
-}
-
 
 def _segment_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                        cu_seq_lens_q=None, **_):
@@ -102,7 +98,7 @@ def qwen_vision_feeds(family: str, vision_config: dict, pixel_values, image_grid
         "vision_position_ids": get_vision_position_ids(grid, merge).numpy().astype(np.int64),
         "cu_seqlens": get_vision_cu_seqlens(grid).numpy().astype(np.int64),
     }
-    if family == "qwen2_5_vl":
+    if families.get(family).windowed_vision:
         index, cu_window = get_vision_window_index(
             grid, spatial_merge_size=merge, window_size=int(vision_config["window_size"]),
             patch_size=int(vision_config["patch_size"]))
@@ -115,7 +111,7 @@ def qwen_vision_module(family: str, model: nn.Module) -> QwenVision:
     _register_segment_attention()
     visual = model.model.visual
     visual.config._attn_implementation = SEGMENT_ATTENTION
-    return QwenVision(visual, windowed=family == "qwen2_5_vl").eval()
+    return QwenVision(visual, windowed=families.get(family).windowed_vision).eval()
 
 
 def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np.ndarray] | None = None) -> Path:
@@ -124,7 +120,8 @@ def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np
     ``example`` (Qwen) holds tracing inputs as :func:`qwen_vision_feeds` returns them.
     """
     path = Path(out_path)
-    if family == "gemma3":
+    spec = families.get(family)
+    if spec.vision_tower == families.SIGLIP_VISION:
         vcfg = model.config.vision_config
         module = GemmaVision(model.model).eval()
         args = (torch.randn(2, vcfg.num_channels, vcfg.image_size, vcfg.image_size),)
@@ -132,12 +129,12 @@ def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np
         dynamic = ({0: torch.export.Dim("num_images", min=1, max=1024)},)
     else:
         module = qwen_vision_module(family, model)
-        names = list(QWEN_VISION_INPUTS[family])
+        names = list(spec.vision_inputs)
         args = tuple(torch.from_numpy(example[n]) for n in names)
         patches = torch.export.Dim("num_patches", min=4, max=1 << 20)
         segments = torch.export.Dim("num_segments_plus_1", min=2, max=1 << 14)
         dynamic = [{0: patches}, {0: patches}, {0: segments}]
-        if family == "qwen2_5_vl":
+        if spec.windowed_vision:
             dynamic += [{0: torch.export.Dim("num_merged", min=1, max=1 << 18)},
                         {0: torch.export.Dim("num_windows_plus_1", min=2, max=1 << 16)}]
         dynamic = tuple(dynamic)

@@ -12,14 +12,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from blindsight import families
 from blindsight.errors import BlindSightError
+from blindsight.families import FAMILIES
 
 from .export import _text_config
 
 FORMAT = "blindsight-export"
 VERSION = 1
 FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "language_model": "language_model.onnx"}
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "gemma3")
 # What a checkpoint holds besides weights: tokenizer, processors, templates, configs.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ckpt")
 
@@ -53,9 +54,10 @@ def detect_family(model_dir) -> tuple[str, object]:
     except Exception as exc:
         raise ExportError(f"{model_dir}/config.json cannot be read by transformers ({type(exc).__name__}: {exc})") from None
     family = getattr(config, "model_type", None)
-    if family not in SUPPORTED:
-        hint = " (a text-only Gemma 3 has no vision tower; use a Gemma3ForConditionalGeneration checkpoint)" if family == "gemma3_text" else ""
-        raise ExportError(f"model type {family!r} is not supported; bs-export takes {', '.join(SUPPORTED)}{hint}")
+    if family not in FAMILIES:
+        text_only = next((f for f in families.REGISTRY.values() if family and f.text_model_type == family), None)
+        hint = f" (a text-only {text_only.title} has no vision tower; use a {text_only.model_class} checkpoint)" if text_only else ""
+        raise ExportError(f"model type {family!r} is not supported; bs-export takes {', '.join(FAMILIES)}{hint}")
     return family, config
 
 
@@ -75,10 +77,45 @@ def _eos_ids(model_dir: Path, config) -> list[int]:
     return sorted(set(ids))
 
 
+def _siglip_fields(spec, config, text) -> dict:
+    vision = config.vision_config
+    return dict(
+        **spec.config_token_ids(config),
+        position_ids=spec.position_ids,
+        tokens_per_image=int(config.mm_tokens_per_image),
+        sliding_window=getattr(text, "sliding_window", None),
+        layer_types=list(getattr(text, "layer_types", None) or []),
+        vision={"image_size": vision.image_size, "num_channels": vision.num_channels},
+        vision_inputs=list(spec.vision_inputs),
+    )
+
+
+def _qwen_fields(spec, config, text) -> dict:
+    vision = config.vision_config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    return dict(
+        **spec.config_token_ids(config),
+        video_token_id=getattr(config, "video_token_id", None),
+        position_ids=spec.position_ids,
+        mrope_section=list(rope.get("mrope_section", [])),
+        spatial_merge_size=int(vision.spatial_merge_size),
+        vision={
+            "spatial_merge_size": int(vision.spatial_merge_size),
+            "patch_size": int(vision.patch_size),
+            "temporal_patch_size": int(vision.temporal_patch_size),
+            "window_size": int(getattr(vision, "window_size", 0) or 0),
+        },
+        vision_inputs=list(spec.vision_inputs),
+    )
+
+
+# template.json's family-specific part, by kind of vision tower
+_TOWER_FIELDS = {families.SIGLIP_VISION: _siglip_fields, families.QWEN_VISION: _qwen_fields}
+
+
 def build_template(family: str, config, model_dir: Path) -> dict:
     text = _text_config(config)
     heads = text.num_attention_heads
-    vision = config.vision_config
     t = {
         "format": FORMAT,
         "version": VERSION,
@@ -95,38 +132,8 @@ def build_template(family: str, config, model_dir: Path) -> dict:
         # the exported decoder is causal everywhere (see docs/export-contract.md)
         "bidirectional_image_attention": False,
     }
-    if family == "gemma3":
-        t.update(
-            image_token_id=int(getattr(config, "image_token_id", None) or config.image_token_index),
-            image_start_id=int(config.boi_token_index),
-            image_end_id=int(config.eoi_token_index),
-            position_ids="1d",
-            tokens_per_image=int(config.mm_tokens_per_image),
-            sliding_window=getattr(text, "sliding_window", None),
-            layer_types=list(getattr(text, "layer_types", None) or []),
-            vision={"image_size": vision.image_size, "num_channels": vision.num_channels},
-            vision_inputs=["pixel_values"],
-        )
-    else:
-        from .export_vision import QWEN_VISION_INPUTS
-
-        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-        t.update(
-            image_token_id=int(config.image_token_id),
-            image_start_id=int(config.vision_start_token_id),
-            image_end_id=int(config.vision_end_token_id),
-            video_token_id=getattr(config, "video_token_id", None),
-            position_ids="mrope3",
-            mrope_section=list(rope.get("mrope_section", [])),
-            spatial_merge_size=int(vision.spatial_merge_size),
-            vision={
-                "spatial_merge_size": int(vision.spatial_merge_size),
-                "patch_size": int(vision.patch_size),
-                "temporal_patch_size": int(vision.temporal_patch_size),
-                "window_size": int(getattr(vision, "window_size", 0) or 0),
-            },
-            vision_inputs=list(QWEN_VISION_INPUTS[family]),
-        )
+    spec = families.get(family)
+    t.update(_TOWER_FIELDS[spec.vision_tower](spec, config, text))
     return t
 
 
@@ -192,7 +199,8 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
         bar.set_postfix_str("loading weights")
         model = load_vlm(family, model_dir)
         bar.update()
-        example = None if family == "gemma3" else _qwen_trace_example(family, template)
+        qwen = families.get(family).vision_tower == families.QWEN_VISION
+        example = _qwen_trace_example(family, template) if qwen else None
         # the language model is exported first: the vision export switches the
         # vision tower's attention implementation
         bar.set_postfix_str("language model (KV cache)")

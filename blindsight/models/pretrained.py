@@ -24,9 +24,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from blindsight import families
 from blindsight.errors import BlindSightError
 from blindsight.attention import Delimiters
-from blindsight.families import FAMILY_DELIMITERS
+from blindsight.families import FAMILIES
 
 SURROGATE_NOTE = "surrogate images: text segments wrapped in image delimiter tokens (text-only weights)"
 
@@ -35,7 +36,7 @@ SURROGATE_NOTE = "surrogate images: text segments wrapped in image delimiter tok
 class Pretrained:
     name: str
     description: str
-    family: str  # export family (blindsight.models.configs.FAMILIES) or the transformers model_type
+    family: str  # export family (blindsight.families.FAMILIES) or the transformers model_type
     start_token: str  # image-start delimiter as a token string
     end_token: str
     package: str
@@ -147,8 +148,9 @@ def load(name_or_dir: str, attn_implementation: str = "eager", cache: Path | Non
         tokenizer = AutoTokenizer.from_pretrained(directory)
         ids = tokenizer.convert_tokens_to_ids([p.start_token, p.end_token])
         delimiters = Delimiters(start=int(ids[0]), end=int(ids[1]))
-        if p.family in FAMILY_DELIMITERS and FAMILY_DELIMITERS[p.family] != delimiters:
-            raise BlindSightError(f"{name_or_dir}: tokenizer's image delimiters {ids} differ from {FAMILY_DELIMITERS[p.family]}")
+        known = families.get(p.family).delimiters if p.family in FAMILIES else None
+        if known is not None and known != delimiters:
+            raise BlindSightError(f"{name_or_dir}: tokenizer's image delimiters {ids} differ from {known}")
         model = AutoModelForCausalLM.from_pretrained(
             directory, local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation
         )
@@ -168,15 +170,12 @@ def _load_vlm_dir(directory: Path, attn_implementation: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    family = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "gemma3": "gemma3"}.get(config.model_type)
-    if family is None:
+    family = config.model_type
+    if family not in FAMILIES:
         raise BlindSightError(
-            f"{directory}: model_type {config.model_type!r} is not a supported VLM family (qwen2_vl, qwen2_5_vl, gemma3)"
+            f"{directory}: model_type {config.model_type!r} is not a supported VLM family ({', '.join(FAMILIES)})"
         )
-    if family == "gemma3":
-        delimiters = Delimiters(start=int(config.boi_token_index), end=int(config.eoi_token_index))
-    else:
-        delimiters = Delimiters(start=int(config.vision_start_token_id), end=int(config.vision_end_token_id))
+    delimiters = families.get(family).config_delimiters(config)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(
         directory, local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation

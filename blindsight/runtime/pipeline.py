@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from blindsight import families
 from blindsight.errors import BlindSightError
 from blindsight.attention.schema import SPANS_INPUT
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
@@ -91,7 +92,7 @@ class Pipeline:
         self.vision = self._session(self.out_dir / self.template["files"]["vision"])
         self.vision_inputs = [i.name for i in self.vision.get_inputs()]
         self._vision_feeds = None
-        if self.family != "gemma3" and not set(self.vision_inputs) <= {"pixel_values", "image_grid_thw"}:
+        if families.get(self.family).vision_tower == families.QWEN_VISION and not set(self.vision_inputs) <= {"pixel_values", "image_grid_thw"}:
             # the export takes the tower's index tensors, computed on the host
             from blindsight.models.export_vision import qwen_vision_feeds
 

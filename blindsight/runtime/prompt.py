@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blindsight import families
 from blindsight.errors import BlindSightError
 
 IMAGE_MARKER = "<image>"
@@ -80,6 +81,7 @@ class PromptBuilder:
 
         self.template = template
         self.family = template["family"]
+        self.spec = families.get(self.family)
         self.tokenizer = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
         self._image_processor = None
         self._out_dir = str(out_dir)
@@ -96,11 +98,13 @@ class PromptBuilder:
             self._image_processor = AutoImageProcessor.from_pretrained(self._out_dir, local_files_only=True)
         return self._image_processor
 
+    def _format(self, fmt: str, **extra) -> str:
+        """A family's prompt format (Family.image_placeholder ...) over this tokenizer's image tokens."""
+        return fmt.format(start=self.image_start, image=self.image_token, end=self.image_end, **extra)
+
     def _placeholder(self) -> str:
         """What the chat template writes for one image, before expansion."""
-        if self.family == "gemma3":
-            return self.image_start
-        return self.image_start + self.image_token + self.image_end
+        return self._format(self.spec.image_placeholder)
 
     def render(self, prompt: str, num_images: int, chat: bool = True) -> str:
         parts = split_prompt(prompt, num_images)
@@ -111,12 +115,8 @@ class PromptBuilder:
 
     def _expand(self, text: str, counts: list[int]) -> str:
         """Each image placeholder -> the image's full token sequence, as the family's processor does."""
-        if self.family == "gemma3":
-            seq = lambda n: f"\n\n{self.image_start}{self.image_token * n}{self.image_end}\n\n"
-            key = self.image_start
-        else:
-            seq = lambda n: self.image_token * n
-            key = self.image_token
+        seq = lambda n: self._format(self.spec.image_expansion, images=self.image_token * n)
+        key = self._format(self.spec.expansion_key)
         pieces = text.split(key)
         if len(pieces) - 1 != len(counts):
             raise BlindSightError(
@@ -130,16 +130,15 @@ class PromptBuilder:
         pixel_values = grid = None
         counts: list[int] = []
         if images:
-            if self.family == "gemma3":
-                px = self.image_processor(images, return_tensors="np", do_pan_and_scan=False)
-                pixel_values = np.asarray(px["pixel_values"], dtype=np.float32)
-                counts = [int(self.template["tokens_per_image"])] * len(images)
-            else:
-                px = self.image_processor(images, return_tensors="np")
-                pixel_values = np.asarray(px["pixel_values"], dtype=np.float32)
+            px = self.image_processor(images, return_tensors="np", **dict(self.spec.image_processor_kwargs))
+            pixel_values = np.asarray(px["pixel_values"], dtype=np.float32)
+            if self.spec.vision_tower == families.QWEN_VISION:
+                # variable-size images: a patch grid each, tokens = patches / merge^2
                 grid = np.asarray(px["image_grid_thw"], dtype=np.int64)
                 merge = int(self.template["spatial_merge_size"])
                 counts = (grid.prod(-1) // merge**2).tolist()
+            else:
+                counts = [int(self.template["tokens_per_image"])] * len(images)
         full = self._expand(text, counts)
         bos = self.tokenizer.bos_token
         # a chat template that writes <bos> itself must not get a second one

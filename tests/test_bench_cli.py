@@ -86,3 +86,19 @@ def test_bench_quick_json(tmp_path):
     pf = rec["prefill"]
     assert PREFILL_FIELDS <= pf.keys()
     assert pf["flop_bound"] > 1.0 and pf["efficiency"] == pytest.approx(pf["speedup"] / pf["flop_bound"])
+
+
+def test_bench_op_level_fp16_rows():
+    r = _run("bs-bench", "--level", "op", "--dtype", "fp16", "--sizes", "2x64", "--cases", "sink,mixed", "--repeats", "1",
+             "--no-memory", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)
+    assert rec["dtype"] == "float16" and rec["provider"] == "cpu"
+    assert [row["category"] for row in rec["op"]] == ["sink", "mixed"]
+    for row in rec["op"]:
+        assert row["dtype"] == "float16" and row["speedup"] > 0 and row["flop_bound"] > 1.0
+
+
+def test_bench_bf16_on_cpu_is_one_line():
+    r = _run("bs-bench", "--level", "op", "--dtype", "bf16")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--provider cuda" in r.stderr

@@ -9,6 +9,7 @@ import hashlib
 from typing import Any
 
 from blindsight.attention.semantics import RULES
+from blindsight.errors import ModelError
 
 DOMAIN = "ai.blindsight"
 OP_TYPE = "BlindSightAttention"
@@ -20,6 +21,8 @@ INPUTS = ("query", "key", "value", "attn_mask", SPANS_INPUT)
 OUTPUTS = ("output",)
 FORMATS = ("BNSH", "BSD")
 MASK_TYPES = ("none", "bool", "float")
+# Float types of Q/K/V (and of a float mask and the output) that the op takes.
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,8 @@ class AttentionConfig:
     is_causal: int = 1
     local_window_size: int = -1
     qkv_format: str = "BNSH"
-    mask_type: str = "none"  # "none", "bool" (True keeps) or "float" (additive)
+    mask_type: str = "none"  # "none", "bool" (True keeps) or "float" (additive, in ``dtype``)
+    dtype: str = "float32"  # of Q/K/V, a float mask and the output
 
     def __post_init__(self):
         if self.num_heads % self.kv_num_heads:
@@ -78,6 +82,8 @@ class AttentionConfig:
             raise ValueError(f"qkv_format must be one of {FORMATS}")
         if self.mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @classmethod
     def placeholder(cls, num_heads: int, kv_num_heads: int, scale: float, **attrs) -> "AttentionConfig":
@@ -97,6 +103,20 @@ class AttentionConfig:
         digest = hashlib.sha256(repr((lowering, key)).encode()).hexdigest()[:12]
         return f"{lowering}_{digest}"
 
+    @property
+    def elem_type(self) -> int:
+        """The ONNX TensorProto element type of ``dtype``."""
+        from onnx import TensorProto
+
+        return {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[self.dtype]
+
+    @property
+    def np_dtype(self):
+        """The numpy dtype of ``dtype`` (bfloat16 through ml_dtypes, as onnx uses it)."""
+        from onnx import helper
+
+        return helper.tensor_dtype_to_np_dtype(self.elem_type)
+
     def attributes(self) -> dict:
         """The node's attributes, in schema order, with ONNX-ready Python values."""
         out = {}
@@ -109,20 +129,45 @@ class AttentionConfig:
     def from_node(cls, node) -> "AttentionConfig":
         """Read an onnx-ir node: attributes through the schema, the rest off its inputs."""
         attrs = {a.name: read_attribute(node, a.name) for a in ATTRIBUTES}
+        dtype = dtype_of(node)
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         mask_type = "none"
         if mask is not None:
             import onnx_ir as ir
 
             if mask.dtype is None:
-                raise ValueError(f"{node.name}: the attn_mask input has no known element type")
+                raise DTypeError(f"{node.name}: the attn_mask input has no known element type")
             mask_type = "bool" if mask.dtype == ir.DataType.BOOL else "float"
+            if mask_type == "float" and _dtype_name(mask.dtype) != dtype:
+                raise DTypeError(f"{node.name}: an additive mask of {_dtype_name(mask.dtype)} on {dtype} attention; "
+                                 "export the model with the mask in the attention's dtype")
         q_shape = node.inputs[0].shape
         head_size = 0
         if q_shape is not None and isinstance(q_shape[-1], int):
             head_size = q_shape[-1] if attrs["qkv_format"] == "BNSH" else q_shape[-1] // attrs["num_heads"]
         attrs["categories"] = tuple(attrs["categories"])
-        return cls(head_size=head_size, mask_type=mask_type, **attrs)
+        return cls(head_size=head_size, mask_type=mask_type, dtype=dtype, **attrs)
+
+
+class DTypeError(ModelError):
+    """An attention node in a dtype (or a mix of dtypes) the op does not take."""
+
+
+def _dtype_name(dt) -> str:
+    import onnx_ir as ir
+
+    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}.get(dt, getattr(dt, "name", str(dt)).lower())
+
+
+def dtype_of(node) -> str:
+    """The float dtype of an onnx-ir node's Q/K/V, checked to agree and to be one the op takes."""
+    names = {_dtype_name(v.dtype) if v.dtype is not None else "unknown" for v in node.inputs[:3]}
+    if len(names) != 1:
+        raise DTypeError(f"{node.name}: query, key and value have different dtypes ({', '.join(sorted(names))})")
+    (name,) = names
+    if name not in DTYPES:
+        raise DTypeError(f"{node.name}: attention in {name}; BlindSightAttention takes {', '.join(DTYPES)}")
+    return name
 
 
 _PY = {"int": int, "float": float, "string": str, "strings": list}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from blindsight.errors import BlindSightError
+from blindsight.runtime.session import PROVIDERS, resolve_provider
 
 # ----------------------------------------------------------------- bs-flops
 
@@ -99,6 +100,8 @@ def flops_main(argv=None) -> int:
 
 # ----------------------------------------------------------------- bs-bench
 
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
 FULL_SIZES = ((4, 2048), (8, 1024), (16, 512))
 QUICK_SIZES = ((4, 256), (8, 128))
 
@@ -117,40 +120,41 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
-def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False) -> list[dict]:
+def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype="float32", provider="cpu") -> list[dict]:
     from blindsight.bench.op import OpShape, breakdown, compiled_node, dense_baseline, feeds_for, flop_bound
     from blindsight.bench.timing import interleaved, measure_in_child, session
     from blindsight.flops import Template
 
-    shape = OpShape()
+    shape = OpShape(dtype=dtype)
     out = []
     for n, l in sizes:
         t = Template(n, l)
         feeds = feeds_for(shape, t)
         plain = {k: v for k, v in feeds.items() if k != "image_spans"}
-        base = session(dense_baseline(shape), threads)
+        base = session(dense_baseline(shape), threads, provider=provider)
         med, base_med, why = {}, {}, {}
         for c in cases:
             # one compiled session at a time beside the baseline: at 8K tokens a
             # GroupQueryAttention arena alone holds S x S scores per head (GBs)
-            s = session(compiled_node(shape, c), threads)
+            s = session(compiled_node(shape, c), threads, provider=provider)
             pair = interleaved({"baseline": lambda: base.run(None, plain), c: lambda s=s: s.run(None, feeds)}, repeats, progress=bar)
             med[c], base_med[c] = pair[c], pair["baseline"]
             del s
             if explain:
-                why[c] = breakdown(compiled_node(shape, c), feeds, threads)
+                why[c] = breakdown(compiled_node(shape, c), feeds, threads, provider=provider)
             gc.collect()
         del base
         gc.collect()
         mem = {}
         if memory:
             for v in ["baseline", *cases]:
-                mem[v] = measure_in_child("blindsight.bench.op", {"variant": v, "threads": threads, "shape": vars(shape),
+                mem[v] = measure_in_child("blindsight.bench.op", {"variant": v, "threads": threads, "shape": vars(shape), "provider": provider,
                                                                   "template": {"num_images": n, "image_len": l}})["peak_rss_mb"]
                 bar.update(1)
         for c in cases:
             speedup, bound = base_med[c] / med[c], flop_bound(c, shape, t)
-            out.append({"category": c, "N": n, "L": l, "seq_len": t.seq_len, "speedup": speedup, "flop_bound": bound,
+            out.append({"category": c, "N": n, "L": l, "seq_len": t.seq_len, "dtype": dtype, "provider": provider,
+                        "speedup": speedup, "flop_bound": bound,
                         "efficiency": speedup / bound, "time_s": med[c], "baseline_s": base_med[c],
                         "peak_rss_mb": mem.get(c), "baseline_peak_rss_mb": mem.get("baseline")})
             if explain:
@@ -245,7 +249,7 @@ def bench_main(argv=None) -> int:
         prog="bs-bench",
         description="Measured speed-ups of the fast lowering (SPEC §6): op level, one BlindSightAttention node against "
         "ONNX Runtime's fastest dense causal attention (GroupQueryAttention) at 28 query / 4 KV heads, head_dim 128, "
-        "fp32; prefill level, a Qwen2-VL-2B-sized language model (random weights) compiled with a profile mix vs "
+        "fp32 (or --dtype); prefill level, a Qwen2-VL-2B-sized language model (random weights) compiled with a profile mix vs "
         "compiled all-dense vs the raw export. Variants run interleaved in one process; medians; FLOP bound and "
         "efficiency (speed-up / bound) beside every speed-up; peak memory from a fresh process per variant.",
     )
@@ -254,6 +258,10 @@ def bench_main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CATEGORY_CASES), help="op-level categories, comma-separated ('mixed': a mixed layer)")
     p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: SPEC §6's three)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp32",
+                   help="attention dtype (default fp32); fp16 runs on the CPU provider, bf16 needs a GPU provider")
+    p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS),
+                   help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
     p.add_argument("--repeats", type=int, help="timed runs per variant (default 5, quick 2)")
     p.add_argument("--prefill-layers", type=int, help="decoder layers of the prefill model (default 4, quick 2)")
     p.add_argument("--prefill-images", type=int, help="images in the prefill prompt (default 8, quick 4)")
@@ -283,6 +291,11 @@ def bench_main(argv=None) -> int:
                 assert all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in sizes)
             except (ValueError, AssertionError):
                 raise BlindSightError(f"--sizes {args.sizes!r}: expected a list like 4x2048,8x1024") from None
+        dtype = DTYPE_NAMES[args.dtype]
+        if dtype == "bfloat16" and args.provider == "cpu":
+            raise BlindSightError("--dtype bf16: onnxruntime's CPU provider has no bf16 kernels for attention "
+                                  "(MatMul, Softmax, GroupQueryAttention); pass a GPU provider, e.g. --provider cuda")
+        resolve_provider(args.provider)
         repeats = args.repeats or (2 if args.quick else 5)
         if repeats < 1 or args.threads < 1:
             raise BlindSightError("--repeats and --threads must be >= 1")
@@ -311,16 +324,17 @@ def bench_main(argv=None) -> int:
             total += len(sizes) * (2 * len(cases) * repeats + ((len(cases) + 1) if memory else 0))
         if do_prefill:
             total += 1 + 6 * repeats + (3 if memory else 0)
-        record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick}
+        record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,
+                  "dtype": dtype, "provider": args.provider}
         for path in args.merge or []:
             try:
                 part = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise BlindSightError(f"--merge {path}: not a bs-bench JSON record ({exc})") from None
-            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "op", "prefill")})
+            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "op", "prefill")})
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
             if do_op:
-                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown)
+                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown, dtype, args.provider)
             if do_prefill:
                 record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar)
         if args.plot and record.get("op"):
@@ -355,7 +369,9 @@ def render(record: dict) -> str:
             mem = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f}"
             rows.append([r["category"], f"{r['N']}x{r['L']}", r["seq_len"], f"{r['baseline_s']:.3f}", f"{r['time_s']:.3f}",
                          f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x", f"{r['efficiency']:.2f}", mem])
-        parts.append("\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, fp32")
+        kinds = sorted({(r.get("dtype", "float32"), r.get("provider", "cpu")) for r in record["op"]})
+        parts.append("\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, "
+                     + "; ".join(f"{d}, {p} provider" for d, p in kinds))
         parts.append(_fmt_table(["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"], rows))
         explained = [r for r in record["op"] if r.get("breakdown_ms")]
         if explained:

@@ -28,6 +28,15 @@ class OpShape:
     num_heads: int = 28
     kv_num_heads: int = 4
     head_dim: int = 128
+    dtype: str = "float32"  # of Q/K/V and the output (the attention's dtype)
+
+    @property
+    def elem_type(self) -> int:
+        return helper.np_dtype_to_tensor_dtype(self.np_dtype)
+
+    @property
+    def np_dtype(self):
+        return AttentionConfig(1, 1, 1, 1.0, ("dense",), dtype=self.dtype).np_dtype
 
     @property
     def scale(self) -> float:
@@ -39,7 +48,8 @@ def categories_of(case: str, num_heads: int) -> tuple[str, ...]:
 
 
 def compiled_node(shape: OpShape, case: str, lowering: str = "fast") -> onnx.ModelProto:
-    cfg = AttentionConfig(shape.num_heads, shape.kv_num_heads, shape.head_dim, shape.scale, categories_of(case, shape.num_heads), qkv_format="BSD")
+    cfg = AttentionConfig(shape.num_heads, shape.kv_num_heads, shape.head_dim, shape.scale, categories_of(case, shape.num_heads),
+                          qkv_format="BSD", dtype=shape.dtype)
     return single_node_model(cfg, lowering)
 
 
@@ -58,7 +68,7 @@ def dense_baseline(shape: OpShape) -> onnx.ModelProto:
             domain=MS_DOMAIN, num_heads=H, kv_num_heads=Hkv, scale=shape.scale,
         ),
     ]
-    f = TensorProto.FLOAT
+    f = shape.elem_type
     graph = helper.make_graph(
         nodes, "dense_gqa",
         [helper.make_tensor_value_info("query", f, [1, "S", H * D]), helper.make_tensor_value_info("key", f, [1, "S", Hkv * D]),
@@ -73,7 +83,7 @@ def feeds_for(shape: OpShape, template: Template, seed: int = 0) -> dict[str, np
     S = template.seq_len
 
     def x(heads):
-        return rng.standard_normal((1, S, heads * shape.head_dim), dtype=np.float32)
+        return rng.standard_normal((1, S, heads * shape.head_dim), dtype=np.float32).astype(shape.np_dtype)
 
     return {"query": x(shape.num_heads), "key": x(shape.kv_num_heads), "value": x(shape.kv_num_heads), "image_spans": template.spans}
 
@@ -91,7 +101,7 @@ def _child() -> None:
     shape, template = OpShape(**args["shape"]), Template(**args["template"])
     feeds = feeds_for(shape, template)
     model = dense_baseline(shape) if args["variant"] == "baseline" else compiled_node(shape, args["variant"])
-    sess = session(model, args["threads"])
+    sess = session(model, args["threads"], provider=args.get("provider", "cpu"))
     names = {i.name for i in sess.get_inputs()}
     reset_peak_rss()
     sess.run(None, {k: v for k, v in feeds.items() if k in names})
@@ -112,7 +122,7 @@ KERNEL_CLASSES = {
 }
 
 
-def breakdown(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 2) -> dict[str, float]:
+def breakdown(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 2, provider: str = "cpu") -> dict[str, float]:
     """Milliseconds per kernel class of one run (ORT profiler, If bodies included):
     where the time goes beyond the FLOPs."""
     import os
@@ -121,7 +131,7 @@ def breakdown(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 2) 
     from blindsight.runtime.session import make_session
 
     prefix = os.path.join(tempfile.gettempdir(), f"bs_bench_{os.getpid()}")
-    sess = make_session(model, threads=threads, log_severity=3, profile_prefix=prefix)
+    sess = make_session(model, provider=provider, threads=threads, log_severity=3, profile_prefix=prefix)
     names = {i.name for i in sess.get_inputs()}
     f = {k: v for k, v in feeds.items() if k in names}
     for _ in range(runs + 1):

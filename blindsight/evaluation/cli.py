@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from blindsight.errors import BlindSightError, run_cli
+from blindsight.runtime.session import PROVIDERS, resolve_provider
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="where the ONNX export and compiled models are cached "
                                       "(default ~/.cache/blindsight/onnx/MODEL)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS),
+                   help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
@@ -52,6 +55,7 @@ def _check(args):
         raise BlindSightError(f"--prompts {args.prompts} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise BlindSightError("--threads must be at least 1")
+    resolve_provider(args.provider)
     prof = profile_io.load(args.profile)
     p = pretrained.spec(args.model) if args.model in pretrained.PRETRAINED else None
     if p is None or p.family not in FAMILIES:  # the task needs an ONNX export of the weights
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
         from blindsight.evaluation.runner import evaluate
 
         return evaluate(prof, args.model, num_prompts=args.prompts, seed=args.seed,
-                        work_dir=args.work_dir, threads=args.threads, progress=not args.quiet)
+                        work_dir=args.work_dir, threads=args.threads, provider=args.provider, progress=not args.quiet)
 
     code, record = run_cli("bs-eval", work, args.debug)
     if code:

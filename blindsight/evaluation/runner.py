@@ -3,6 +3,7 @@ in ONNX Runtime on the task's prompts; accuracy, agreement, KL, FLOPs saved."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from blindsight.flops import count_flops, model_dims
 from blindsight.models import pretrained
 from blindsight.profile import Profile
 from blindsight.prompts import TASK_SEED, candidate_token_ids, encode, task_prompts
+from blindsight.attention.schema import SPANS_INPUT
+from blindsight.runtime.placement import node_placement
 from blindsight.runtime.session import CompiledSession, make_session
 
 DEFAULT_PROMPTS = 200
@@ -59,6 +62,7 @@ def evaluate(
     seed: int = TASK_SEED,
     work_dir: Path | None = None,
     threads: int | None = None,
+    provider: str = "cpu",
     progress: bool = True,
 ) -> dict:
     """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``)."""
@@ -69,8 +73,9 @@ def evaluate(
     folder = work_dir_for(loaded.name, work_dir)
     dense_path = export_dense(loaded.family, loaded.directory, folder)
     compiled_path = compile_with(dense_path, profile, "fast")
-    dense = make_session(dense_path, threads=threads)
-    compiled = CompiledSession(compiled_path, threads=threads)
+    dense = make_session(dense_path, provider=provider, threads=threads)
+    compiled = CompiledSession(compiled_path, provider=provider, threads=threads)
+    placement = None
     dims = model_dims(loaded.directory)
 
     prompts = task_prompts(num_prompts, seed)
@@ -80,6 +85,10 @@ def evaluate(
         feeds = onnx_feeds(loaded, ids)
         d = dense.run(None, feeds)[0][0, -1]
         c = compiled.run(feeds, spans, len(ids))[0][0, -1]
+        if provider != "cpu" and placement is None:
+            # a GPU provider that hands nodes back to the CPU costs the speed: say which
+            placement = node_placement(compiled_path, {**feeds, SPANS_INPUT: spans}, provider, threads)
+            print(placement.summary(), file=sys.stderr)
         cand = candidate_token_ids(loaded.tokenizer, tp.candidates)
         flops = count_flops(dims, profile, spans, len(ids), sink_tokens=profile.sink_tokens)
         rows.append(
@@ -114,6 +123,7 @@ def evaluate(
         "prefill_flop_reduction": mean("prefill_reduction"),
         "profile_counts": profile.counts(),
         "lowering": "fast",
-        "runtime": f"onnxruntime {ort.__version__} CPU",
+        "runtime": f"onnxruntime {ort.__version__} {provider.upper()}",
+        "placement": placement.to_dict() if placement is not None else None,
         "compiled_model": str(compiled_path),
     }

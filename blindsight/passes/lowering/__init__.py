@@ -14,22 +14,24 @@ import onnx
 from onnx import helper
 
 from blindsight.attention.schema import AttentionConfig
+from blindsight.errors import ModelError
 from blindsight.passes.lowering.builder import OPSET
 from blindsight.passes.lowering.fast import build_fast
 from blindsight.passes.lowering.function import OUTPUT_NAME
 from blindsight.passes.lowering.reference import build_reference
 
 MIN_OPSET = 15  # Shape(start, end) and axes-as-input Squeeze/ReduceSum
+GQA_HEAD_MULTIPLE = 8  # onnxruntime 1.31 GroupQueryAttention: "head_size must be a multiple of 8" (measured, fp32 and fp16)
 
 
-def _branch(function: onnx.FunctionProto, name: str) -> onnx.GraphProto:
+def _branch(function: onnx.FunctionProto, name: str, elem_type: int) -> onnx.GraphProto:
     """A function body as an If branch: its nodes read the enclosing function's
     formal inputs from the outer scope; the output gets a branch-unique name."""
     out = f"{name}_{OUTPUT_NAME}"
     nodes = [copy.deepcopy(n) for n in function.node]
     for n in nodes:
         n.output[:] = [out if o == OUTPUT_NAME else o for o in n.output]
-    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)])
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, elem_type, None)])
 
 
 def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
@@ -37,6 +39,11 @@ def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
     KV cache (past > 0, decode steps or a chunked prefill) the queries sit at
     absolute positions past..past+Sq-1 and the reference body, which handles
     that offset, runs instead; decode steps of text tokens are dense by SPEC §2."""
+    if cfg.head_size % GQA_HEAD_MULTIPLE:
+        raise ModelError(
+            f"layer {cfg.layer}: head size {cfg.head_size} is not a multiple of {GQA_HEAD_MULTIPLE}, which ONNX Runtime's "
+            "GroupQueryAttention (the fast lowering's kernel) needs; compile with --lowering reference"
+        )
     fast = build_fast(cfg, opset)
     cached = build_reference(cfg, opset)
     seq_axis = 2 if cfg.qkv_format == "BNSH" else 1
@@ -48,7 +55,7 @@ def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
         helper.make_node("Squeeze", ["kv_same_len"], [cond]),
         helper.make_node(
             "If", [cond], [OUTPUT_NAME],
-            then_branch=_branch(fast, "prefill"), else_branch=_branch(cached, "cached"),
+            then_branch=_branch(fast, "prefill", cfg.elem_type), else_branch=_branch(cached, "cached", cfg.elem_type),
         ),
     ]
     return helper.make_function(

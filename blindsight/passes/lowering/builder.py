@@ -18,15 +18,20 @@ MS_DOMAIN = "com.microsoft"
 
 
 class Builder:
-    def __init__(self, prefix: str = "t"):
+    """``elem_type``: the float type of the values computed (attention's dtype):
+    :meth:`float` constants and :meth:`subgraph` outputs take it."""
+
+    def __init__(self, prefix: str = "t", elem_type: int = onnx.TensorProto.FLOAT):
         self.nodes: list[onnx.NodeProto] = []
         self.prefix = prefix
+        self.elem_type = elem_type
+        self.np_float = helper.tensor_dtype_to_np_dtype(elem_type)
         self._n = 0
         self._consts: dict[tuple, str] = {}
 
     def child(self, name: str) -> "Builder":
         """A builder for an If branch or a Loop body nested in this one."""
-        return Builder(f"{self.prefix}_{name}")
+        return Builder(f"{self.prefix}_{name}", self.elem_type)
 
     def fresh(self, hint: str = "v") -> str:
         self._n += 1
@@ -46,6 +51,17 @@ class Builder:
             self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name)))
             self._consts[key] = name
         return self._consts[key]
+
+    def float(self, value) -> str:
+        """A scalar constant in the builder's float type."""
+        return self.const(value, self.np_float)
+
+    def finite_min(self) -> float:
+        """Half the most negative finite value of the float type: a masked score
+        that stays finite (and far from overflow) when added to a real one."""
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(self.np_float).min) / 2
 
     def i64(self, *values) -> str:
         return self.const(list(values), np.int64)
@@ -86,5 +102,5 @@ class Builder:
             out = self.op("And", out, k)
         return out
 
-    def subgraph(self, name: str, outputs: list[str], elem_type=onnx.TensorProto.FLOAT) -> onnx.GraphProto:
-        return helper.make_graph(self.nodes, name, [], [helper.make_tensor_value_info(o, elem_type, None) for o in outputs])
+    def subgraph(self, name: str, outputs: list[str]) -> onnx.GraphProto:
+        return helper.make_graph(self.nodes, name, [], [helper.make_tensor_value_info(o, self.elem_type, None) for o in outputs])

@@ -11,10 +11,11 @@ from blindsight.passes.lowering import build_function
 from blindsight.passes.lowering.builder import MS_DOMAIN, OPSET
 
 
-def single_node_model(cfg: AttentionConfig, lowering: str, *, dtype=onnx.TensorProto.FLOAT) -> onnx.ModelProto:
-    """Inputs follow the node: query, key, value, [attn_mask,] image_spans; the
-    key length may exceed the query length (a KV cache: past = Skv - S)."""
+def single_node_model(cfg: AttentionConfig, lowering: str) -> onnx.ModelProto:
+    """Inputs follow the node: query, key, value, [attn_mask,] image_spans, in
+    ``cfg.dtype``; the key length may exceed the query length (a KV cache: past = Skv - S)."""
     H, Hkv = cfg.num_heads, cfg.kv_num_heads
+    dtype = cfg.elem_type
     if cfg.qkv_format == "BNSH":
         shapes = {"query": ["B", H, "S", "D"], "key": ["B", Hkv, "Skv", "D"], "value": ["B", Hkv, "Skv", "D"]}
         out_shape = ["B", H, "S", "D"]

@@ -3,7 +3,6 @@ keep mask or an additive bias, and causality / window from the attributes."""
 
 from __future__ import annotations
 
-import numpy as np
 
 from blindsight.attention import TokenFacts, model_mask
 from blindsight.attention.schema import AttentionConfig
@@ -15,13 +14,7 @@ def keep_mask(b: Builder, cfg: AttentionConfig, mask: str) -> str:
     """The model's mask as bool (True keeps); float masks keep entries > -inf/2."""
     if cfg.mask_type == "bool":
         return mask
-    return b.op("Greater", mask, b.scalar(np.finfo(np.float32).min / 2, np.float32))
-
-
-def additive_bias(b: Builder, cfg: AttentionConfig, mask: str) -> str:
-    if cfg.mask_type == "float":
-        return mask
-    return b.op("Where", mask, b.scalar(0.0, np.float32), b.scalar(-np.inf, np.float32))
+    return b.op("Greater", mask, b.float(b.finite_min()))
 
 
 def position_keep(b: Builder, q_pos: str, k_pos: str, *, causal: bool, window: int) -> str | None:

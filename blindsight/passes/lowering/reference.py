@@ -6,14 +6,13 @@ for any model mask, any KV-cache offset and any category of the rule table.
 
 from __future__ import annotations
 
-import numpy as np
 
 from blindsight.attention import category_mask
 from blindsight.attention.schema import SPANS_INPUT, AttentionConfig
 from blindsight.passes.lowering.builder import OPSET, Builder
 from blindsight.passes.lowering.facts import SpanFacts
 from blindsight.passes.lowering.function import make_function, rename_output
-from blindsight.passes.lowering.masks import additive_bias, keep_mask, structural_keep
+from blindsight.passes.lowering.masks import keep_mask, structural_keep
 
 
 def _to_bnsh(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
@@ -23,7 +22,7 @@ def _to_bnsh(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
 
 
 def build_reference(cfg: AttentionConfig, opset: int = OPSET):
-    b = Builder("ref")
+    b = Builder("ref", cfg.elem_type)
     q = _to_bnsh(b, "query", cfg, cfg.num_heads)
     k = _to_bnsh(b, "key", cfg, cfg.kv_num_heads)
     v = _to_bnsh(b, "value", cfg, cfg.kv_num_heads)
@@ -48,15 +47,16 @@ def build_reference(cfg: AttentionConfig, opset: int = OPSET):
     if structural is not None:
         keep = b.op("And", keep, structural)
 
-    scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.scalar(cfg.scale, np.float32))
+    scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.float(cfg.scale))
     if cfg.mask_type != "none":
         keep = b.op("And", keep, keep_mask(b, cfg, "attn_mask"))
         if cfg.mask_type == "float":
-            scores = b.op("Add", scores, additive_bias(b, cfg, "attn_mask"))
-    scores = b.op("Where", keep, scores, b.scalar(-np.inf, np.float32))
+            scores = b.op("Add", scores, "attn_mask")
+    # a finite masked score (SPEC §4); a row left with no key outputs zeros
+    scores = b.op("Where", keep, scores, b.float(b.finite_min()))
     probs = b.op("Softmax", scores, axis=-1)
-    probs = b.op("Where", b.op("IsNaN", probs), b.scalar(0.0, np.float32), probs)  # rows with no key
-    out = b.op("MatMul", probs, v)
+    has_key = b.op("ReduceMax", b.cast(keep, b.elem_type), b.i64(-1), keepdims=1)
+    out = b.op("Mul", b.op("MatMul", probs, v), has_key)
     if cfg.qkv_format == "BSD":
         out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.i64(0, 0, -1))
     rename_output(b, out)

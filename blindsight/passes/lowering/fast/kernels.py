@@ -4,12 +4,10 @@ for short key sets."""
 
 from __future__ import annotations
 
-import numpy as np
-from onnx import TensorProto
 
 from blindsight.attention.schema import AttentionConfig
 from blindsight.passes.lowering.builder import MS_DOMAIN, Builder
-from blindsight.passes.lowering.fast.scope import MASKED, Scope
+from blindsight.passes.lowering.fast.scope import Scope
 
 
 def kv_layout(cfg: AttentionConfig, heads: list[int]) -> tuple[list[int], int]:
@@ -67,11 +65,11 @@ def grouped_attention(s: Scope, heads: list[int], q_pos: str, k_pos: str, keeps_
     v = s.at_positions("value", kv_list, k_pos)
     qg = b.op("Reshape", q, b.concat(b.i64(0, len(kv_list), -1), b.op("Shape", q, start=3))) if g > 1 else q
     # scale right on the MatMul so ORT fuses both into one FusedMatMul (alpha, transB)
-    scores = b.op("Mul", b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.scalar(cfg.scale, np.float32))  # [B, kv, g*Q, K]
+    scores = b.op("Mul", b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2])), b.float(cfg.scale))  # [B, kv, g*Q, K]
     qp, kp = b.unsqueeze(q_pos, 1), b.unsqueeze(k_pos, 0)
     keep = b.all_of(s.keep(qp, kp, causal=True), s.gathered_mask(s.mask3(), q_pos, k_pos))
     keep3 = b.unsqueeze(keep, 0) if cfg.mask_type == "none" else keep  # [Bm|1, Q, K]
-    bias = s.to_bias(keep3, MASKED)
+    bias = s.to_bias(keep3)
     if g > 1:
         # allowzero: Q may be 0 (no text token), and a 0 must not copy the input's dim
         five = b.concat(b.op("Shape", scores, start=0, end=1), b.i64(len(kv_list), g), b.op("Shape", keep3, start=1))
@@ -85,6 +83,6 @@ def grouped_attention(s: Scope, heads: list[int], q_pos: str, k_pos: str, keeps_
     if keeps_own_key and cfg.mask_type == "none" and cfg.local_window_size <= 0:
         return out
     # a row with no key at all (a window or padding hid everything) outputs zeros, as in the reference
-    has_key = b.op("ReduceMax", b.cast(keep3, TensorProto.FLOAT), b.i64(2), keepdims=0)  # [Bm|1, Q]
+    has_key = b.op("ReduceMax", b.cast(keep3, b.elem_type), b.i64(2), keepdims=0)  # [Bm|1, Q]
     return b.op("Mul", out, b.unsqueeze(has_key, 1, 3))
 

@@ -91,7 +91,7 @@ def sparse(s: Scope, flat: bool = False) -> tuple[str, bool]:
 
 
 def build_fast(cfg: AttentionConfig, opset: int = OPSET):
-    top = Scope(cfg, Builder("fast"))
+    top = Scope(cfg, Builder("fast", cfg.elem_type))
     b = top.b
     all_heads = list(range(cfg.num_heads))
     flat = cfg.qkv_format == "BSD"

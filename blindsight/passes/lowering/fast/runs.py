@@ -7,7 +7,7 @@ from __future__ import annotations
 from onnx import TensorProto, helper
 
 from blindsight.passes.lowering.fast.kernels import gqa, gqa_operands
-from blindsight.passes.lowering.fast.scope import MASKED, Scope
+from blindsight.passes.lowering.fast.scope import Scope
 
 
 def gqa_runs(s: Scope, heads: list[int], starts: str, ends: str, past_positions):
@@ -41,14 +41,14 @@ def gqa_runs(s: Scope, heads: list[int], starts: str, ends: str, past_positions)
     bias = None
     if keep is not None:
         keep = keep if m is not None else bb.unsqueeze(keep, 0)
-        bias = body.to_bias(bb.unsqueeze(keep, 1), MASKED)
+        bias = body.to_bias(bb.unsqueeze(keep, 1))
     out = gqa(bb, cfg, qc, kc, vc, nh, nkv, seqlens, total32, bias, past=(pk, pv), outputs=3)
     padded = bb.op("Pad", out, bb.concat(bb.i64(0, 0, 0, 0), bb.op("Sub", width, bb.op("Sub", end, start)), bb.i64(0)))
     cond_out = bb.op("Identity", cond_in)
     graph = helper.make_graph(
         bb.nodes, "gqa_run",
         [helper.make_tensor_value_info(i, TensorProto.INT64, []), helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(padded, TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), helper.make_tensor_value_info(padded, bb.elem_type, None)],
     )
     scan = b.op("Loop", b.op("Squeeze", b.op("Shape", starts), b.i64(0)), "", body=graph)  # [runs, 1, width, h*D]
     pool = b.op("Reshape", scan, b.concat(b.i64(1, -1, nh), b.op("Shape", past_k, start=3)))  # [1, runs*width, h, D]

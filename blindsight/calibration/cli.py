@@ -97,6 +97,7 @@ def run(args) -> dict:
     from blindsight.calibration import report
     from blindsight.calibration.runner import calibrate
     from blindsight.calibration.sweep import sweep
+    from blindsight.records import record_path
 
     schedule, template, sweeps = _check(args)
     result = calibrate(
@@ -106,7 +107,7 @@ def run(args) -> dict:
     prof = result.profile
     profile_io.save(prof, args.output)
     record = {
-        "profile": str(args.output),
+        "profile": record_path(args.output),
         "model": prof.model,
         "threshold": str(schedule),
         "min_fraction": args.min_fraction,
@@ -118,7 +119,7 @@ def run(args) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         flops = report.template_flops(prof, result.loaded.model.config, template)
         title = f"{prof.model}\nthreshold {schedule}, min fraction {args.min_fraction}, {args.prompts} prompts"
-        record["heatmap"] = str(report.heatmap(prof, folder / "heatmap.png", title))
+        record["heatmap"] = record_path(report.heatmap(prof, folder / "heatmap.png", title))
         record["flops"] = flops
         if sweeps:
             rows = sweep(result.loaded, result.recalls, sweeps, args.min_fraction, args.sweep_prompts,

@@ -20,6 +20,7 @@ from blindsight.calibration.hooks import decoder_attentions, hooked
 from blindsight.calibration.recall import RECALL_CATEGORIES, category_masks, head_recalls
 from blindsight.calibration.vlm_prompts import vlm_calibration_prompts
 from blindsight.models import pretrained
+from blindsight.records import scrub
 from blindsight.profile import Profile
 from blindsight.prompts import CALIBRATION_SEED, Encoded, calibration_prompts, encode
 
@@ -123,6 +124,6 @@ def build_profile(loaded, cat: Categorization, recalls, schedule, min_fraction, 
         cat.layers,
         num_kv_heads=num_kv,
         sink_tokens=sink_tokens,
-        model=loaded.describe(),
+        model=scrub(loaded.describe()),
         calibration=calibration,
     )

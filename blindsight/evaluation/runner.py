@@ -17,6 +17,7 @@ from blindsight.evaluation.onnx_models import compile_with, export_dense
 from blindsight.flops import count_flops, model_dims
 from blindsight.models import pretrained
 from blindsight.profile import Profile
+from blindsight.records import record_path, scrub
 from blindsight.prompts import TASK_SEED, candidate_token_ids, encode, task_prompts
 from blindsight.attention.schema import SPANS_INPUT
 from blindsight.runtime.placement import node_placement
@@ -105,7 +106,7 @@ def evaluate(
         )
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
     return {
-        "model": loaded.describe(),
+        "model": scrub(loaded.describe()),
         "surrogate_images": loaded.surrogate,
         "task": "colour of the object one segment shows; multiple choice over the prompt's segment colours",
         "num_prompts": len(rows),
@@ -125,5 +126,5 @@ def evaluate(
         "lowering": "fast",
         "runtime": f"onnxruntime {ort.__version__} {provider.upper()}",
         "placement": placement.to_dict() if placement is not None else None,
-        "compiled_model": str(compiled_path),
+        "compiled_model": record_path(compiled_path),
     }

@@ -94,6 +94,7 @@ class ParityReport:
     feeds: dict  # name -> shape
     outputs: list[OutputParity]
     note: str = ""
+    placement: dict | None = None  # on a GPU provider: where COMPILED's nodes ran (runtime.placement)
 
     @property
     def passed(self) -> bool:
@@ -122,7 +123,10 @@ class ParityReport:
         body = _fmt_table(["output", "dtype", "shape", "max abs err", "max rel err", "tolerance", "top-1", "verdict"], rows)
         verdict = "all outputs within tolerance" if self.passed else \
             "over tolerance: " + ", ".join(o.name for o in self.failures)
-        return "\n".join([head, body, verdict] + ([self.note] if self.note else []))
+        extra = [self.note] if self.note else []
+        if self.placement is not None:
+            extra.append(self.placement["summary"])
+        return "\n".join([head, body, verdict] + extra)
 
 
 def _read_graph(path) -> tuple[dict[str, InputSpec], list[str], list[tuple]]:
@@ -329,8 +333,14 @@ def check(source, compiled, *, feeds=None, spans=None, provider: str = "cpu", se
         note = f"note: {compiled} has {sparse} sparse heads; dense mode expects an all-dense profile"
     elif mode == "lowering" and src[2] != cmp[2]:
         note = "note: the two compiled models carry different profiles; lowering mode expects the same one"
+    placement = None
+    if provider != "cpu":
+        from blindsight.runtime.placement import node_placement
+
+        p = node_placement(compiled, {**feeds, SPANS_INPUT: spans}, provider, threads)
+        placement = {**p.to_dict(), "summary": p.summary()}
     return ParityReport(mode, provider, str(source), str(compiled), spans.tolist(),
-                        {k: list(v.shape) for k, v in feeds.items()}, results, note)
+                        {k: list(v.shape) for k, v in feeds.items()}, results, note, placement)
 
 
 def _parser() -> argparse.ArgumentParser:

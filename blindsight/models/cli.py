@@ -7,6 +7,7 @@ import json
 import sys
 
 from blindsight.errors import run_cli
+from blindsight.models.dtype import DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", help="local Hugging Face checkpoint directory (nothing is downloaded)")
     p.add_argument("-o", "--output", required=True, help="export directory to create")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="float type of the weights and of every float input and output (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--json", action="store_true", help="print template.json as JSON instead of a summary line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
     from blindsight.models.export_vlm import export_vlm
 
     code, result = run_cli(
-        "bs-export", lambda: export_vlm(args.model_dir, args.output, progress=not args.quiet, overwrite=args.overwrite), args.debug
+        "bs-export", lambda: export_vlm(args.model_dir, args.output, progress=not args.quiet, overwrite=args.overwrite, dtype=args.dtype), args.debug
     )
     if code:
         return code

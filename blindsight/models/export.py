@@ -20,7 +20,8 @@ Graph interface of every export::
     attention_mask int64   [B, S]   (1 = keep, 0 = padding)
     -> logits      float32 [B, S, vocab]
 
-with dynamic ``B`` and ``S``.
+with dynamic ``B`` and ``S``; ``dtype="fp16"``/``"bf16"`` gives float16/bfloat16
+embeds and logits (see :mod:`blindsight.models.dtype`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import nn
 from blindsight import families
 
 from .configs import tiny_config
+from .dtype import cast_floats, cast_mixed_norms, torch_dtype
 
 FORMS = ("attention_op", "decomposed", "eager")
 
@@ -245,6 +247,7 @@ def _quiet():
 def _save(onnx_program, out_path: Path) -> None:
     import onnx
 
+    cast_mixed_norms(onnx_program.model)  # a no-op on fp32 exports
     proto = onnx_program.model_proto
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
@@ -267,24 +270,27 @@ def export_language_model(
     batch: int = 1,
     seq_len: int = 40,
     seed: int = 0,
+    dtype: str = "fp32",
 ):
     """Export the prefill of ``family`` in ``form`` to ``out_path`` and return ``out_path``.
 
     ``config`` may be a transformers config, a local checkpoint directory or
     ``None`` (= :func:`tiny_config(family) <blindsight.models.configs.tiny_config>`).
     ``batch``/``seq_len``/``seed`` define the example inputs used for tracing;
-    batch and sequence length stay dynamic in the exported graph.
+    batch and sequence length stay dynamic in the exported graph. ``dtype``
+    (fp32, fp16, bf16): the model is cast to it before the export.
     """
     _check_family(family)
     _check_form(form)
+    float_type = torch_dtype(dtype)
     if config is None:
         config = tiny_config(family)
     attn = "eager" if form == "eager" else "sdpa"
-    model = load_language_model(family, config, attn)
+    model = load_language_model(family, config, attn).to(float_type)
     cfg = config if not isinstance(config, (str, os.PathLike)) else model.decoder.config
 
     inputs = example_inputs(family, cfg, batch, seq_len, seed)
-    args = tuple(torch.from_numpy(inputs[n]) for n in INPUT_NAMES)
+    args = cast_floats(tuple(torch.from_numpy(inputs[n]) for n in INPUT_NAMES), float_type)
     kwargs: dict[str, Any] = dict(
         dynamo=True,
         input_names=list(INPUT_NAMES),

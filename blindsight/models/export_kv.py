@@ -2,12 +2,14 @@
 
 Graph interface (names as in the export-directory contract, docs/export-contract.md)::
 
-    inputs_embeds                 float32 [B, S, hidden]
-    position_ids                  int64   [3, B, S] (qwen M-RoPE) / [B, S] (gemma3)
-    attention_mask                int64   [B, past + S]  (1 = keep, 0 = padding)
-    past_key_values.{i}.key/value float32 [B, num_kv_heads, past, head_dim]
-    -> logits                     float32 [B, S, vocab]
-    -> present.{i}.key/value      float32 [B, num_kv_heads, past + S, head_dim]
+    inputs_embeds                 float [B, S, hidden]
+    position_ids                  int64 [3, B, S] (qwen M-RoPE) / [B, S] (gemma3)
+    attention_mask                int64 [B, past + S]  (1 = keep, 0 = padding)
+    past_key_values.{i}.key/value float [B, num_kv_heads, past, head_dim]
+    -> logits                     float [B, S, vocab]
+    -> present.{i}.key/value      float [B, num_kv_heads, past + S, head_dim]
+
+"float" is the dtype of the model's weights (float32 unless it was cast).
 
 A prefill is a call with past = 0. Attention is exported in eager form
 (MatMul, Mul(scale), Add(mask), Softmax, MatMul), which bs-compile rewrites
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .dtype import cast_floats
 from .export import _logit_softcapping, _quiet, _save, _text_config, _uses_3d_positions
 
 
@@ -96,11 +99,12 @@ def example_kv_inputs(family: str, text_cfg, batch=1, seq_len=5, past_len=3, see
 
 
 def export_language_model_with_cache(family: str, model: nn.Module, out_path) -> Path:
-    """Trace ``model`` (a loaded VLM, eager attention) and write ``out_path``."""
+    """Trace ``model`` (a loaded VLM, eager attention) and write ``out_path``;
+    float inputs and outputs take the dtype of the model's weights."""
     wrapper = language_model_with_cache(family, model)
     text_cfg = wrapper.decoder.config
     n = wrapper.num_layers
-    args = example_kv_inputs(family, text_cfg)
+    args = cast_floats(example_kv_inputs(family, text_cfg), model.dtype)
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq_len", min=1, max=1 << 18)
     past = torch.export.Dim("past_len", min=0, max=1 << 18)

@@ -22,6 +22,7 @@ from torch import nn
 
 from blindsight import families
 
+from .dtype import cast_floats, vision_opset
 from .export import _quiet, _save
 
 # A name with "flash" in it makes the Qwen vision attention pass cu_seqlens to
@@ -118,6 +119,7 @@ def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np
     """Write the vision encoder of ``model`` to ``out_path``.
 
     ``example`` (Qwen) holds tracing inputs as :func:`qwen_vision_feeds` returns them.
+    ``pixel_values`` and ``image_features`` take the dtype of the model's weights.
     """
     path = Path(out_path)
     spec = families.get(family)
@@ -138,10 +140,11 @@ def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np
             dynamic += [{0: torch.export.Dim("num_merged", min=1, max=1 << 18)},
                         {0: torch.export.Dim("num_windows_plus_1", min=2, max=1 << 16)}]
         dynamic = tuple(dynamic)
+    args = cast_floats(args, model.dtype)
     with torch.no_grad(), _quiet():
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=names, output_names=["image_features"],
-            dynamic_shapes=dynamic, optimize=True, report=False, verbose=False,
+            dynamic_shapes=dynamic, optimize=True, report=False, verbose=False, **vision_opset(model.dtype),
         )
     _save(program, path)
     return path

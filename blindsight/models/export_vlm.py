@@ -16,6 +16,7 @@ from blindsight import families
 from blindsight.errors import BlindSightError
 from blindsight.families import FAMILIES
 
+from .dtype import DTYPE_NAMES, check_dtype, torch_dtype
 from .export import _text_config
 
 FORMAT = "blindsight-export"
@@ -137,13 +138,12 @@ def build_template(family: str, config, model_dir: Path) -> dict:
     return t
 
 
-def load_vlm(family: str, model_dir: Path):
-    import torch
+def load_vlm(family: str, model_dir: Path, dtype: str = "fp32"):
     from transformers import AutoModelForImageTextToText
 
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            model_dir, local_files_only=True, attn_implementation="eager", dtype=torch.float32)
+            model_dir, local_files_only=True, attn_implementation="eager", dtype=torch_dtype(dtype))
     except OSError as exc:
         raise ExportError(f"cannot load the weights of {model_dir} ({exc}); is the checkpoint complete?") from None
     return model.eval()
@@ -173,8 +173,11 @@ def copy_processor_files(model_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = False) -> ExportResult:
+def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = False, dtype: str = "fp32") -> ExportResult:
     """Export the checkpoint at ``model_dir`` into ``out_dir``.
+
+    ``dtype`` (fp32, fp16, bf16): the weights are loaded in it, and every float
+    input and output of the three graphs has it (template.json: ``"dtype"``).
 
     The directory is assembled in a temporary sibling and renamed into place:
     a failure never leaves a half-written export.
@@ -186,18 +189,20 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     family, config = detect_family(model_dir)
+    check_dtype(dtype)
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite or choose another -o")
     if out_dir.resolve() == model_dir.resolve():
         raise ExportError("the output directory is the checkpoint directory; choose another -o")
     template = build_template(family, config, model_dir)
+    template["dtype"] = DTYPE_NAMES[dtype]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     bar = tqdm(total=5, desc="bs-export", unit="step", disable=not progress)
     try:
         bar.set_postfix_str("loading weights")
-        model = load_vlm(family, model_dir)
+        model = load_vlm(family, model_dir, dtype)
         bar.update()
         qwen = families.get(family).vision_tower == families.QWEN_VISION
         example = _qwen_trace_example(family, template) if qwen else None

@@ -77,11 +77,22 @@ def resolve_model(out_dir: Path, template: dict, model) -> Path:
     return path
 
 
+def float_dtype(template: dict) -> np.dtype:
+    """The numpy dtype of the export's float inputs (template.json ``dtype``; float32 before it existed)."""
+    name = template.get("dtype", "float32")
+    if name not in ("float32", "float16"):
+        raise BlindSightError(
+            f"this export is {name}; the numpy pipeline feeds float32 and float16 exports only "
+            f"(numpy has no {name}): export again with bs-export --dtype fp32 or fp16")
+    return np.dtype(name)
+
+
 class Pipeline:
     def __init__(self, out_dir, provider: str = "cpu", compiled=True, threads: int | None = None):
         self.out_dir = Path(out_dir)
         self.template = load_template(self.out_dir)
         self.family = self.template["family"]
+        self.dtype = float_dtype(self.template)
         self.model_path = resolve_model(self.out_dir, self.template, compiled)
         resolve_provider(provider)  # a bad provider fails before anything loads
         self.provider, self.threads = provider, threads
@@ -119,6 +130,7 @@ class Pipeline:
         else:
             feeds = {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
         feeds = {k: v for k, v in feeds.items() if k in names}
+        feeds["pixel_values"] = np.asarray(feeds["pixel_values"], dtype=self.dtype)
         out = self.vision.run(None, feeds)[0]
         return out.reshape(-1, out.shape[-1])
 
@@ -151,7 +163,7 @@ class Pipeline:
 
     def _empty_past(self) -> dict:
         kv, hd = int(self.template["num_kv_heads"]), int(self.template["head_dim"])
-        empty = np.zeros((1, kv, 0, hd), dtype=np.float32)
+        empty = np.zeros((1, kv, 0, hd), dtype=self.dtype)
         return {f"past_key_values.{i}.{n}": empty for i in range(self.num_layers) for n in ("key", "value")}
 
     def _run_lm(self, embeds, positions, past: dict, total_len: int, spans):

@@ -1,0 +1,191 @@
+"""bs-export --dtype (issue 10, part 1): fp16 exports of tiny Qwen2-VL, Qwen2.5-VL and
+Gemma 3 checkpoints equal the torch fp16 model, their float inputs and outputs are
+float16 (integer inputs stay int64), Gemma 3's upcasting RMSNorm loads in ONNX Runtime
+at opset 23, bf16 exports pass the ONNX checker, and the runtime pipeline runs an
+fp16 export.
+
+Tolerances: fp16 keeps 11 significant bits (relative step 2^-11 ~ 4.9e-4). ONNX
+Runtime and torch round different intermediates to fp16 (torch's CPU fp16 matmul
+and softmax accumulate in fp32 and round once; the ONNX graph rounds each op's
+output), so results agree to a few fp16 steps of the output's magnitude, not
+bit for bit. Each comparison is ``atol = REL * max|torch|`` with REL = 1e-2 (~20
+fp16 steps: two decoder layers, ~10 rounded ops in a row); the measured errors
+are a fraction of that (docs/export-contract.md lists them).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from _util import run, session
+from blindsight.families import FAMILIES
+
+REL = 1e-2
+PREFILL, STEPS = 12, 3
+FLOAT16, INT64 = onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64
+
+
+def _export(tmp_path_factory, family, dtype):
+    from blindsight.models.checkpoints import make_tiny_checkpoint
+    from blindsight.models.export_vlm import export_vlm
+
+    root = tmp_path_factory.mktemp(f"{dtype}_{family}")
+    ckpt = make_tiny_checkpoint(family, root / "checkpoint", seed=3)
+    return ckpt, export_vlm(ckpt, root / "export", dtype=dtype).out_dir
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fp16(request, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText
+
+    ckpt, out = _export(tmp_path_factory, request.param, "fp16")
+    model = AutoModelForImageTextToText.from_pretrained(
+        ckpt, local_files_only=True, attn_implementation="eager", dtype=torch.float16).eval()
+    return request.param, out, json.loads((out / "template.json").read_text()), model
+
+
+def _close(got, want):
+    want = want.float().numpy() if isinstance(want, torch.Tensor) else want
+    assert got.dtype == np.float16 and got.shape == want.shape
+    err = np.abs(got.astype(np.float32) - want.astype(np.float32)).max()
+    assert err <= REL * np.abs(want).max(), (err, np.abs(want).max())
+
+
+def _elem_types(values):
+    return {v.name: v.type.tensor_type.elem_type for v in values}
+
+
+def test_fp16_graphs_have_fp16_float_inputs_and_outputs(fp16):
+    family, out, template, _ = fp16
+    assert template["dtype"] == "float16"
+    for name in template["files"].values():
+        graph = onnx.load(str(out / name)).graph
+        types = {**_elem_types(graph.input), **_elem_types(graph.output)}
+        ints = {"input_ids", "position_ids", "attention_mask", *template["vision_inputs"][1:]}
+        assert {n: t for n, t in types.items() if n in ints} == dict.fromkeys(ints & set(types), INT64), name
+        assert {n: t for n, t in types.items() if n not in ints} == dict.fromkeys(set(types) - ints, FLOAT16), name
+        assert not {i.data_type for i in graph.initializer} & {onnx.TensorProto.DOUBLE}
+
+
+def _positions(family, start, length):
+    pos = np.arange(start, start + length, dtype=np.int64)[None]
+    return pos if family == "gemma3" else np.broadcast_to(pos, (3, 1, length)).copy()
+
+
+def _lm_feeds(template, embeds, past_len, presents):
+    feeds = {"inputs_embeds": embeds, "position_ids": _positions(template["family"], past_len, embeds.shape[1]),
+             "attention_mask": np.ones((1, past_len + embeds.shape[1]), dtype=np.int64)}
+    for i in range(2 * template["num_layers"]):
+        name = f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}"
+        feeds[name] = presents[i] if presents else np.zeros((1, template["num_kv_heads"], 0, template["head_dim"]), np.float16)
+    return feeds
+
+
+def test_fp16_language_model_prefill_and_cache_step_equal_torch(fp16):
+    family, out, template, model = fp16
+    embeds = np.random.default_rng(0).standard_normal((1, PREFILL + STEPS, template["hidden_size"])).astype(np.float16)
+    sess = session(str(out / "language_model.onnx"))
+    prefill = run(sess, _lm_feeds(template, embeds[:, :PREFILL], 0, None))
+    step = run(sess, _lm_feeds(template, embeds[:, PREFILL:], PREFILL, prefill[1:]))  # a 3-token continuation
+    seq = PREFILL + STEPS
+    with torch.no_grad():
+        lm = model.model.language_model
+        hidden = lm(inputs_embeds=torch.from_numpy(embeds), position_ids=torch.from_numpy(_positions(family, 0, seq)),
+                    attention_mask=torch.ones(1, seq, dtype=torch.int64), use_cache=True)
+        want = model.lm_head(hidden.last_hidden_state)
+    _close(prefill[0], want[:, :PREFILL])
+    _close(step[0], want[:, PREFILL:])
+    for i, present in enumerate(step[1:]):  # the cache after the step: the whole sequence's keys and values
+        layer = hidden.past_key_values.layers[i // 2]
+        want = layer.values if i % 2 else layer.keys
+        assert present.shape[2] == seq
+        _close(present[:, :, seq - want.shape[2]:], want)  # transformers keeps only a sliding layer's window
+
+
+def test_fp16_vision_and_embed_equal_torch(fp16):
+    family, out, template, model = fp16
+    from blindsight.models.export_vision import qwen_vision_feeds
+
+    rng = np.random.default_rng(1)
+    if family == "gemma3":
+        size = template["vision"]["image_size"]
+        feeds = {"pixel_values": rng.standard_normal((3, 3, size, size)).astype(np.float16)}
+        with torch.no_grad():
+            want = model.model.get_image_features(torch.from_numpy(feeds["pixel_values"])).pooler_output
+    else:
+        grid = np.array([[1, 4, 4], [1, 8, 8], [1, 4, 6]], dtype=np.int64)
+        v = template["vision"]
+        pixels = rng.standard_normal((int(grid.prod(-1).sum()), 3 * v["temporal_patch_size"] * v["patch_size"] ** 2))
+        feeds = qwen_vision_feeds(family, v, pixels, grid)
+        feeds["pixel_values"] = feeds["pixel_values"].astype(np.float16)
+        with torch.no_grad():
+            parts = model.model.get_image_features(torch.from_numpy(feeds["pixel_values"]), torch.from_numpy(grid))
+            want = torch.cat(parts.pooler_output)
+    _close(run(session(str(out / "vision.onnx")), feeds)[0], want)
+
+    ids = rng.integers(0, template["vocab_size"], size=(2, 9))
+    with torch.no_grad():
+        want = model.get_input_embeddings()(torch.from_numpy(ids))
+    np.testing.assert_array_equal(run(session(str(out / "embed.onnx")), {"input_ids": ids})[0], want.numpy())
+
+
+def test_pipeline_runs_an_fp16_export(fp16):
+    from PIL import Image
+
+    from blindsight.runtime.pipeline import Pipeline
+
+    family, out, _, _ = fp16
+    pipe = Pipeline(out, compiled=False, threads=2)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3, 3, 3), dtype=np.uint8)).resize((56, 56))
+    result = pipe.generate([image], "<image>describe", max_new_tokens=3)
+    assert len(result.image_spans) == 1 and 1 <= len(result.token_ids) <= 3
+
+
+def test_gemma3_fp16_upcasting_norm_runs_at_opset_23(tmp_path):
+    """At opset 23 Gemma's x.float() RMSNorm becomes RMSNormalization(X fp16, scale fp32), which
+    ONNX Runtime refuses unless X is cast first (blindsight.models.dtype.cast_mixed_norms)."""
+    from blindsight.models.configs import tiny_config
+    from blindsight.models.export import example_inputs, export_language_model, load_language_model
+
+    path = export_language_model("gemma3", "attention_op", tmp_path / "lm.onnx", dtype="fp16")
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    norms = [n for n in graph.node if n.op_type == "RMSNormalization"]
+    assert norms and all(producers[n.input[0]].op_type == "Cast" for n in norms)
+    feeds = example_inputs("gemma3", tiny_config("gemma3"), seq_len=10)
+    feeds["inputs_embeds"] = feeds["inputs_embeds"].astype(np.float16)
+    got = run(session(str(path)), feeds)[0]
+    model = load_language_model("gemma3", tiny_config("gemma3"), "sdpa").to(torch.float16)
+    with torch.no_grad():
+        want = model(*(torch.from_numpy(feeds[n]) for n in ("inputs_embeds", "position_ids", "attention_mask")))
+    _close(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_exports_pass_the_onnx_checker(family, tmp_path_factory):
+    _, out = _export(tmp_path_factory, family, "bf16")
+    assert json.loads((out / "template.json").read_text())["dtype"] == "bfloat16"
+    for name in ("vision.onnx", "embed.onnx", "language_model.onnx"):
+        model = onnx.load(str(out / name))
+        onnx.checker.check_model(model, full_check=True)  # with type inference: every op accepts bfloat16
+        assert _elem_types(model.graph.output)[model.graph.output[0].name] == onnx.TensorProto.BFLOAT16
+
+
+def test_pipeline_refuses_bf16_with_a_reason():
+    from blindsight.errors import BlindSightError
+    from blindsight.runtime.pipeline import float_dtype
+
+    assert float_dtype({}) == np.float32 and float_dtype({"dtype": "float16"}) == np.float16
+    with pytest.raises(BlindSightError, match="bfloat16.*--dtype"):
+        float_dtype({"dtype": "bfloat16"})
+
+
+def test_bs_export_rejects_an_unknown_dtype(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "blindsight.models.cli", str(tmp_path), "-o", str(tmp_path / "o"),
+                          "--dtype", "fp8"], capture_output=True, text=True)
+    assert res.returncode == 2 and "fp16" in res.stderr

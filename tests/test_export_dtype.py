@@ -189,3 +189,106 @@ def test_bs_export_rejects_an_unknown_dtype(tmp_path):
     res = subprocess.run([sys.executable, "-m", "blindsight.models.cli", str(tmp_path), "-o", str(tmp_path / "o"),
                           "--dtype", "fp8"], capture_output=True, text=True)
     assert res.returncode == 2 and "fp16" in res.stderr
+
+
+# ---------------------------------------------------------------- compiling the fp16 exports
+
+
+def _compile(out, tmp_path, layers, lowering):
+    from blindsight.compiler.pipeline import compile_model
+    from blindsight.profile import Profile
+
+    src = out / "language_model.onnx"
+    dst = out / f"lm.{lowering}.{abs(hash(str(layers))) % 10**8}.onnx"  # beside the export: external data stays valid
+    compile_model(src, Profile(layers), dst, lowering)
+    return src, dst
+
+
+def _layers(template, mixed):
+    from blindsight.profile import Profile
+
+    n, h = int(template["num_layers"]), int(template["num_heads"])
+    return Profile.mixed(n, h, rotate=True).layers if mixed else [["dense"] * h for _ in range(n)]
+
+
+# An all-dense compile runs GroupQueryAttention where the export runs its own
+# fp16 attention ops: two fp16 computations of the same attention, each off the
+# exact value by its own roundings (about 5e-3 relative to the largest logit
+# against torch for these exports, measured), so they may differ by twice
+# that; 2e-2 (relative to max(|x|, 1), bs-check's measure) leaves room, while a
+# sparse head or a changed weight moves logits by far more. The fp32 export is
+# the independent reference: the compile must not be less accurate than the
+# fp16 export itself.
+FP16_COMPILE_TOL = 2e-2
+
+
+@pytest.mark.parametrize("past", [0, 3])
+def test_fp16_all_dense_compile_equals_the_fp16_export(fp16, tmp_path, past):
+    """SPEC §4: an all-dense compile equals its source, within fp16 rounding."""
+    from blindsight.runtime.parity import check
+
+    family, out, template, _ = fp16
+    src, dst = _compile(out, tmp_path, _layers(template, mixed=False), "fast")
+    report = check(src, dst, seq_len=20, past=past, images=2, tolerance=FP16_COMPILE_TOL)
+    assert report.mode == "dense" and report.passed, report.table()
+    logits = next(o for o in report.outputs if o.name == "logits")
+    assert logits.dtype == "float16" and logits.top1 >= 0.9, report.table()
+
+
+def test_fp16_compile_is_as_accurate_as_the_fp16_export(fp16, tmp_path_factory, tmp_path):
+    from blindsight.runtime.parity import random_feeds, _read_graph
+
+    family, out, template, _ = fp16
+    _, out32 = _export(tmp_path_factory, family, "fp32")
+    src, dst = _compile(out, tmp_path, _layers(template, mixed=False), "fast")
+    inputs = _read_graph(out32 / "language_model.onnx")[0]
+    feeds32 = random_feeds(inputs, batch=1, seq_len=20, past=0, seed=5)
+    feeds16 = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds32.items()}
+    exact = run(session(str(out32 / "language_model.onnx")), feeds32)[0]
+    feeds16["image_spans"] = np.array([[2, 9]], dtype=np.int64)
+    export_err = np.abs(run(session(str(src)), feeds16)[0].astype(np.float64) - exact).max()
+    compiled_err = np.abs(run(session(str(dst)), feeds16)[0].astype(np.float64) - exact).max()
+    assert compiled_err <= 2 * export_err + 1e-3, (compiled_err, export_err)
+
+
+@pytest.mark.parametrize("past", [0, 3])
+def test_fp16_sparse_fast_equals_sparse_reference(fp16, tmp_path, past):
+    from blindsight.runtime.parity import check
+
+    family, out, template, _ = fp16
+    layers = _layers(template, mixed=True)
+    _, ref = _compile(out, tmp_path, layers, "reference")
+    _, fast = _compile(out, tmp_path, layers, "fast")
+    report = check(ref, fast, seq_len=24, past=past, images=2)
+    assert report.mode == "lowering" and report.passed, report.table()
+
+
+def test_fp16_compiled_bodies_are_fp16(fp16, tmp_path):
+    family, out, template, _ = fp16
+    _, dst = _compile(out, tmp_path, _layers(template, mixed=True), "fast")
+    model = onnx.load(str(dst))
+    types = set()
+
+    def walk(graph):
+        for n in graph.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in (onnx.TensorProto.FLOAT, FLOAT16, onnx.TensorProto.BFLOAT16):
+                    types.add(a.t.data_type)
+                if n.op_type == "Cast" and a.name == "to" and a.i in (onnx.TensorProto.FLOAT, FLOAT16):
+                    types.add(a.i)
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    for f in model.functions:
+        walk(f)
+    assert types == {FLOAT16}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_exports_compile_to_checked_bf16_graphs(family, tmp_path_factory, tmp_path):
+    """bf16 runs only on GPU providers (no bf16 CPU kernels); the compiled graph must still be valid ONNX."""
+    _, out = _export(tmp_path_factory, family, "bf16")
+    template = json.loads((out / "template.json").read_text())
+    for lowering in ("fast", "reference"):
+        _, dst = _compile(out, tmp_path, _layers(template, mixed=True), lowering)
+        onnx.checker.check_model(onnx.load(str(dst)), full_check=True)

@@ -149,3 +149,14 @@ def test_bs_run_prints_answer_and_timings(tiny, tmp_path):
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(want.text) and "time to first token" in r.stdout
+
+
+def test_placement_of_the_prefill_a_pipeline_ran(tiny):
+    from blindsight.runtime.placement import node_placement
+
+    pipe = Pipeline(tiny.out, compiled=True, threads=2)
+    pipe.generate(_images(1), CASES[1][0], 2)
+    assert "image_spans" in pipe.prefill_feeds and pipe.prefill_feeds["inputs_embeds"].shape[1] > 0
+    p = node_placement(pipe.model_path, pipe.prefill_feeds, "cpu", 2)
+    assert set(p.nodes) == {"CPUExecutionProvider"} and p.fallbacks == []
+    assert "GroupQueryAttention" in {op for _, op in p.nodes["CPUExecutionProvider"]}

@@ -23,6 +23,8 @@ FORMATS = ("BNSH", "BSD")
 MASK_TYPES = ("none", "bool", "float")
 # Float types of Q/K/V (and of a float mask and the output) that the op takes.
 DTYPES = ("float32", "float16", "bfloat16")
+# The short names command lines take (bs-export, bs-bench --dtype).
+SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)

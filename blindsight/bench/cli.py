@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from blindsight.errors import BlindSightError
+from blindsight.attention.schema import SHORT_DTYPES
 from blindsight.runtime.session import PROVIDERS, resolve_provider
 
 # ----------------------------------------------------------------- bs-flops
@@ -100,8 +101,6 @@ def flops_main(argv=None) -> int:
 
 # ----------------------------------------------------------------- bs-bench
 
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
 FULL_SIZES = ((4, 2048), (8, 1024), (16, 512))
 QUICK_SIZES = ((4, 256), (8, 128))
 
@@ -162,7 +161,7 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
     return out
 
 
-def _prefill_level(case, threads, repeats, memory, work_dir, bar) -> dict:
+def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu") -> dict:
     from blindsight.bench import prefill
     from blindsight.bench.timing import interleaved, measure_in_child, session
 
@@ -181,7 +180,7 @@ def _prefill_level(case, threads, repeats, memory, work_dir, bar) -> dict:
     # allocation costs this way
     ratios = {}
     for a, b in (("dense", "mix"), ("raw", "mix"), ("raw", "dense")):
-        sa, sb = session(paths[a], threads, arena=False), session(paths[b], threads, arena=False)
+        sa, sb = session(paths[a], threads, provider, arena=False), session(paths[b], threads, provider, arena=False)
         pair = interleaved({a: runner(sa), b: runner(sb)}, repeats, progress=bar)
         ratios[a, b] = pair[a] / pair[b]
         if (a, b) == ("dense", "mix"):
@@ -193,12 +192,14 @@ def _prefill_level(case, threads, repeats, memory, work_dir, bar) -> dict:
     mem = {}
     if memory:
         for k, pth in paths.items():
-            mem[k] = measure_in_child("blindsight.bench.prefill", {"case": vars(case), "path": str(pth), "threads": threads})["peak_rss_mb"]
+            mem[k] = measure_in_child("blindsight.bench.prefill", {"case": vars(case), "path": str(pth), "threads": threads,
+                                                                  "provider": provider})["peak_rss_mb"]
             bar.update(1)
     fl = prefill.flops(case)
     speedup = ratios["dense", "mix"]
     return {
         "model": case.dims().name, "num_layers": case.num_layers, "form": case.form, "N": case.num_images, "L": case.image_len,
+        "dtype": SHORT_DTYPES[case.dtype], "provider": provider,
         "seq_len": case.template.seq_len, "speedup": speedup, "flop_bound": fl["prefill_bound"],
         "efficiency": speedup / fl["prefill_bound"], "vs_raw_export": ratios["raw", "mix"],
         "dense_vs_raw_export": ratios["raw", "dense"], "attention_flop_bound": fl["attention_bound"],
@@ -258,8 +259,8 @@ def bench_main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CATEGORY_CASES), help="op-level categories, comma-separated ('mixed': a mixed layer)")
     p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: SPEC §6's three)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="fp32",
-                   help="attention dtype (default fp32); fp16 runs on the CPU provider, bf16 needs a GPU provider")
+    p.add_argument("--dtype", choices=tuple(SHORT_DTYPES), default="fp32",
+                   help="dtype of the op-level node and of the prefill export (default fp32; bf16 is refused with the reason)")
     p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS),
                    help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
     p.add_argument("--repeats", type=int, help="timed runs per variant (default 5, quick 2)")
@@ -292,10 +293,11 @@ def bench_main(argv=None) -> int:
                 assert all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in sizes)
             except (ValueError, AssertionError):
                 raise BlindSightError(f"--sizes {args.sizes!r}: expected a list like 4x2048,8x1024") from None
-        dtype = DTYPE_NAMES[args.dtype]
-        if dtype == "bfloat16" and args.provider == "cpu":
-            raise BlindSightError("--dtype bf16: onnxruntime's CPU provider has no bf16 kernels for attention "
-                                  "(MatMul, Softmax, GroupQueryAttention); pass a GPU provider, e.g. --provider cuda")
+        dtype = SHORT_DTYPES[args.dtype]
+        if dtype == "bfloat16":
+            raise BlindSightError("--dtype bf16 is not benchmarked: onnxruntime's CPU provider has no bf16 kernels "
+                                  "(MatMul, Softmax, GroupQueryAttention) and the benchmark feeds numpy arrays, which have no "
+                                  "bfloat16; use --dtype fp16 (on --provider cuda for the GPU figures)")
         resolve_provider(args.provider)
         repeats = args.repeats or (2 if args.quick else 5)
         if repeats < 1 or args.threads < 1:
@@ -305,6 +307,7 @@ def bench_main(argv=None) -> int:
             num_images=args.prefill_images or (4 if args.quick else 8),
             image_len=args.prefill_image_len or (96 if args.quick else 1000),
             form=args.form,
+            dtype=args.dtype,
         )
         if case.num_layers < 2:
             raise BlindSightError("--prefill-layers must be >= 2 (the profile mix keeps layer 0 dense)")
@@ -337,7 +340,7 @@ def bench_main(argv=None) -> int:
             if do_op:
                 record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown, dtype, args.provider)
             if do_prefill:
-                record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar)
+                record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider)
         if args.plot and record.get("op"):
             _plot(record, Path(args.plot))
         if args.markdown:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blindsight.attention.schema import SHORT_DTYPES
 from blindsight.flops import ModelDims, Template, count_flops, model_dims
 from blindsight.profile import Profile
 
@@ -30,6 +31,7 @@ class PrefillCase:
     num_images: int = 8
     image_len: int = 1000
     form: str = "attention_op"
+    dtype: str = "fp32"  # bs-export's names: fp32, fp16, bf16
 
     @property
     def template(self) -> Template:
@@ -41,7 +43,8 @@ class PrefillCase:
                        vocab_size=BENCH_VOCAB, layer_windows=full.layer_windows[: self.num_layers])
 
     def key(self) -> str:
-        return f"{self.model}_l{self.num_layers}_{self.form}"
+        suffix = "" if self.dtype == "fp32" else f"_{self.dtype}"
+        return f"{self.model}_l{self.num_layers}_{self.form}{suffix}"
 
 
 def profile_mix(dims: ModelDims) -> list[list[str]]:
@@ -77,7 +80,7 @@ def build(case: PrefillCase, work_dir: Path) -> dict[str, Path]:
     work_dir.mkdir(parents=True, exist_ok=True)
     raw = work_dir / f"{case.key()}.onnx"
     if not raw.is_file():
-        export_language_model("qwen2_vl", case.form, raw, config=_qwen2_vl_config(dims), seq_len=64)
+        export_language_model("qwen2_vl", case.form, raw, config=_qwen2_vl_config(dims), seq_len=64, dtype=case.dtype)
     paths = {"raw": raw}
     for name, layers in (("dense", [["dense"] * dims.num_heads for _ in range(dims.num_layers)]), ("mix", profile_mix(dims))):
         out = work_dir / f"{case.key()}.{name}.onnx"
@@ -92,7 +95,7 @@ def feeds(case: PrefillCase, seed: int = 0) -> dict[str, np.ndarray]:
     S = t.seq_len
     pos = np.broadcast_to(np.arange(S, dtype=np.int64), (3, 1, S)).copy()
     return {
-        "inputs_embeds": rng.standard_normal((1, S, dims.hidden_size), dtype=np.float32),
+        "inputs_embeds": rng.standard_normal((1, S, dims.hidden_size), dtype=np.float32).astype(SHORT_DTYPES[case.dtype]),
         "position_ids": pos,
         "attention_mask": np.ones((1, S), dtype=np.int64),
         "image_spans": t.spans,
@@ -112,7 +115,7 @@ def _child() -> None:
 
     args = json.loads(sys.stdin.read())
     case = PrefillCase(**args["case"])
-    sess = session(args["path"], args["threads"], arena=False)  # as timed
+    sess = session(args["path"], args["threads"], args.get("provider", "cpu"), arena=False)  # as timed
     names = {i.name for i in sess.get_inputs()}
     inputs = {k: v for k, v in feeds(case).items() if k in names}
     reset_peak_rss()

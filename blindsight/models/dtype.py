@@ -17,12 +17,14 @@ the scale's dtype is exactly the upcast the torch module performs.
 
 from __future__ import annotations
 
-DTYPES = ("fp32", "fp16", "bf16")
+from blindsight.attention.schema import SHORT_DTYPES
+
+DTYPES = tuple(SHORT_DTYPES)
 #: opset of bfloat16 vision exports: ONNX ``Conv`` (the patch embeddings) accepts
 #: bfloat16 from opset 22; at the exporter's default (18) the graph is invalid
 BF16_VISION_OPSET = 23
 #: numpy / ONNX-style names, as template.json records them
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_NAMES = SHORT_DTYPES
 
 
 def check_dtype(dtype: str) -> str:

@@ -48,12 +48,20 @@ def main(argv=None) -> int:
 
         pipe = Pipeline(args.out_dir, provider=args.provider, compiled=args.model, threads=args.threads)
         result = pipe.generate(args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
+        placement = None
+        if args.provider != "cpu":
+            # a GPU provider that hands nodes back to the CPU costs the speed: say which
+            from blindsight.runtime.placement import node_placement
+
+            placement = node_placement(pipe.model_path, pipe.prefill_feeds, args.provider, args.threads)
+            print(placement.summary(), file=sys.stderr)
     except BlindSightError as exc:
         print(f"bs-run: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         record = result.to_dict()
-        record.update(provider=args.provider, images=len(args.image), sparse=pipe.sparse)
+        record.update(provider=args.provider, images=len(args.image), sparse=pipe.sparse,
+                      placement=placement.to_dict() if placement is not None else None)
         print(json.dumps(record))
         return 0
     print(result.text)

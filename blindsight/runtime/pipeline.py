@@ -172,7 +172,8 @@ class Pipeline:
         if self.sparse:
             feeds[SPANS_INPUT] = spans
         names = [o.name for o in self.lm.get_outputs()]
-        outs = dict(zip(names, self.lm.run(None, {k: v for k, v in feeds.items() if k in self.lm_inputs})))
+        self._last_feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
+        outs = dict(zip(names, self.lm.run(None, self._last_feeds)))
         present = {f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"]
                    for i in range(self.num_layers) for n in ("key", "value")}
         return outs["logits"][0, -1], present
@@ -197,6 +198,7 @@ class Pipeline:
         logits, past = self._run_lm(embeds, positions, self._empty_past(), ids.size, spans)
         token = int(np.argmax(logits))
         t1 = time.perf_counter()
+        self.prefill_feeds = self._last_feeds  # for a node-placement report (runtime.placement)
         tokens = [token]
         while len(tokens) < max_new_tokens and token not in self.eos:
             step = ids.size + len(tokens) - 1

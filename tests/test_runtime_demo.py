@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from blindsight.flops import Template
-from blindsight.profile import load
+from blindsight.profile import load, mixed_layer
 from blindsight.attention import allowed_mask
 
 
@@ -18,7 +18,7 @@ def _bs_demo(*args):
 def test_bs_demo_runs_the_flow_and_reports_parity(tmp_path):
     out = tmp_path / "demo"
     r = _bs_demo("--out", out, "--no-real-weights", "--images", 3, "--image-len", 24, "--repeats", 1,
-                 "--new-tokens", 4, "--json")
+                 "--new-tokens", 4, "--speed-layers", 2, "--json")
     assert r.returncode == 0, r.stderr
     assert "[1/" in r.stderr  # progress is shown
     rec = json.loads(r.stdout)
@@ -27,14 +27,20 @@ def test_bs_demo_runs_the_flow_and_reports_parity(tmp_path):
     assert answers["fast"]["token_ids"] == answers["reference"]["token_ids"]
     assert len(answers["fast"]["image_spans"]) == 3
     assert rec["real_weights"] == {"skipped": "--no-real-weights"}
-    # the attention FLOP bound, recomputed from the SPEC §2 masks of the saved profile
-    profile = load(out / "export" / "profile.json")
+    assert load(out / "export" / "profile.json").num_layers == 2
+    # the timing runs on Qwen2-VL-2B's attention dimensions (12 query / 2 KV heads of 128), not the tiny VLM's
+    speed = rec["speed_qwen2_vl_2b_dims"]
+    assert speed["seq_len"] == Template(num_images=3, image_len=24).seq_len and speed["speedup_vs_dense"] > 0
+    # its attention FLOP bound, recomputed from the SPEC §2 masks of the timed profile (layer 0 dense, then the mixed layer)
+    layers = [["dense"] * 12, list(mixed_layer(12))]
     tpl = Template(num_images=3, image_len=24)
     pairs = {c: allowed_mask(c, tpl.spans, tpl.seq_len).sum() for c in ("dense", "sink", "intra", "intra_sink")}
-    dense = sum(pairs["dense"] for layer in profile.layers for _ in layer)
-    sparse = sum(pairs[c] for layer in profile.layers for c in layer)
-    flops = rec["speed_tiny_vlm"]["flops"]
-    assert np.isclose(flops["attention_bound"], dense / sparse)
+    dense = sum(pairs["dense"] for layer in layers for _ in layer)
+    sparse = sum(pairs[c] for layer in layers for c in layer)
+    assert np.isclose(speed["flops"]["attention_bound"], dense / sparse)
+    # and one layer's attention alone (the mixed layer vs GroupQueryAttention), its bound from the same masks
+    op = rec["attention_qwen2_vl_2b_dims"]
+    assert op["speedup"] > 0 and np.isclose(op["flop_bound"], pairs["dense"] * 12 / sum(pairs[c] for c in layers[1]))
     for name in ("template.json", "vision.onnx", "embed.onnx", "language_model.onnx", "language_model.blindsight.onnx"):
         assert (out / "export" / name).is_file()
 

@@ -5,7 +5,8 @@ Qwen2-VL / Qwen2.5-VL vision towers derive index tensors from
 segments, Qwen2.5-VL's window order), which no trace can keep dynamic.
 transformers exposes them as precomputable (``transformers.vision_utils``),
 so the graph takes them as inputs and :func:`qwen_vision_feeds` computes them
-on the host with transformers' own functions. Attention inside the tower runs
+on the host (numpy equivalents of transformers' functions, in
+blindsight.runtime.vision_inputs, so the runtime needs no torch). Attention inside the tower runs
 over all patches of the call with a block-diagonal mask made from the segment
 boundaries (exact; memory grows with the square of the patches of one call,
 so feed images one at a time when they are large).
@@ -88,24 +89,12 @@ def qwen_vision_feeds(family: str, vision_config: dict, pixel_values, image_grid
     """Every input of a Qwen ``vision.onnx`` from the processor's outputs.
 
     ``vision_config`` is template.json's ``vision`` entry (spatial_merge_size,
-    window_size, patch_size).
+    window_size, patch_size). The numpy implementation of the runtime
+    (:mod:`blindsight.runtime.vision_inputs`, equal to transformers.vision_utils').
     """
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+    from blindsight.runtime.vision_inputs import qwen_vision_feeds as feeds
 
-    grid = torch.as_tensor(np.asarray(image_grid_thw), dtype=torch.int64)
-    merge = int(vision_config["spatial_merge_size"])
-    feeds = {
-        "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
-        "vision_position_ids": get_vision_position_ids(grid, merge).numpy().astype(np.int64),
-        "cu_seqlens": get_vision_cu_seqlens(grid).numpy().astype(np.int64),
-    }
-    if families.get(family).windowed_vision:
-        index, cu_window = get_vision_window_index(
-            grid, spatial_merge_size=merge, window_size=int(vision_config["window_size"]),
-            patch_size=int(vision_config["patch_size"]))
-        feeds["window_index"] = index.numpy().astype(np.int64)
-        feeds["cu_window_seqlens"] = cu_window.numpy().astype(np.int64)
-    return feeds
+    return feeds(family, vision_config, pixel_values, image_grid_thw)
 
 
 def qwen_vision_module(family: str, model: nn.Module) -> QwenVision:

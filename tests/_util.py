@@ -32,6 +32,11 @@ def run(sess: ort.InferenceSession, feeds: dict):
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
+# prompts at the edges: no image, only an image, images at the very start and end, a 1-token prompt
+EDGE_TEMPLATES = [([], 7), ([(0, 5)], 5), ([(0, 3), (3, 9)], 12), ([(4, 12)], 12), ([(0, 1)], 1)]
+EDGE_IDS = ["no-image", "only-image", "start", "end", "single-token"]
+
+
 @st.composite
 def templates(draw, max_images=6, max_len=9, max_gap=4):
     """(spans, seq_len): text before, between and after 0..max_images images of varied length."""

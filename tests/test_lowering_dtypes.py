@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 
-from _util import category_lists, node_session, run, templates
+from _util import EDGE_IDS, EDGE_TEMPLATES, category_lists, node_session, run, templates
 from blindsight.attention import CATEGORIES, reference_attention
 from blindsight.attention.schema import AttentionConfig
 from blindsight.passes.lowering.fixture import single_node_model
@@ -62,11 +62,7 @@ def _check(cfg, spans, seq, batch, seed, past=0, window_mask=False):
 
 
 @pytest.mark.parametrize("category", CATEGORIES)
-@pytest.mark.parametrize(
-    "spans,seq",
-    [([], 7), ([(0, 5)], 5), ([(0, 3), (3, 9)], 12), ([(4, 12)], 12), ([(0, 1)], 1)],
-    ids=["no-image", "only-image", "start", "end", "single-token"],
-)
+@pytest.mark.parametrize("spans,seq", EDGE_TEMPLATES, ids=EDGE_IDS)
 @pytest.mark.parametrize("fmt", ["BNSH", "BSD"])
 def test_fp16_edge_templates(category, spans, seq, fmt):
     cfg = AttentionConfig(4, 2, D, 0.35, (category,) * 4, mask_type="none", qkv_format=fmt, dtype="float16")

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _util import category_lists, node_session, run, templates
+from _util import EDGE_IDS, EDGE_TEMPLATES, category_lists, node_session, run, templates
 from blindsight.attention.schema import AttentionConfig
 from blindsight.attention import reference_attention
 
@@ -77,11 +77,7 @@ def test_batch_padding_window_and_layouts(template, cats, seed, fmt, window):
 
 
 @pytest.mark.parametrize("category", ["dense", "sink", "intra", "intra_sink"])
-@pytest.mark.parametrize(
-    "spans,seq",
-    [([], 7), ([(0, 5)], 5), ([(0, 3), (3, 9)], 12), ([(4, 12)], 12), ([(0, 1)], 1)],
-    ids=["no-image", "only-image", "start", "end", "single-token"],
-)
+@pytest.mark.parametrize("spans,seq", EDGE_TEMPLATES, ids=EDGE_IDS)
 @pytest.mark.parametrize("fmt", ["BNSH", "BSD"])
 def test_edge_templates(category, spans, seq, fmt):
     cfg = AttentionConfig(4, 2, D, 0.35, (category,) * 4, mask_type="none", qkv_format=fmt)

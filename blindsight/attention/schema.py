@@ -107,17 +107,11 @@ class AttentionConfig:
 
     @property
     def elem_type(self) -> int:
-        """The ONNX TensorProto element type of ``dtype``."""
-        from onnx import TensorProto
-
-        return {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[self.dtype]
+        return elem_type_of(self.dtype)
 
     @property
     def np_dtype(self):
-        """The numpy dtype of ``dtype`` (bfloat16 through ml_dtypes, as onnx uses it)."""
-        from onnx import helper
-
-        return helper.tensor_dtype_to_np_dtype(self.elem_type)
+        return np_dtype_of(self.dtype)
 
     def attributes(self) -> dict:
         """The node's attributes, in schema order, with ONNX-ready Python values."""
@@ -149,6 +143,20 @@ class AttentionConfig:
             head_size = q_shape[-1] if attrs["qkv_format"] == "BNSH" else q_shape[-1] // attrs["num_heads"]
         attrs["categories"] = tuple(attrs["categories"])
         return cls(head_size=head_size, mask_type=mask_type, dtype=dtype, **attrs)
+
+
+def elem_type_of(dtype: str) -> int:
+    """The ONNX TensorProto element type of a name in :data:`DTYPES`."""
+    from onnx import TensorProto
+
+    return {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
+
+
+def np_dtype_of(dtype: str):
+    """The numpy dtype of a name in :data:`DTYPES` (bfloat16 through ml_dtypes, as onnx uses it)."""
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(elem_type_of(dtype))
 
 
 class DTypeError(ModelError):

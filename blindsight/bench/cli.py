@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from blindsight.errors import BlindSightError
+from blindsight.tables import fmt_table
 from blindsight.attention.schema import SHORT_DTYPES
 from blindsight.runtime.session import PROVIDERS, resolve_provider
 
@@ -35,13 +36,6 @@ def _check_template(args):
     if args.image_len < 1:
         raise BlindSightError(f"--image-len must be >= 1, got {args.image_len}")
     return Template(args.images, args.image_len, args.prefix, args.gap, args.question)
-
-
-def _fmt_table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
 def flops_main(argv=None) -> int:
@@ -95,7 +89,7 @@ def flops_main(argv=None) -> int:
     rows = [[name, f"{r.attention_dense / 1e12:.2f}", f"{r.attention_sparse / 1e12:.2f}", f"{100 * r.attention_reduction:.1f}%",
              f"{r.attention_bound:.2f}x", f"{r.prefill_dense / 1e12:.2f}", f"{r.prefill_sparse / 1e12:.2f}",
              f"{100 * r.prefill_reduction:.1f}%", f"{r.prefill_bound:.2f}x"] for name, r in reports.items()]
-    print(_fmt_table(["profile", "attn TFLOP", "sparse", "saved", "bound", "prefill TFLOP", "sparse", "saved", "bound"], rows))
+    print(fmt_table(["profile", "attn TFLOP", "sparse", "saved", "bound", "prefill TFLOP", "sparse", "saved", "bound"], rows))
     return 0
 
 
@@ -376,13 +370,13 @@ def render(record: dict) -> str:
         kinds = sorted({(r.get("dtype", "float32"), r.get("provider", "cpu")) for r in record["op"]})
         parts.append("\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, "
                      + "; ".join(f"{d}, {p} provider" for d, p in kinds))
-        parts.append(_fmt_table(["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"], rows))
+        parts.append(fmt_table(["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"], rows))
         explained = [r for r in record["op"] if r.get("breakdown_ms")]
         if explained:
             classes = sorted({k for r in explained for k in r["breakdown_ms"]})
             rows = [[r["category"], f"{r['N']}x{r['L']}"] + [f"{r['breakdown_ms'].get(k, 0):.0f}" for k in classes] for r in explained]
             parts.append("\nwhere the time goes (ms per run, ORT profiler, one profiled session per case)")
-            parts.append(_fmt_table(["category", "N x L"] + classes, rows))
+            parts.append(fmt_table(["category", "N x L"] + classes, rows))
     pf = record.get("prefill")
     if pf:
         t = pf["time_s"]
@@ -393,7 +387,7 @@ def render(record: dict) -> str:
                  f"{mem.get('mix', 0):.0f}" if mem else ""]]
         parts.append(f"\nprefill level: {pf['model']}, export form {pf['form']}, {pf['N']} images x {pf['L']} tokens = {pf['seq_len']} tokens "
                      f"(mix vs raw export: {pf['vs_raw_export']:.2f}x; attention FLOP bound {pf['attention_flop_bound']:.2f}x)")
-        parts.append(_fmt_table(["graph", "seconds", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows))
+        parts.append(fmt_table(["graph", "seconds", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows))
     return "\n".join(parts)
 
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
 from blindsight.flops import Template, attention_pairs
 from blindsight.attention import CATEGORIES
-from blindsight.attention.schema import AttentionConfig
+from blindsight.attention.schema import AttentionConfig, elem_type_of, np_dtype_of
 from blindsight.passes.lowering.builder import MS_DOMAIN, OPSET
 from blindsight.passes.lowering.fixture import single_node_model
 from blindsight.profile import MIXED, mixed_layer
@@ -32,11 +32,11 @@ class OpShape:
 
     @property
     def elem_type(self) -> int:
-        return helper.np_dtype_to_tensor_dtype(self.np_dtype)
+        return elem_type_of(self.dtype)
 
     @property
     def np_dtype(self):
-        return AttentionConfig(1, 1, 1, 1.0, ("dense",), dtype=self.dtype).np_dtype
+        return np_dtype_of(self.dtype)
 
     @property
     def scale(self) -> float:
@@ -125,22 +125,9 @@ KERNEL_CLASSES = {
 def breakdown(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 2, provider: str = "cpu") -> dict[str, float]:
     """Milliseconds per kernel class of one run (ORT profiler, If bodies included):
     where the time goes beyond the FLOPs."""
-    import os
-    import tempfile
+    from blindsight.runtime.placement import profiled_runs
 
-    from blindsight.runtime.session import make_session
-
-    prefix = os.path.join(tempfile.gettempdir(), f"bs_bench_{os.getpid()}")
-    sess = make_session(model, provider=provider, threads=threads, log_severity=3, profile_prefix=prefix)
-    names = {i.name for i in sess.get_inputs()}
-    f = {k: v for k, v in feeds.items() if k in names}
-    for _ in range(runs + 1):
-        sess.run(None, f)
-    path = sess.end_profiling()
-    try:
-        events = json.load(open(path))
-    finally:
-        os.remove(path)
+    events = profiled_runs(model, feeds, provider=provider, threads=threads, runs=runs + 1, log_severity=3)
     total: dict[str, float] = {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):

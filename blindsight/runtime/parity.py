@@ -37,6 +37,7 @@ import numpy as np
 from blindsight.attention import validate_spans
 from blindsight.attention.schema import SPANS_INPUT, is_blindsight
 from blindsight.errors import BlindSightError, ModelError, SpanError
+from blindsight.tables import fmt_table
 
 MODES = ("dense", "lowering")
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-8, "float16": 1e-2, "bfloat16": 5e-2}
@@ -112,15 +113,13 @@ class ParityReport:
         return rec
 
     def table(self) -> str:
-        from blindsight.bench.cli import _fmt_table
-
         rows = [[o.name, o.dtype, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
                  f"{o.tolerance:g}", "" if o.top1 is None else f"{o.top1:.4f}", "ok" if o.passed else "FAIL"]
                 for o in self.outputs]
         head = (f"{self.mode} mode, {self.provider}: {self.compiled} vs {self.source}; "
                 f"feeds {', '.join(f'{k} {list(v)}' for k, v in self.feeds.items() if k != SPANS_INPUT)}; "
                 f"image_spans {self.spans}")
-        body = _fmt_table(["output", "dtype", "shape", "max abs err", "max rel err", "tolerance", "top-1", "verdict"], rows)
+        body = fmt_table(["output", "dtype", "shape", "max abs err", "max rel err", "tolerance", "top-1", "verdict"], rows)
         verdict = "all outputs within tolerance" if self.passed else \
             "over tolerance: " + ", ".join(o.name for o in self.failures)
         extra = [self.note] if self.note else []

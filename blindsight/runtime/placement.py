@@ -60,13 +60,21 @@ def parse_profile(events, requested: str) -> Placement:
     return Placement(requested, {p: sorted(v.items()) for p, v in nodes.items()})
 
 
+def profiled_runs(model, feeds: dict, *, provider: str = "cpu", threads: int | None = None, runs: int = 1,
+                  log_severity: int | None = None) -> list[dict]:
+    """Run ``model`` ``runs`` times on ``feeds`` (inputs it lacks are dropped) under ONNX
+    Runtime's profiler; returns the profiler's events (function bodies inlined)."""
+    with tempfile.TemporaryDirectory(prefix="blindsight-profile-") as tmp:
+        sess = make_session(model, provider=provider, threads=threads, log_severity=log_severity,
+                            profile_prefix=os.path.join(tmp, "run"))
+        names = {i.name for i in sess.get_inputs()}
+        f = {k: v for k, v in feeds.items() if k in names}
+        for _ in range(runs):
+            sess.run(None, f)
+        with open(sess.end_profiling()) as fh:
+            return json.load(fh)
+
+
 def node_placement(model, feeds: dict, provider: str = "cpu", threads: int | None = None) -> Placement:
     """Run ``model`` once on ``feeds`` with the profiler on and read off where each node ran."""
-    with tempfile.TemporaryDirectory(prefix="blindsight-placement-") as tmp:
-        sess = make_session(model, provider=provider, threads=threads, profile_prefix=os.path.join(tmp, "run"))
-        names = {i.name for i in sess.get_inputs()}
-        sess.run(None, {k: v for k, v in feeds.items() if k in names})
-        path = sess.end_profiling()
-        with open(path) as f:
-            events = json.load(f)
-    return parse_profile(events, provider)
+    return parse_profile(profiled_runs(model, feeds, provider=provider, threads=threads), provider)

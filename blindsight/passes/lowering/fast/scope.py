@@ -13,7 +13,6 @@ from blindsight.passes.lowering.builder import Builder
 from blindsight.passes.lowering.masks import keep_mask, position_keep
 
 
-
 class Scope:
     def __init__(self, cfg: AttentionConfig, b: Builder):
         self.cfg, self.b = cfg, b
@@ -58,8 +57,7 @@ class Scope:
 
     def seq(self) -> str:
         """Scalar int64 prompt length."""
-        ax = self.seq_axis
-        return self.once("seq", lambda: self.b.op("Squeeze", self.b.op("Shape", "query", start=ax, end=ax + 1), self.b.i64(0)))
+        return self.once("seq", lambda: self.b.shape_dim("query", self.seq_axis))
 
     def batch(self) -> str:
         """[1] int64 batch size."""

@@ -240,7 +240,7 @@ def real_weights(args, out: Path, table: Table, record: dict):
     dense = Profile.uniform("dense", p.num_layers, p.num_heads, num_kv_heads=p.num_kv_heads)
     paths = {"export": raw, "dense": compile_with(raw, dense), "fast": compile_with(raw, p)}
     ids = np.random.default_rng(0).integers(10, 1000, tpl.seq_len)  # only the shapes matter for timing
-    feeds = {**onnx_feeds(loaded, ids), "image_spans": tpl.spans}
+    feeds = {**onnx_feeds(loaded, ids, tpl.spans), "image_spans": tpl.spans}
     med = time_prefills(paths, feeds, args.repeats, args.threads)
     flops = count_flops(loaded.directory, p, tpl.spans, tpl.seq_len, sink_tokens=p.sink_tokens)
     record["speed_real_weights"] = speed_rows(part, med, flops, tpl.seq_len, args, table)

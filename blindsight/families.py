@@ -71,6 +71,10 @@ class Family:
     image_processor_kwargs: tuple[tuple[str, Any], ...] = ()
     #: what the family's processor returns beside input_ids, 1 marking an image token
     token_type_key: str = "mm_token_type_ids"
+    #: an image's soft tokens attend each other in both directions during prefill
+    #: (Gemma 3: transformers builds it from token_type_ids); the exports take
+    #: ``token_type_ids`` and compiled nodes carry ``image_blocks`` = 1
+    image_blocks: bool = False
 
     @property
     def mrope_positions(self) -> bool:
@@ -182,7 +186,8 @@ REGISTRY: dict[str, Family] = {
                logit_softcapping=True, embedding_scale=True,
                text_config_class="Gemma3TextConfig", text_model_class="Gemma3ForCausalLM", text_model_type="gemma3_text",
                image_placeholder="{start}", expansion_key="{start}", image_expansion="\n\n{start}{images}{end}\n\n",
-               image_processor_kwargs=(("do_pan_and_scan", False),), token_type_key="token_type_ids"),
+               image_processor_kwargs=(("do_pan_and_scan", False),), token_type_key="token_type_ids",
+               image_blocks=True),
     )
 }
 FAMILIES = tuple(REGISTRY)

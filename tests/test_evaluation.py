@@ -119,6 +119,7 @@ def test_gemma3_export_and_compiled_models_equal_transformers(gemma_eval):
     from blindsight.evaluation.onnx_models import compile_with
     from blindsight.evaluation.runner import onnx_feeds
     from blindsight.models import pretrained
+    from blindsight.models.image_blocks import prompt_masks
     from blindsight.profile import Profile
     from blindsight.prompts import encode
     from blindsight.runtime.session import CompiledSession
@@ -126,13 +127,20 @@ def test_gemma3_export_and_compiled_models_equal_transformers(gemma_eval):
     root, _ = gemma_eval
     loaded = pretrained.load("gemma3-270m")
     ids, spans = encode(task_prompts(1, seed=11)[0].pieces, loaded.tokenizer, loaded.delimiters)
-    feeds = onnx_feeds(loaded, ids)
+    feeds = onnx_feeds(loaded, ids, spans)
+    assert feeds["token_type_ids"].sum() == sum(e - s - 2 for s, e in spans.tolist())
+    ids_t = torch.from_numpy(ids)[None]
     with torch.no_grad():
-        want = loaded.model(input_ids=torch.from_numpy(ids)[None], logits_to_keep=1).logits[0, -1].numpy()
+        # transformers' own Gemma 3 mask from token_type_ids (bidirectional within each image)
+        want = loaded.model(input_ids=ids_t, attention_mask=prompt_masks(loaded.model, spans, len(ids)),
+                            logits_to_keep=1).logits[0, -1].numpy()
+        causal = loaded.model(input_ids=ids_t, logits_to_keep=1).logits[0, -1].numpy()
         intra = [["intra"] * 4] * 18
         with hooked(loaded.model, mask=category_masker(intra, spans, len(ids))):
-            want_intra = loaded.model(input_ids=torch.from_numpy(ids)[None], logits_to_keep=1).logits[0, -1].numpy()
-    dense_path = root / "work" / "dense.onnx"
+            want_intra = loaded.model(input_ids=ids_t, attention_mask=prompt_masks(loaded.model, spans, len(ids)),
+                                      logits_to_keep=1).logits[0, -1].numpy()
+    assert np.abs(want - causal).max() > 10 * 2e-3, "the image blocks must move these logits"
+    dense_path = root / "work" / "dense-r2.onnx"
     dense = run(session(str(dense_path)), feeds)[0][0, -1]
     tol = dict(rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(dense, want, **tol)

@@ -66,7 +66,7 @@ def test_fp16_graphs_have_fp16_float_inputs_and_outputs(fp16):
     for name in template["files"].values():
         graph = onnx.load(str(out / name)).graph
         types = {**_elem_types(graph.input), **_elem_types(graph.output)}
-        ints = {"input_ids", "position_ids", "attention_mask", *template["vision_inputs"][1:]}
+        ints = {"input_ids", "position_ids", "attention_mask", "token_type_ids", *template["vision_inputs"][1:]}
         assert {n: t for n, t in types.items() if n in ints} == dict.fromkeys(ints & set(types), INT64), name
         assert {n: t for n, t in types.items() if n not in ints} == dict.fromkeys(set(types) - ints, FLOAT16), name
         assert not {i.data_type for i in graph.initializer} & {onnx.TensorProto.DOUBLE}
@@ -79,7 +79,8 @@ def _positions(family, start, length):
 
 def _lm_feeds(template, embeds, past_len, presents):
     feeds = {"inputs_embeds": embeds, "position_ids": _positions(template["family"], past_len, embeds.shape[1]),
-             "attention_mask": np.ones((1, past_len + embeds.shape[1]), dtype=np.int64)}
+             "attention_mask": np.ones((1, past_len + embeds.shape[1]), dtype=np.int64),
+             "token_type_ids": np.zeros((1, embeds.shape[1]), dtype=np.int64)}  # Gemma 3; no image here
     for i in range(2 * template["num_layers"]):
         name = f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}"
         feeds[name] = presents[i] if presents else np.zeros((1, template["num_kv_heads"], 0, template["head_dim"]), np.float16)

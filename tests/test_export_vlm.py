@@ -72,6 +72,7 @@ def _lm_feeds(template, embeds, past_len, presents=None):
         "inputs_embeds": embeds,
         "position_ids": _positions(template["family"], past_len, seq),
         "attention_mask": np.ones((1, past_len + seq), dtype=np.int64),
+        "token_type_ids": np.zeros((1, seq), dtype=np.int64),  # Gemma 3 only (run() drops it elsewhere); no image here
     }
     for i in range(template["num_layers"]):
         for j, kv in enumerate(("key", "value")):
@@ -123,7 +124,9 @@ def test_export_directory_holds_the_contract(vlm):
     outputs = [o.name for o in lm.graph.output]
     n = template["num_layers"]
     assert inputs[:3] == ["inputs_embeds", "position_ids", "attention_mask"]
-    assert inputs[3:] == [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    blocks = ["token_type_ids"] if family == "gemma3" else []  # Gemma 3's bidirectional image blocks
+    assert inputs[3:] == [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")] + blocks
+    assert template["bidirectional_image_attention"] is (family == "gemma3")
     assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     if family == "gemma3":
         assert template["position_ids"] == "1d" and template["tokens_per_image"] == config.mm_tokens_per_image

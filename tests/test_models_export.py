@@ -48,7 +48,7 @@ def _attn_impl(form: str) -> str:
 
 def _torch_logits(module, inputs: dict[str, np.ndarray]) -> np.ndarray:
     with torch.no_grad():
-        return module(*(torch.from_numpy(inputs[k]) for k in INPUTS)).numpy()
+        return module(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
 
 
 def _ort_logits(path, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -140,16 +140,18 @@ def test_export_matches_torch(exports, family, form):
     assert not any(
         init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
     ), "weights must be embedded"
-    assert [i.name for i in model.graph.input] == list(INPUTS)
+    # Gemma 3 also takes token_type_ids (its bidirectional image blocks)
+    assert [i.name for i in model.graph.input] == list(INPUTS) + (["token_type_ids"] if family == "gemma3" else [])
     assert [o.name for o in model.graph.output] == ["logits"]
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in model.graph.input}
-    assert ranks == {"inputs_embeds": 3, "position_ids": 3 if family != "gemma3" else 2, "attention_mask": 2}
+    want_ranks = {"inputs_embeds": 3, "position_ids": 3 if family != "gemma3" else 2, "attention_mask": 2}
+    assert ranks == (want_ranks | {"token_type_ids": 2} if family == "gemma3" else want_ranks)
     # batch and sequence dims are symbolic
     emb = model.graph.input[0].type.tensor_type.shape.dim
     assert emb[0].dim_param and emb[1].dim_param and emb[2].dim_value == 64
 
-    for batch, seq, seed in ((1, 40, 0), (2, 23, 1)):
-        inp = example_inputs(family, cfg, batch, seq, seed)
+    for batch, seq, seed, spans in ((1, 40, 0, ()), (2, 23, 1, ((2, 9), (9, 15)))):
+        inp = example_inputs(family, cfg, batch, seq, seed, spans=spans)
         got = _ort_logits(path, inp)
         ref = _torch_logits(module, inp)
         assert got.shape == ref.shape == (batch, seq, 128)

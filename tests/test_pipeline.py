@@ -54,8 +54,8 @@ class Tiny:
             if self.family != "gemma3":
                 kw["image_grid_thw"] = torch.as_tensor(prompt.image_grid_thw)
                 kw["mm_token_type_ids"] = (ids == template["image_token_id"]).long()
-            # Gemma 3: no token_type_ids, so transformers attends causally inside images as the
-            # export does (template.json: bidirectional_image_attention false)
+            else:  # as Gemma 3's processor returns them: its image tokens attend both ways
+                kw["token_type_ids"] = (ids == template["image_token_id"]).long()
         with torch.no_grad():
             out = self.hf.generate(**kw)
         return out[0, ids.shape[1]:].tolist()
@@ -160,3 +160,54 @@ def test_placement_of_the_prefill_a_pipeline_ran(tiny):
     p = node_placement(pipe.model_path, pipe.prefill_feeds, "cpu", 2)
     assert set(p.nodes) == {"CPUExecutionProvider"} and p.fallbacks == []
     assert "GroupQueryAttention" in {op for _, op in p.nodes["CPUExecutionProvider"]}
+
+
+@pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
+def test_gemma3_prefill_logits_equal_transformers_with_token_type_ids(tiny):
+    """Raw export and compiled all-dense model: every prefill position's logits equal
+    transformers' forward given token_type_ids (bidirectional image blocks), and
+    differ from its forward without them (so the blocks are what is matched)."""
+    built = Pipeline(tiny.out, compiled=False, threads=2).prompts.build(_images(2), CASES[0][0])
+    ids = torch.as_tensor(built.input_ids)[None]
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.as_tensor(built.pixel_values))
+    with torch.no_grad():
+        want = tiny.hf(**kw, token_type_ids=(ids == tiny.hf.config.image_token_id).long()).logits[0].numpy()
+        causal = tiny.hf(**kw).logits[0].numpy()
+    assert np.abs(want - causal).max() > 1e-3
+    for compiled in (False, tiny.dense_path):
+        pipe = Pipeline(tiny.out, compiled=compiled, threads=2)
+        pipe.generate_from(built, 1)
+        assert pipe.prefill_feeds["token_type_ids"].sum() == (built.input_ids == pipe.template["image_token_id"]).sum()
+        got = pipe.lm.run(["logits"], pipe.prefill_feeds)[0][0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
+def test_gemma3_chunk_that_splits_an_image_is_refused(tiny):
+    """With a KV cache a block is bidirectional only within one chunk: a chunk
+    boundary inside an image is refused, one outside it runs (and equals the whole prefill)."""
+    from blindsight.errors import SpanError
+    from blindsight.runtime.session import CompiledSession
+
+    pipe = Pipeline(tiny.out, compiled=False, threads=2)
+    built = pipe.prompts.build(_images(1), CASES[1][0])
+    spans = pipe.image_spans(built.input_ids)
+    embeds = pipe.embeddings(built)
+    pos, _ = pipe.position_ids(built)
+    s = built.input_ids.size
+    whole, _ = pipe._run_lm(embeds, pos, pipe._empty_past(), s, spans)
+    sess = CompiledSession(tiny.dense_path, threads=2)
+    names = [o.name for o in sess.session.get_outputs()]
+
+    def chunked(cut):
+        first = dict(zip(names, sess.run({"inputs_embeds": embeds[:, :cut], "position_ids": pos[..., :cut],
+                                          "attention_mask": np.ones((1, cut), np.int64), **pipe._empty_past()}, spans, cut)))
+        past = {f"past_key_values.{i}.{n}": first[f"present.{i}.{n}"] for i in range(pipe.num_layers) for n in ("key", "value")}
+        rest = dict(zip(names, sess.run({"inputs_embeds": embeds[:, cut:], "position_ids": pos[..., cut:],
+                                         "attention_mask": np.ones((1, s), np.int64), **past}, spans, s)))
+        return rest["logits"][0, -1]
+
+    start, end = (int(x) for x in spans[0])
+    np.testing.assert_allclose(chunked(end), whole, rtol=0, atol=1e-4)
+    with pytest.raises(SpanError, match="splits the image block"):
+        chunked((start + end) // 2)

@@ -42,9 +42,12 @@ def _prefix(flags: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
 
 
-def attention_pairs(category: str, spans, seq_len: int, sink_tokens: int = 1, window: int | None = None) -> int:
-    """Allowed causal (q, k) pairs of one head of ``category`` over a prefill,
-    with an optional sliding window (k > q - window)."""
+def attention_pairs(category: str, spans, seq_len: int, sink_tokens: int = 1, window: int | None = None,
+                    image_blocks: bool = False) -> int:
+    """Allowed (q, k) pairs of one head of ``category`` over a prefill: causal,
+    with an optional sliding window (k > q - window) and, with ``image_blocks``,
+    Gemma 3's bidirectional image blocks (a block query also sees the later keys
+    of its block, which no window hides)."""
     if category not in RULES:
         raise BlindSightError(f"unknown category {category!r}; expected one of {', '.join(RULES)}")
     spans = validate_spans(spans, seq_len)
@@ -77,11 +80,20 @@ def attention_pairs(category: str, spans, seq_len: int, sink_tokens: int = 1, wi
         "other_sink": other_sink,
         "other": total - text - own_all - other_sink,
     }
+    if image_blocks:
+        # later keys of the query's own block (span interior: start < k < end - 1)
+        own_end = np.where(img_q, spans[np.maximum(image, 0), 1], 0)
+        in_block = img_q & (q > own_start) & (q < own_end - 1)
+        later = np.where(in_block, own_end - 2 - q, 0)
+        later_sink = np.where(in_block, np.maximum(np.minimum(own_start + sink_tokens, own_end - 1) - (q + 1), 0), 0)
+        later = {"own": later - later_sink, "own_sink": later_sink}
     q_sink = sink & img_q
     count = np.zeros_like(q)
     for is_sink_query in (False, True):
         seen = visible_classes(category, is_sink_query)
         rows = img_q & (q_sink == is_sink_query)
         visible = sum((sizes[c] for c, on in seen.items() if on), np.zeros_like(q))
+        if image_blocks:
+            visible = visible + sum((later[c] for c in later if seen[c]), np.zeros_like(q))
         count = np.where(rows, visible, count)
     return int(np.where(img_q, count, total).sum())

@@ -15,6 +15,12 @@ DOMAIN = "ai.blindsight"
 OP_TYPE = "BlindSightAttention"
 OP_VERSION = 1
 SPANS_INPUT = "image_spans"
+#: metadata of an exported graph whose image tokens attend bidirectionally
+#: within their block (bs-export writes "1" for Gemma 3; bs-compile then sets
+#: every node's ``image_blocks``)
+IMAGE_BLOCKS_METADATA = "blindsight.image_blocks"
+#: the exported Gemma 3 graphs' input marking image soft tokens (transformers' name)
+TOKEN_TYPE_INPUT = "token_type_ids"
 
 # Input order of the node and of its function body.
 INPUTS = ("query", "key", "value", "attn_mask", SPANS_INPUT)
@@ -44,6 +50,7 @@ ATTRIBUTES = (
     Attribute("layer", "int", 0, "index of this attention core in topological order (the profile's layer)"),
     Attribute("is_causal", "int", 1, "1: apply causality in addition to attn_mask; 0: attn_mask carries it"),
     Attribute("local_window_size", "int", -1, "sliding window in tokens (key k allowed for query q only if q - k < window); -1: none"),
+    Attribute("image_blocks", "int", 0, "1: Gemma 3's bidirectional image blocks: the tokens of a span strictly between its first and last token (token_type_ids = 1) also see the later tokens of that block (causality becomes causality or the same block; the window and attn_mask still apply); 0: none"),
     Attribute("qkv_format", "string", "BNSH", "BNSH: Q/K/V are [B, heads, S, D]; BSD: [B, S, heads x D]"),
 )
 ATTRIBUTE_NAMES = tuple(a.name for a in ATTRIBUTES)
@@ -68,6 +75,7 @@ class AttentionConfig:
     layer: int = 0
     is_causal: int = 1
     local_window_size: int = -1
+    image_blocks: int = 0
     qkv_format: str = "BNSH"
     mask_type: str = "none"  # "none", "bool" (True keeps) or "float" (additive, in ``dtype``)
     dtype: str = "float32"  # of Q/K/V, a float mask and the output
@@ -86,6 +94,8 @@ class AttentionConfig:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.image_blocks not in (0, 1):
+            raise ValueError(f"image_blocks must be 0 or 1, got {self.image_blocks!r}")
 
     @classmethod
     def placeholder(cls, num_heads: int, kv_num_heads: int, scale: float, **attrs) -> "AttentionConfig":

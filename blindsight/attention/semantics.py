@@ -23,12 +23,14 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class TokenFacts:
     """What a mask function may read of a token: ``image`` (span index, -1 for
-    text), ``sink`` (bool) and ``pos`` (absolute position). Arrays or graph
-    values, shaped to broadcast (queries along rows, keys along columns)."""
+    text), ``sink`` (bool), ``pos`` (absolute position) and ``block`` (the
+    image block it belongs to, -1 for none: see :func:`image_block`). Arrays or
+    graph values, shaped to broadcast (queries along rows, keys along columns)."""
 
     image: Any
     sink: Any
     pos: Any = None
+    block: Any = None
 
 
 MaskFn = Callable[[TokenFacts, TokenFacts, Any], Any]
@@ -45,6 +47,10 @@ class NumpyOps:
     @staticmethod
     def is_text(image):
         return image < 0
+
+    @staticmethod
+    def is_member(ids):
+        return ids >= 0
 
     @staticmethod
     def within(k_pos, q_pos, window: int):
@@ -85,9 +91,19 @@ def sliding_window(window: int) -> MaskFn:
     return lambda q, k, ops: ops.within(k.pos, q.pos, window)
 
 
-def model_mask(is_causal: bool = True, window: int = -1) -> MaskFn | None:
-    """Causality and a sliding window as one mask, or None when neither applies."""
-    parts = ([causal] if is_causal else []) + ([sliding_window(window)] if window > 0 else [])
+def image_block(q, k, ops):
+    """Gemma 3's bidirectional image blocks: q and k lie in the same block (an
+    image's soft tokens, which transformers marks with ``token_type_ids`` = 1:
+    the tokens of a span strictly between its first and last token)."""
+    return ops.and_(ops.is_member(q.block), ops.eq(q.block, k.block))
+
+
+def model_mask(is_causal: bool = True, window: int = -1, image_blocks: bool = False) -> MaskFn | None:
+    """Causality (or, with ``image_blocks``, causality or the same image block:
+    transformers' ``or_mask_function``) and a sliding window as one mask, or None
+    when neither applies. As in transformers, the window bounds block pairs too."""
+    order = or_masks(causal, image_block) if image_blocks else causal
+    parts = ([order] if is_causal else []) + ([sliding_window(window)] if window > 0 else [])
     return and_masks(*parts) if parts else None
 
 

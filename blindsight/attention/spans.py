@@ -53,6 +53,38 @@ def token_facts(spans, length: int, sink_tokens: int = 1, offset: int = 0):
     return image, sink
 
 
+def block_ids(spans, length: int, offset: int = 0) -> np.ndarray:
+    """numpy image-block id of positions offset..offset+length-1: span i's tokens
+    strictly between its first and last (Gemma 3's soft tokens), -1 elsewhere."""
+    spans = validate_spans(spans)
+    pos = np.arange(offset, offset + length, dtype=np.int64)
+    block = np.full(length, -1, dtype=np.int64)
+    for i, (start, end) in enumerate(spans.tolist()):
+        block[(pos > start) & (pos < end - 1)] = i
+    return block
+
+
+def token_type_ids(spans, length: int) -> np.ndarray:
+    """transformers' Gemma 3 ``token_type_ids`` [length] (1 on image soft tokens)
+    of a prompt with these spans: what the Gemma 3 exports take."""
+    return chunk_token_types(spans, 0, length)
+
+
+def chunk_token_types(spans, past: int, length: int) -> np.ndarray:
+    """``token_type_ids`` [length] of the chunk at positions past..past+length-1.
+
+    With a KV cache an image block is bidirectional only within one chunk, so a
+    chunk that splits a block would not attend as the whole prompt does: a
+    SpanError says so."""
+    for i, (start, end) in enumerate(validate_spans(spans).tolist()):
+        first, last = start + 1, end - 2  # the block, inclusive
+        if first <= last and any(first <= cut - 1 < last for cut in (past, past + length) if 0 < cut):
+            raise SpanError(
+                f"a chunk of positions {past}..{past + length - 1} splits the image block {first}..{last} of image {i}; "
+                "Gemma 3 attends within a whole block at once: start and end chunks outside image blocks")
+    return (block_ids(spans, length, offset=past) >= 0).astype(np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Delimiters:
     """Token ids that open and close one image in a model family's prompt."""

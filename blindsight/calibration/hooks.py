@@ -80,15 +80,17 @@ def hooked(model, observe: Callable | None = None, mask: Callable | None = None)
 
 def category_masker(layers: list[list[str]], spans, seq_len: int, sink_tokens: int = 1):
     """A ``mask`` callback that keeps only each head's allowed keys (SPEC §2) on top of
-    the model's additive mask; masks are built once per distinct layer."""
+    the model's additive mask, which carries causality (and Gemma 3's image
+    blocks); masks are built once per distinct layer."""
     cache: dict = {}
 
     def mask(layer, model_mask, num_heads, q_len, kv_len):
         cats = tuple(layers[layer])
-        if cats not in cache:
-            allowed = head_masks(cats, spans, q_len, kv_len, sink_tokens)
-            cache[cats] = torch.from_numpy(np.ascontiguousarray(allowed))[None]  # [1, H, Sq, Skv]
-        allowed = cache[cats]
+        key = (cats, model_mask is None)
+        if key not in cache:
+            allowed = head_masks(cats, spans, q_len, kv_len, sink_tokens, causal=model_mask is None)
+            cache[key] = torch.from_numpy(np.ascontiguousarray(allowed))[None]  # [1, H, Sq, Skv]
+        allowed = cache[key]
         base = model_mask[..., :kv_len] if model_mask is not None else torch.zeros((1, 1, q_len, kv_len))
         low = torch.finfo(base.dtype).min
         return torch.where(allowed, base, torch.tensor(low, dtype=base.dtype))

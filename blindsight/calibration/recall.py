@@ -22,13 +22,16 @@ def image_rows(spans, seq_len: int) -> np.ndarray:
     return np.flatnonzero(image >= 0)
 
 
-def category_masks(spans, seq_len: int, sink_tokens: int = 1) -> dict[str, np.ndarray]:
-    """Boolean [R, S] allowed keys of each category, restricted to the image query rows R."""
+def category_masks(spans, seq_len: int, sink_tokens: int = 1, image_blocks: bool = False) -> dict[str, np.ndarray]:
+    """Boolean [R, S] allowed keys of each category, restricted to the image query rows R
+    (``image_blocks``: the model's mask has Gemma 3's bidirectional image blocks)."""
     rows = image_rows(spans, seq_len)
-    return {c: allowed_mask(c, spans, seq_len, sink_tokens=sink_tokens)[rows] for c in RECALL_CATEGORIES}
+    return {c: allowed_mask(c, spans, seq_len, sink_tokens=sink_tokens, image_blocks=image_blocks)[rows]
+            for c in RECALL_CATEGORIES}
 
 
-def head_recalls(probs, spans, seq_len: int | None = None, sink_tokens: int = 1, masks=None) -> np.ndarray:
+def head_recalls(probs, spans, seq_len: int | None = None, sink_tokens: int = 1, masks=None,
+                 image_blocks: bool = False) -> np.ndarray:
     """float64 [H, len(RECALL_CATEGORIES)] recalls of one layer's probabilities [H, S, S].
 
     ``probs`` may be numpy or a torch tensor (reduced in torch, then copied);
@@ -39,7 +42,7 @@ def head_recalls(probs, spans, seq_len: int | None = None, sink_tokens: int = 1,
     rows = image_rows(spans, seq_len)
     if rows.size == 0:
         return np.ones((probs.shape[0], len(RECALL_CATEGORIES)))
-    masks = category_masks(spans, seq_len, sink_tokens) if masks is None else masks
+    masks = category_masks(spans, seq_len, sink_tokens, image_blocks) if masks is None else masks
     out = np.empty((probs.shape[0], len(RECALL_CATEGORIES)))
     if isinstance(probs, np.ndarray):
         for h in range(probs.shape[0]):  # one head at a time: [R, S] temporaries only

@@ -19,7 +19,7 @@ from blindsight import profile as profile_io
 from blindsight.errors import ModelError
 from blindsight.attention import CATEGORIES
 from blindsight.attention.schema import DOMAIN, SPANS_INPUT
-from blindsight.passes.annotate import annotate, attention_nodes
+from blindsight.passes.annotate import annotate, attention_nodes, exported_image_blocks
 from blindsight.passes.lower import lower_model
 from blindsight.passes.lowering import LOWERINGS, MIN_OPSET
 from blindsight.passes.repeat_kv import look_through_repeat_kv
@@ -80,12 +80,15 @@ class CompileOptions:
     profile: Profile
     lowering: str
     source: Path
+    #: Gemma 3's bidirectional image blocks; None: as the export's metadata says
+    image_blocks: bool | None = None
 
 
 def _annotate(model: ir.Model, opts: CompileOptions) -> int:
     if not attention_nodes(model):
         raise ModelError(f"no attention core found in {opts.source}: nothing to compile (is it a language-model export?)")
-    return annotate(model, opts.profile)
+    blocks = exported_image_blocks(model) if opts.image_blocks is None else opts.image_blocks
+    return annotate(model, opts.profile, image_blocks=blocks)
 
 
 def _remove_unused(model: ir.Model, opts: CompileOptions) -> int:
@@ -113,8 +116,11 @@ def compile_model(
     profile: Profile | str | os.PathLike,
     output=None,
     lowering: str = "fast",
+    image_blocks: bool | None = None,
 ) -> CompileResult:
-    """Compile ``model_path`` with ``profile``; writes the output atomically."""
+    """Compile ``model_path`` with ``profile``; writes the output atomically.
+    ``image_blocks``: whether the model's image tokens attend bidirectionally
+    within their block (Gemma 3); None reads it from the export's metadata."""
     if lowering not in LOWERINGS:
         raise ModelError(f"unknown lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
     model_path = Path(model_path)
@@ -138,7 +144,7 @@ def compile_model(
     if opset < MIN_OPSET:
         raise ModelError(f"{model_path} uses ONNX opset {opset}; BlindSight needs opset >= {MIN_OPSET} (re-export with a newer opset)")
 
-    counts = run_passes(model, CompileOptions(profile, lowering, model_path))
+    counts = run_passes(model, CompileOptions(profile, lowering, model_path, image_blocks))
     if model.ir_version > 10:
         model.ir_version = 10  # ONNX Runtime 1.31 reads IR <= 10 with functions/overloads
     _save_atomically(model, output)

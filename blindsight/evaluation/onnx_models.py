@@ -56,11 +56,16 @@ def last_position_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+#: bumped when the export changes what it computes, so cached files are made again
+#: (2: Gemma 3 takes token_type_ids and attends bidirectionally within images)
+EXPORT_REVISION = 2
+
+
 def export_dense(family: str, hf_dir: Path, work_dir: Path, progress=None) -> Path:
-    """``work_dir/dense.onnx``: the raw eager export, last-position logits. Made once."""
+    """``work_dir/dense-r<EXPORT_REVISION>.onnx``: the raw eager export, last-position logits. Made once."""
     from blindsight.models.export import export_language_model
 
-    out = work_dir / "dense.onnx"
+    out = work_dir / f"dense-r{EXPORT_REVISION}.onnx"
     if out.is_file():
         return out
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blindsight.errors import BlindSightError
+from blindsight import families
 from blindsight.families import FAMILIES
 from blindsight.evaluation.onnx_models import compile_with, export_dense
 from blindsight.flops import count_flops, model_dims
@@ -19,7 +20,8 @@ from blindsight.models import pretrained
 from blindsight.profile import Profile
 from blindsight.records import record_path, scrub
 from blindsight.prompts import TASK_SEED, candidate_token_ids, encode, task_prompts
-from blindsight.attention.schema import SPANS_INPUT
+from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
+from blindsight.attention.spans import token_type_ids
 from blindsight.runtime.placement import node_placement
 from blindsight.runtime.session import CompiledSession, make_session
 
@@ -38,17 +40,21 @@ def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.sum(np.exp(lp) * (lp - lq)))
 
 
-def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray) -> dict[str, np.ndarray]:
+def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray, spans=()) -> dict[str, np.ndarray]:
     """Inputs of the exported prefill: embeddings from the model's own embedding
-    module (Gemma scales them there), positions 0..S-1, no padding."""
+    module (Gemma scales them there), positions 0..S-1, no padding, and for
+    Gemma 3 the ``token_type_ids`` of the (surrogate) images' soft tokens."""
     with torch.no_grad():
         embeds = loaded.model.get_input_embeddings()(torch.from_numpy(ids)[None]).float().numpy()
     s = ids.shape[0]
-    return {
+    feeds = {
         "inputs_embeds": embeds,
         "position_ids": np.arange(s, dtype=np.int64)[None],
         "attention_mask": np.ones((1, s), dtype=np.int64),
     }
+    if loaded.family in families.REGISTRY and families.get(loaded.family).image_blocks:
+        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, s)[None]
+    return feeds
 
 
 def work_dir_for(name: str, work_dir: Path | None) -> Path:
@@ -83,7 +89,7 @@ def evaluate(
     rows = []
     for tp in tqdm(prompts, desc="evaluating", unit="prompt", disable=not progress):
         ids, spans = encode(tp.pieces, loaded.tokenizer, loaded.delimiters)
-        feeds = onnx_feeds(loaded, ids)
+        feeds = onnx_feeds(loaded, ids, spans)
         d = dense.run(None, feeds)[0][0, -1]
         c = compiled.run(feeds, spans, len(ids))[0][0, -1]
         if provider != "cpu" and placement is None:

@@ -92,7 +92,7 @@ def count_flops(dims, layers=None, spans=(), seq_len: int | None = None, sink_to
 
     def pairs(cat, window):
         if (cat, window) not in cache:
-            cache[cat, window] = attention_pairs(cat, spans, seq_len, sink_tokens, window)
+            cache[cat, window] = attention_pairs(cat, spans, seq_len, sink_tokens, window, image_blocks=dims.image_blocks)
         return cache[cat, window]
 
     dense = sparse = 0

@@ -18,6 +18,8 @@ Graph interface of every export::
     inputs_embeds  float32 [B, S, hidden]
     position_ids   int64   [3, B, S] (qwen families) / [B, S] (gemma3)
     attention_mask int64   [B, S]   (1 = keep, 0 = padding)
+    token_type_ids int64   [B, S]   (gemma3 only: 1 on image soft tokens, which
+                                     attend each other bidirectionally)
     -> logits      float32 [B, S, vocab]
 
 with dynamic ``B`` and ``S``; ``dtype="fp16"``/``"bf16"`` gives float16/bfloat16
@@ -43,6 +45,7 @@ from blindsight import families
 
 from .configs import tiny_config
 from .dtype import cast_floats, cast_mixed_norms, torch_dtype
+from .image_blocks import TOKEN_TYPE_INPUT, mask_mapping
 
 FORMS = ("attention_op", "decomposed", "eager")
 
@@ -55,6 +58,14 @@ _EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 
 INPUT_NAMES = ("inputs_embeds", "position_ids", "attention_mask")
 OUTPUT_NAMES = ("logits",)
+#: spans of the example prompt traced for families with image blocks (so the
+#: traced mask code sees real blocks), for a sequence of 40 tokens
+_TRACE_SPANS = ((3, 12), (14, 20))
+
+
+def input_names(family: str) -> tuple[str, ...]:
+    """The prefill graph's inputs: families with image blocks add ``token_type_ids``."""
+    return INPUT_NAMES + ((TOKEN_TYPE_INPUT,) if families.get(family).image_blocks else ())
 
 
 def _check_family(family: str) -> None:
@@ -81,11 +92,12 @@ def _uses_3d_positions(family: str) -> bool:
 # Model loading
 # --------------------------------------------------------------------------- #
 class LanguageModelPrefill(nn.Module):
-    """``forward(inputs_embeds, position_ids, attention_mask) -> logits``.
+    """``forward(inputs_embeds, position_ids, attention_mask[, token_type_ids]) -> logits``.
 
     Runs the text decoder of a VLM on already-embedded inputs (no KV cache) and
     applies the LM head (plus the final logit soft-capping for gemma3 if the
-    config asks for it).
+    config asks for it). ``token_type_ids`` (Gemma 3) makes each run of image
+    soft tokens bidirectional, as transformers' Gemma 3 does with them.
     """
 
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, final_logit_softcapping: float | None = None):
@@ -94,7 +106,10 @@ class LanguageModelPrefill(nn.Module):
         self.lm_head = lm_head
         self.final_logit_softcapping = final_logit_softcapping
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None):
+        if token_type_ids is not None:
+            attention_mask = mask_mapping(self.decoder.config, inputs_embeds, attention_mask, None, position_ids, token_type_ids)
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -197,8 +212,9 @@ def text_dims(family: str, config) -> dict[str, Any]:
     )
 
 
-def example_inputs(family: str, config, batch: int = 1, seq_len: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
-    """Numpy inputs for the exported graph (all-ones attention mask)."""
+def example_inputs(family: str, config, batch: int = 1, seq_len: int = 40, seed: int = 0, spans=()) -> dict[str, np.ndarray]:
+    """Numpy inputs for the exported graph (all-ones attention mask); families
+    with image blocks get ``token_type_ids`` marking the interiors of ``spans``."""
     _check_family(family)
     dims = text_dims(family, config)
     rng = np.random.default_rng(seed)
@@ -206,22 +222,30 @@ def example_inputs(family: str, config, batch: int = 1, seq_len: int = 40, seed:
     pos = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, seq_len))
     if _uses_3d_positions(family):
         pos = np.broadcast_to(pos, (3, batch, seq_len))
-    return {
+    out = {
         "inputs_embeds": embeds,
         "position_ids": np.array(pos, dtype=np.int64, copy=True),
         "attention_mask": np.ones((batch, seq_len), dtype=np.int64),
     }
+    if families.get(family).image_blocks:
+        from blindsight.attention.spans import token_type_ids
+
+        out[TOKEN_TYPE_INPUT] = np.tile(token_type_ids(spans, seq_len), (batch, 1))
+    return out
 
 
 def _dynamic_shapes(family: str):
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq_len", min=2, max=1 << 16)
     pos = {1: batch, 2: seq} if _uses_3d_positions(family) else {0: batch, 1: seq}
-    return {
+    shapes = {
         "inputs_embeds": {0: batch, 1: seq},
         "position_ids": pos,
         "attention_mask": {0: batch, 1: seq},
     }
+    if families.get(family).image_blocks:
+        shapes[TOKEN_TYPE_INPUT] = {0: batch, 1: seq}
+    return shapes
 
 
 # --------------------------------------------------------------------------- #
@@ -244,10 +268,14 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def _save(onnx_program, out_path: Path) -> None:
+def _save(onnx_program, out_path: Path, image_blocks: bool = False) -> None:
     import onnx
 
+    from blindsight.attention.schema import IMAGE_BLOCKS_METADATA
+
     cast_mixed_norms(onnx_program.model)  # a no-op on fp32 exports
+    if image_blocks:  # bs-compile reads it: the nodes get image_blocks = 1
+        onnx_program.model.metadata_props[IMAGE_BLOCKS_METADATA] = "1"
     proto = onnx_program.model_proto
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
@@ -289,11 +317,13 @@ def export_language_model(
     model = load_language_model(family, config, attn).to(float_type)
     cfg = config if not isinstance(config, (str, os.PathLike)) else model.decoder.config
 
-    inputs = example_inputs(family, cfg, batch, seq_len, seed)
-    args = cast_floats(tuple(torch.from_numpy(inputs[n]) for n in INPUT_NAMES), float_type)
+    names = input_names(family)
+    spans = [s for s in _TRACE_SPANS if s[1] <= seq_len] if families.get(family).image_blocks else ()
+    inputs = example_inputs(family, cfg, batch, seq_len, seed, spans=spans)
+    args = cast_floats(tuple(torch.from_numpy(inputs[n]) for n in names), float_type)
     kwargs: dict[str, Any] = dict(
         dynamo=True,
-        input_names=list(INPUT_NAMES),
+        input_names=list(names),
         output_names=list(OUTPUT_NAMES),
         dynamic_shapes=_dynamic_shapes(family),
         verbose=False,
@@ -307,5 +337,5 @@ def export_language_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), _quiet():
         onnx_program = torch.onnx.export(model, args, **kwargs)
-    _save(onnx_program, path)
+    _save(onnx_program, path, image_blocks=families.get(family).image_blocks)
     return out_path

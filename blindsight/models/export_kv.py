@@ -6,6 +6,7 @@ Graph interface (names as in the export-directory contract, docs/export-contract
     position_ids                  int64 [3, B, S] (qwen M-RoPE) / [B, S] (gemma3)
     attention_mask                int64 [B, past + S]  (1 = keep, 0 = padding)
     past_key_values.{i}.key/value float [B, num_kv_heads, past, head_dim]
+    token_type_ids                int64 [B, S]  (gemma3 only: 1 on the chunk's image soft tokens)
     -> logits                     float [B, S, vocab]
     -> present.{i}.key/value      float [B, num_kv_heads, past + S, head_dim]
 
@@ -23,8 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blindsight import families
+
 from .dtype import cast_floats
 from .export import _logit_softcapping, _quiet, _save, _text_config, _uses_3d_positions
+from .image_blocks import TOKEN_TYPE_INPUT, mask_mapping
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -51,12 +55,15 @@ class LanguageModelWithCache(nn.Module):
         self.num_layers = num_layers
         self.final_logit_softcapping = final_logit_softcapping
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, past):
+    def forward(self, inputs_embeds, position_ids, attention_mask, past, token_type_ids=None):
         from transformers import DynamicCache
 
         cache = DynamicCache()
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        if token_type_ids is not None:  # Gemma 3: bidirectional image blocks within the chunk
+            attention_mask = mask_mapping(self.decoder.config, inputs_embeds, attention_mask, cache, position_ids,
+                                          token_type_ids, past_length=past[0].shape[2])
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -105,6 +112,9 @@ def export_language_model_with_cache(family: str, model: nn.Module, out_path) ->
     text_cfg = wrapper.decoder.config
     n = wrapper.num_layers
     args = cast_floats(example_kv_inputs(family, text_cfg), model.dtype)
+    blocks = families.get(family).image_blocks
+    if blocks:  # a traced chunk holding one image block
+        args = (*args, torch.tensor([[0, 1, 1, 1, 0]] * args[0].shape[0], dtype=torch.int64))
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq_len", min=1, max=1 << 18)
     past = torch.export.Dim("past_len", min=0, max=1 << 18)
@@ -114,19 +124,19 @@ def export_language_model_with_cache(family: str, model: nn.Module, out_path) ->
         {1: batch, 2: seq} if _uses_3d_positions(family) else {0: batch, 1: seq},
         {0: batch, 1: total},
         tuple({0: batch, 2: past} for _ in range(2 * n)),
-    )
+    ) + (({0: batch, 1: seq},) if blocks else ())
     path = Path(out_path)
     with torch.no_grad(), _quiet():
         program = torch.onnx.export(
             wrapper,
             args,
             dynamo=True,
-            input_names=["inputs_embeds", "position_ids", "attention_mask", *past_names(n)],
+            input_names=["inputs_embeds", "position_ids", "attention_mask", *past_names(n)] + ([TOKEN_TYPE_INPUT] if blocks else []),
             output_names=["logits", *present_names(n)],
             dynamic_shapes=dynamic,
             optimize=True,
             report=False,
             verbose=False,
         )
-    _save(program, path)
+    _save(program, path, image_blocks=blocks)
     return path

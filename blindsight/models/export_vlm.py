@@ -130,8 +130,8 @@ def build_template(family: str, config, model_dir: Path) -> dict:
         "eos_token_ids": _eos_ids(model_dir, config),
         "pad_token_id": getattr(config, "pad_token_id", None) if getattr(config, "pad_token_id", None) is not None else getattr(text, "pad_token_id", None),
         "files": dict(FILES),
-        # the exported decoder is causal everywhere (see docs/export-contract.md)
-        "bidirectional_image_attention": False,
+        # Gemma 3: image soft tokens attend each other (token_type_ids input; docs/export-contract.md)
+        "bidirectional_image_attention": families.get(family).image_blocks,
     }
     spec = families.get(family)
     t.update(_TOWER_FIELDS[spec.vision_tower](spec, config, text))

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from blindsight.attention import validate_spans
-from blindsight.attention.schema import SPANS_INPUT, is_blindsight
+from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT, is_blindsight
+from blindsight.attention.spans import chunk_token_types
 from blindsight.errors import BlindSightError, ModelError, SpanError
 from blindsight.tables import fmt_table
 
@@ -316,6 +317,10 @@ def check(source, compiled, *, feeds=None, spans=None, provider: str = "cpu", se
     if spans is None:
         spans = npz_spans if npz_spans is not None else random_spans(images, length, seed)
     spans = validate_spans(spans, length)
+    if TOKEN_TYPE_INPUT in inputs and (npz_spans is None or TOKEN_TYPE_INPUT not in feeds):
+        # Gemma 3's image blocks follow the same spans (random feeds hold zeros)
+        rows, new = feeds[TOKEN_TYPE_INPUT].shape
+        feeds[TOKEN_TYPE_INPUT] = np.tile(chunk_token_types(spans, length - new, new), (rows, 1))
     runs = []
     for path, (ins, outs, _) in ((source, src), (compiled, cmp)):
         sess = make_session(path, provider=provider, threads=threads)

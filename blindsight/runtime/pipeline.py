@@ -21,7 +21,8 @@ import onnxruntime as ort
 
 from blindsight import families
 from blindsight.errors import BlindSightError
-from blindsight.attention.schema import SPANS_INPUT
+from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
+from blindsight.attention.spans import chunk_token_types
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
 from blindsight.runtime.prompt import Prompt, PromptBuilder
 from blindsight.attention import Delimiters, find_spans
@@ -171,6 +172,9 @@ class Pipeline:
                  "attention_mask": np.ones((1, total_len), dtype=np.int64), **past}
         if self.sparse:
             feeds[SPANS_INPUT] = spans
+        if TOKEN_TYPE_INPUT in self.lm_inputs:  # Gemma 3: its image blocks, from the same spans
+            new = embeds.shape[1]
+            feeds[TOKEN_TYPE_INPUT] = chunk_token_types(spans, total_len - new, new)[None]
         names = [o.name for o in self.lm.get_outputs()]
         self._last_feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
         outs = dict(zip(names, self.lm.run(None, self._last_feeds)))

@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from blindsight.errors import BlindSightError
-from blindsight.attention.schema import SPANS_INPUT
+from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
+from blindsight.attention.spans import chunk_token_types
 from blindsight.attention import validate_spans
 
 PROVIDERS = {
@@ -80,7 +81,21 @@ class CompiledSession:
             raise BlindSightError(f"{path} has no '{SPANS_INPUT}' input: it is not a compiled BlindSight model")
 
     def run(self, feeds: dict, image_spans, seq_len: int | None = None):
-        spans = validate_spans(image_spans, seq_len)
+        """``seq_len``: the prompt's absolute length so far (past + new tokens).
+        A Gemma 3 export's ``token_type_ids``, when not given, follow the spans."""
+        spans = validate_spans(image_spans)
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        feeds[SPANS_INPUT] = np.ascontiguousarray(spans, dtype=np.int64)
+        if TOKEN_TYPE_INPUT in self.input_names and TOKEN_TYPE_INPUT not in feeds:
+            rows, new = _rows_and_new_tokens(feeds)
+            past = (seq_len - new) if seq_len is not None else 0
+            # first: a chunk that splits an image is the fault to name, not the spans past it
+            feeds[TOKEN_TYPE_INPUT] = np.tile(chunk_token_types(spans, past, new), (rows, 1))
+        feeds[SPANS_INPUT] = np.ascontiguousarray(validate_spans(spans, seq_len), dtype=np.int64)
         return self.session.run(None, feeds)
+
+
+def _rows_and_new_tokens(feeds: dict) -> tuple[int, int]:
+    x = feeds.get("inputs_embeds", feeds.get("input_ids"))
+    if x is None:
+        raise BlindSightError("token_type_ids cannot be derived without inputs_embeds or input_ids in the feeds")
+    return int(x.shape[0]), int(x.shape[1])

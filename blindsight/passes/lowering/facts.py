@@ -34,6 +34,9 @@ class OnnxOps:
     def within(self, k_pos, q_pos, window: int):
         return self.b.op("Greater", k_pos, self.b.op("Sub", q_pos, self.b.scalar(window)))
 
+    def is_member(self, ids):
+        return self.b.op("GreaterOrEqual", ids, self.b.scalar(0))
+
     def is_text(self, image):
         if ("is_text", image) in self.known:
             return self.known["is_text", image]
@@ -48,7 +51,8 @@ class SpanFacts:
     """In-graph token facts of positions 0..length-1 given spans [N, 2].
 
     ``image`` int64 [P] (-1 for text), ``sink`` bool [P], ``in_span`` bool [P, N],
-    ``is_text`` / ``is_image`` bool [P], ``starts`` / ``ends`` int64 [N].
+    ``is_text`` / ``is_image`` bool [P], ``starts`` / ``ends`` int64 [N], and
+    (made on first use) ``block`` int64 [P], the image block of each position.
     The image id is a sum over spans (they never overlap), so N = 0 needs no branch.
     """
 
@@ -64,9 +68,21 @@ class SpanFacts:
         ids1 = b.op("Range", b.scalar(1), b.op("Add", n, b.scalar(1)), b.scalar(1))  # 1..N
         self.image = b.op("Sub", b.op("ReduceSum", b.op("Mul", in_span_i, b.unsqueeze(ids1, 0)), b.i64(1), keepdims=0), b.scalar(1))
         start_of = b.op("ReduceSum", b.op("Mul", in_span_i, b.unsqueeze(self.starts, 0)), b.i64(1), keepdims=0)
+        self._in_span_i, self._start_of = in_span_i, start_of
+        self._block = None
         self.is_image = b.op("GreaterOrEqual", self.image, b.scalar(0))
         self.is_text = b.op("Not", self.is_image)
         self.sink = b.op("And", self.is_image, b.op("Less", b.op("Sub", self.pos, start_of), b.scalar(sink_tokens)))
+
+    @property
+    def block(self) -> str:
+        """int64 [P]: span i for its tokens strictly between the first and the last, else -1."""
+        if self._block is None:
+            b = self.b
+            end_of = b.op("ReduceSum", b.op("Mul", self._in_span_i, b.unsqueeze(self.ends, 0)), b.i64(1), keepdims=0)
+            inner = b.op("And", b.op("Greater", self.pos, self._start_of), b.op("Less", self.pos, b.op("Sub", end_of, b.scalar(1))))
+            self._block = b.op("Where", b.op("And", self.is_image, inner), self.image, b.scalar(-1))
+        return self._block
 
     def ops(self, b: Builder) -> OnnxOps:
         """Mask-function backend emitting into ``b`` (this builder or a child) that knows these facts."""
@@ -90,4 +106,5 @@ class SpanFacts:
         fn = key_only_mask(category)
         if fn is None:
             return None
-        return fn(None, TokenFacts(self.image, self.sink), self.ops(b))
+        k = TokenFacts(self.image, self.sink)
+        return fn(k, k, self.ops(b))  # key-only clauses never read the query

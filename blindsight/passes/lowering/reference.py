@@ -43,7 +43,7 @@ def build_reference(cfg: AttentionConfig, opset: int = OPSET):
     if len(used) > 1:
         stacked = b.gather(stacked, [used.index(c) for c in cfg.categories], 0)  # [H, Sq, Skv]
     keep = b.unsqueeze(stacked, 0)  # [1, H, Sq, Skv]
-    structural = structural_keep(b, cfg, q_idx, facts.pos)
+    structural = structural_keep(b, cfg, q_idx, facts.pos, facts.block if cfg.image_blocks else None)
     if structural is not None:
         keep = b.op("And", keep, structural)
 

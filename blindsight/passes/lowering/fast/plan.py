@@ -16,6 +16,7 @@ from blindsight.attention.schema import SPANS_INPUT, AttentionConfig
 from blindsight.attention.semantics import SAME_IMAGE, clauses
 from blindsight.passes.lowering.builder import OPSET, Builder
 from blindsight.passes.lowering.facts import SpanFacts
+from blindsight.passes.lowering.fast.block_rows import block_rows
 from blindsight.passes.lowering.fast.assembly import assemble, final_layout, rank
 from blindsight.passes.lowering.fast.dense import dense
 from blindsight.passes.lowering.fast.image_runs import image_runs
@@ -28,9 +29,12 @@ from blindsight.passes.lowering.function import OUTPUT_NAME, make_function, prod
 DENSE, OWN_IMAGE, KEY_SET = "dense", "own_image", "key_set"
 
 
-def route_of(category: str) -> str:
+def route_of(category: str, image_blocks: bool = False) -> str:
+    """``image_blocks``: a dense head's image queries see later keys of their
+    block, which the dense route's causal kernel cannot give them, so they take
+    the own-image routes with every earlier key visible."""
     if is_dense(category):
-        return DENSE
+        return OWN_IMAGE if image_blocks else DENSE
     by_query = [c for c in clauses(category) if not c.key_only]
     if not by_query:
         return KEY_SET
@@ -56,8 +60,10 @@ def sparse(s: Scope, flat: bool = False) -> tuple[str, bool]:
     Gather write the flat layout itself."""
     b, cfg = s.b, s.cfg
     f = SpanFacts(b, SPANS_INPUT, s.seq(), cfg.sink_tokens)
+    if cfg.image_blocks:
+        s.blocks = f.block
     groups = head_groups(cfg)
-    routes = {c: route_of(c) for c in groups}
+    routes = {c: route_of(c, cfg.image_blocks) for c in groups}
     sparse_heads = [h for h, c in enumerate(cfg.categories) if routes[c] != DENSE]
     text = text_queries(s, sparse_heads, f)
     text_rank = rank(b, f.is_text)
@@ -71,12 +77,19 @@ def sparse(s: Scope, flat: bool = False) -> tuple[str, bool]:
             if routes[c] == OWN_IMAGE:
                 # a single prompt runs one GQA per image with its visible keys as past
                 # context (no padding, no text query rows); batches take padded rows
-                branches = []
-                for name, route in (("image_runs", image_runs), ("rows", padded_rows)):
-                    branch = s.child(f"{name}_{c}")
-                    pool, index = route(branch, heads, f, c)
-                    branches.append(branch.b.subgraph(name, [assemble(branch.b, pool, index, text_out, text_rank, f, single)]))
-                part = b.op("If", s.single_prompt(), then_branch=branches[0], else_branch=branches[1])
+                if cfg.image_blocks:
+                    # image tokens see later ones of their block, which a causal
+                    # GroupQueryAttention cannot give: one MatMul/Softmax per image
+                    # (measured faster than GQA with the image as past context)
+                    pool, index = block_rows(s, heads, f, c)
+                    part = assemble(b, pool, index, text_out, text_rank, f, single)
+                else:
+                    branches = []
+                    for name, route in (("image_runs", image_runs), ("rows", padded_rows)):
+                        branch = s.child(f"{name}_{c}")
+                        pool, index = route(branch, heads, f, c)
+                        branches.append(branch.b.subgraph(name, [assemble(branch.b, pool, index, text_out, text_rank, f, single)]))
+                    part = b.op("If", s.single_prompt(), then_branch=branches[0], else_branch=branches[1])
             else:
                 pool, index = key_set(s, heads, f, c)
                 part = assemble(b, pool, index, text_out, text_rank, f, single)
@@ -95,7 +108,7 @@ def build_fast(cfg: AttentionConfig, opset: int = OPSET):
     b = top.b
     all_heads = list(range(cfg.num_heads))
     flat = cfg.qkv_format == "BSD"
-    if all(route_of(c) == DENSE for c in cfg.categories):
+    if all(route_of(c, cfg.image_blocks) == DENSE for c in cfg.categories):
         out = dense(top, all_heads, flat=flat)
         if not flat:
             out = final_layout(top, out)

@@ -14,12 +14,15 @@ from blindsight.passes.lowering.masks import keep_mask, position_keep
 
 
 class Scope:
-    def __init__(self, cfg: AttentionConfig, b: Builder):
+    def __init__(self, cfg: AttentionConfig, b: Builder, blocks: str | None = None):
         self.cfg, self.b = cfg, b
+        # int64 [S] image-block id of every position (SpanFacts.block), needed by
+        # keep() when the layer has Gemma 3's image blocks; made in an enclosing scope
+        self.blocks = blocks
         self._cache: dict = {}
 
     def child(self, name: str) -> "Scope":
-        return Scope(self.cfg, self.b.child(name))
+        return Scope(self.cfg, self.b.child(name), self.blocks)
 
     def once(self, key, make):
         if key not in self._cache:
@@ -91,8 +94,14 @@ class Scope:
         return self.b.op("Gather", self.b.op("Gather", mask3, q_idx, axis=1), k_idx, axis=2)
 
     def keep(self, q_pos: str, k_pos: str, *, causal: bool) -> str | None:
-        """Causality (when asked) and the attributes' window by absolute position."""
-        return position_keep(self.b, q_pos, k_pos, causal=causal, window=self.cfg.local_window_size)
+        """Causality (when asked; with image blocks, causality or the same block)
+        and the attributes' window by absolute position."""
+        blocks = None
+        if causal and self.cfg.image_blocks:
+            if self.blocks is None:
+                raise ValueError("a layer with image blocks needs the scope's block ids")
+            blocks = (self.b.op("Gather", self.blocks, q_pos, axis=0), self.b.op("Gather", self.blocks, k_pos, axis=0))
+        return position_keep(self.b, q_pos, k_pos, causal=causal, window=self.cfg.local_window_size, blocks=blocks)
 
     def to_bias(self, keep: str) -> str:
         """Additive bias in the attention's dtype: 0 where ``keep``, else a finite

@@ -193,6 +193,12 @@ REGISTRY: dict[str, Family] = {
 FAMILIES = tuple(REGISTRY)
 
 
+def image_blocks(model_type) -> bool:
+    """Whether a family name or text-only model_type attends within its images both
+    ways (Gemma 3); names outside the registry (SmolLM2's llama) never do."""
+    return any(f.image_blocks and model_type in (f.name, f.text_model_type) for f in REGISTRY.values())
+
+
 def get(name: str) -> Family:
     """The registry entry of ``name``; an unknown name is a one-line FamilyError."""
     try:

@@ -45,20 +45,13 @@ def text_dims(model) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", None) or heads
 
 
-def image_blocks(loaded: pretrained.LoadedModel) -> bool:
-    """The model's image tokens attend both ways within an image (Gemma 3); text-only
-    models of other families (SmolLM2: llama) have no family entry and none."""
-    family = families.REGISTRY.get(loaded.family)
-    return bool(family and family.image_blocks)
-
-
 def forward(loaded: pretrained.LoadedModel, prompt: Encoded):
     """One prefill; returns the last position's logits [V] (float32). Gemma 3
     attends within its (surrogate) images both ways: the VLM from the
     processor's token_type_ids, a text-only model through the same masks."""
     ids = torch.from_numpy(prompt.ids)[None]
     kwargs = dict(prompt.extra)
-    if image_blocks(loaded) and "token_type_ids" not in kwargs:
+    if families.image_blocks(loaded.family) and "token_type_ids" not in kwargs:
         kwargs["attention_mask"] = prompt_masks(loaded.model, prompt.spans, prompt.seq_len)
     with torch.no_grad():
         out = loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs)
@@ -69,7 +62,7 @@ def prompt_recalls(loaded: pretrained.LoadedModel, prompt: Encoded, sink_tokens:
     """[L, H, C] recalls of one prompt; each layer's probabilities are reduced as soon as they exist."""
     num_layers, num_heads, _ = text_dims(loaded.model)
     out = np.full((num_layers, num_heads, len(RECALL_CATEGORIES)), np.nan)
-    masks = category_masks(prompt.spans, prompt.seq_len, sink_tokens, image_blocks=image_blocks(loaded))
+    masks = category_masks(prompt.spans, prompt.seq_len, sink_tokens, image_blocks=families.image_blocks(loaded.family))
 
     def observe(layer, probs):
         out[layer] = head_recalls(probs, prompt.spans, prompt.seq_len, sink_tokens, masks=masks)

@@ -52,7 +52,7 @@ def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray, spans=()) -> dic
         "position_ids": np.arange(s, dtype=np.int64)[None],
         "attention_mask": np.ones((1, s), dtype=np.int64),
     }
-    if loaded.family in families.REGISTRY and families.get(loaded.family).image_blocks:
+    if families.image_blocks(loaded.family):
         feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, s)[None]
     return feeds
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from blindsight import families
 from blindsight.errors import BlindSightError
 
 CONFIG_PACKAGE = "blindsight.bench.configs"
@@ -56,12 +57,6 @@ def _layer_windows(t: dict, num_layers: int) -> tuple:
     return tuple(int(window) if ty == "sliding_attention" and window else None for ty in types)
 
 
-def _image_blocks(model_type) -> bool:
-    from blindsight import families
-
-    return any(f.image_blocks and model_type in (f.name, f.text_model_type) for f in families.REGISTRY.values())
-
-
 def dims_from_config(config: dict, name: str = "config") -> ModelDims:
     """ModelDims of a transformers config dict (a VLM config with ``text_config`` or a text config)."""
     t = dict(config.get("text_config") or config)
@@ -79,7 +74,7 @@ def dims_from_config(config: dict, name: str = "config") -> ModelDims:
             head_dim=int(t.get("head_dim") or hidden // heads),
             vocab_size=int(t.get("vocab_size") or config.get("vocab_size") or 0),
             layer_windows=_layer_windows(t, layers),
-            image_blocks=_image_blocks(config.get("model_type") or t.get("model_type")),
+            image_blocks=families.image_blocks(config.get("model_type") or t.get("model_type")),
         )
     except KeyError as exc:
         raise BlindSightError(f"{name}: the config has no {exc.args[0]!r}; pass a transformers config.json of a decoder or VLM") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from onnx import TensorProto, helper
 
 from blindsight.passes.lowering.facts import SpanFacts
+from blindsight.passes.lowering.fast.image_runs import image_pool_index
 from blindsight.passes.lowering.fast.kernels import grouped_attention
 from blindsight.passes.lowering.fast.scope import Scope
 
@@ -42,6 +43,4 @@ def block_rows(s: Scope, heads: list[int], f: SpanFacts, category: str):
     scan = b.op("Loop", b.shape_dim(f.starts, 0), "", body=graph)  # [N, B, h, width, D]
     rows = b.op("Transpose", scan, perm=[1, 0, 3, 2, 4])  # [B, N, width, h, D]
     pool = b.op("Reshape", rows, b.concat(b.i64(0, -1), b.op("Shape", rows, start=3)))  # [B, N*width, h, D]
-    img = b.op("Max", f.image, b.scalar(0))
-    col = b.op("Sub", f.pos, b.gather(f.starts, img, 0))
-    return pool, b.op("Add", b.op("Mul", img, b.op("Squeeze", width, b.i64(0))), col)
+    return pool, image_pool_index(b, f, width)

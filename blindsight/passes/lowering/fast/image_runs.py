@@ -20,6 +20,11 @@ def image_runs(s: Scope, heads: list[int], f: SpanFacts, category: str):
         return body.nonzero(body.op("And", visible, body.op("Less", f.pos, start)))
 
     pool, width = gqa_runs(s, heads, f.starts, f.ends, past)
+    return pool, image_pool_index(b, f, width)
+
+
+def image_pool_index(b, f: SpanFacts, width: str) -> str:
+    """[S]: where image position p sits in a pool of one row of ``width`` ([1]) per image."""
     img = b.op("Max", f.image, b.scalar(0))
     col = b.op("Sub", f.pos, b.gather(f.starts, img, 0))
-    return pool, b.op("Add", b.op("Mul", img, b.op("Squeeze", width, b.i64(0))), col)
+    return b.op("Add", b.op("Mul", img, b.op("Squeeze", width, b.i64(0))), col)

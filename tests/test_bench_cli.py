@@ -102,3 +102,41 @@ def test_bench_op_level_fp16_rows():
 def test_bench_bf16_on_cpu_is_one_line():
     r = _run("bs-bench", "--level", "op", "--dtype", "bf16")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "fp16" in r.stderr
+
+
+def _block_pairs(cat, spans, seq):
+    """Allowed pairs with Gemma 3's blocks by hand: causal or the same span interior."""
+    q, k = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    block = np.full(seq, -1)
+    for i, (s, e) in enumerate(spans):
+        block[s + 1:e - 1] = i
+    same = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
+    cat_keep = allowed_mask(cat, np.array(spans), seq, causal=False)
+    return int((cat_keep & ((k <= q) | same)).sum())
+
+
+def test_bench_image_blocks_rows_and_merge(tmp_path):
+    """--image-blocks: the baseline is the all-dense node with blocks, the bound
+    counts block pairs (brute force), causal GQA is timed beside; --merge keeps
+    causal and block rows of two runs."""
+    blk, causal = tmp_path / "blk.json", tmp_path / "causal.json"
+    r = _run("bs-bench", "--image-blocks", "--sizes", "2x40", "--cases", "dense,intra,sink", "--repeats", "1", "--no-memory",
+             "--json", "--output", str(blk))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)
+    assert "prefill" not in rec  # --image-blocks is op level only
+    spans, seq = [(32, 72), (80, 120)], 152  # SPEC §6 template: prefix 24, then gap 8 before every image, question 32
+    for row in rec["op"]:
+        assert row["image_blocks"] is True and row["baseline"].startswith("all-dense BlindSightAttention")
+        assert row["causal_gqa_s"] > 0 and row["seq_len"] == seq
+        want = _block_pairs("dense", spans, seq) / _block_pairs(row["category"], spans, seq)
+        assert row["flop_bound"] == pytest.approx(want)
+    assert next(r for r in rec["op"] if r["category"] == "sink")["flop_bound"] > 1.5
+    r = _run("bs-bench", "--level", "op", "--sizes", "2x40", "--cases", "intra", "--repeats", "1", "--no-memory",
+             "--output", str(causal))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run("bs-bench", "--merge", str(causal), str(blk))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Gemma 3 image blocks" in r.stdout and "vs GroupQueryAttention" in r.stdout
+    bad = _run("bs-bench", "--image-blocks", "--level", "prefill")
+    assert bad.returncode == 2 and "--level op" in bad.stderr and "Traceback" not in bad.stderr

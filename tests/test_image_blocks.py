@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _util import EDGE_IDS, EDGE_TEMPLATES, category_lists, node_session, run, templates
+from _util import _NODE_SESSIONS, EDGE_IDS, EDGE_TEMPLATES, category_lists, node_session, run, templates
 from blindsight.attention import CATEGORIES, allowed_mask, attention_pairs, allowed_pairs, reference_attention
 from blindsight.attention.schema import AttentionConfig
 from blindsight.attention.spans import block_ids, token_type_ids
@@ -158,3 +158,20 @@ def test_window_hiding_a_sink_gives_zero_rows():
     want, _ = _check(["sink"] * 2 + ["intra"] * 2, spans, seq, 1, "attr", seed=2, window=2)
     assert np.all(want[0, :2, 6:9] == 0)
     assert np.abs(want[0, 2:, 6:9]).min() > 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(template=templates(max_images=4, max_len=9), cats=category_lists(4), chunk=st.integers(1, 4),
+       batch=st.sampled_from([1, 2]), style=st.sampled_from(["attr", "bool"]), seed=st.integers(0, 2**16))
+def test_images_cut_into_row_chunks(monkeypatch, template, cats, chunk, batch, style, seed):
+    """block_rows cuts images longer than ROW_CHUNK into equal chunks (the last
+    rows repeat the image's last row): still exact, with uneven lengths too."""
+    from blindsight.passes.lowering.fast import block_rows
+
+    monkeypatch.setattr(block_rows, "ROW_CHUNK", chunk)
+    _NODE_SESSIONS.clear()  # sessions lowered with the default chunk must not be reused
+    try:
+        spans, seq = template
+        _check(cats, spans, seq, batch, style, seed, pad_keys=min(2, seq - 1))
+    finally:
+        _NODE_SESSIONS.clear()

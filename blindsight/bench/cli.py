@@ -113,30 +113,37 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
-def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype="float32", provider="cpu") -> list[dict]:
-    from blindsight.bench.op import OpShape, breakdown, compiled_node, dense_baseline, feeds_for, flop_bound
+def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype="float32", provider="cpu",
+              image_blocks=False) -> list[dict]:
+    from blindsight.bench.op import OpShape, breakdown, causal_gqa, compiled_node, dense_baseline, feeds_for, flop_bound
     from blindsight.bench.timing import interleaved, measure_in_child, session
     from blindsight.flops import Template
 
-    shape = OpShape(dtype=dtype)
+    shape = OpShape(dtype=dtype, image_blocks=image_blocks)
     out = []
     for n, l in sizes:
         t = Template(n, l)
         feeds = feeds_for(shape, t)
         plain = {k: v for k, v in feeds.items() if k != "image_spans"}
         base = session(dense_baseline(shape), threads, provider=provider)
-        med, base_med, why = {}, {}, {}
+        base_feeds = feeds if image_blocks else plain
+        # with image blocks the causal kernel (not exact there) is timed beside, for reference
+        gqa = session(causal_gqa(shape), threads, provider=provider) if image_blocks else None
+        med, base_med, gqa_med, why = {}, {}, {}, {}
         for c in cases:
             # one compiled session at a time beside the baseline: at 8K tokens a
             # GroupQueryAttention arena alone holds S x S scores per head (GBs)
             s = session(compiled_node(shape, c), threads, provider=provider)
-            pair = interleaved({"baseline": lambda: base.run(None, plain), c: lambda s=s: s.run(None, feeds)}, repeats, progress=bar)
-            med[c], base_med[c] = pair[c], pair["baseline"]
+            runs = {"baseline": lambda: base.run(None, base_feeds), c: lambda s=s: s.run(None, feeds)}
+            if gqa is not None:
+                runs["causal_gqa"] = lambda: gqa.run(None, plain)
+            pair = interleaved(runs, repeats, progress=bar)
+            med[c], base_med[c], gqa_med[c] = pair[c], pair["baseline"], pair.get("causal_gqa")
             del s
             if explain:
                 why[c] = breakdown(compiled_node(shape, c), feeds, threads, provider=provider)
             gc.collect()
-        del base
+        del base, gqa
         gc.collect()
         mem = {}
         if memory:
@@ -147,9 +154,13 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
         for c in cases:
             speedup, bound = base_med[c] / med[c], flop_bound(c, shape, t)
             out.append({"category": c, "N": n, "L": l, "seq_len": t.seq_len, "dtype": dtype, "provider": provider,
+                        "image_blocks": image_blocks,
+                        "baseline": "all-dense BlindSightAttention, image blocks" if image_blocks else "GroupQueryAttention",
                         "speedup": speedup, "flop_bound": bound,
                         "efficiency": speedup / bound, "time_s": med[c], "baseline_s": base_med[c],
                         "peak_rss_mb": mem.get(c), "baseline_peak_rss_mb": mem.get("baseline")})
+            if image_blocks:
+                out[-1]["causal_gqa_s"] = gqa_med[c]
             if explain:
                 out[-1]["breakdown_ms"] = why[c]
     return out
@@ -257,6 +268,10 @@ def bench_main(argv=None) -> int:
                    help="dtype of the op-level node and of the prefill export (default fp32; bf16 is refused with the reason)")
     p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS),
                    help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
+    p.add_argument("--image-blocks", action="store_true",
+                   help="op level with Gemma 3's bidirectional image blocks (SPEC §2): the baseline is then the all-dense node "
+                   "with the blocks (GroupQueryAttention is causal, not exact there; timed beside for reference) and the FLOP "
+                   "bound counts the block pairs")
     p.add_argument("--repeats", type=int, help="timed runs per variant (default 5, quick 2)")
     p.add_argument("--prefill-layers", type=int, help="decoder layers of the prefill model (default 4, quick 2)")
     p.add_argument("--prefill-images", type=int, help="images in the prefill prompt (default 8, quick 4)")
@@ -305,9 +320,12 @@ def bench_main(argv=None) -> int:
         )
         if case.num_layers < 2:
             raise BlindSightError("--prefill-layers must be >= 2 (the profile mix keeps layer 0 dense)")
-        do_op, do_prefill = args.level in ("op", "all"), args.level in ("prefill", "all")
+        # --image-blocks at the default level runs the op level only
+        do_op, do_prefill = args.level in ("op", "all"), args.level == "prefill" or (args.level == "all" and not args.image_blocks)
         if args.merge:
             do_op = do_prefill = False
+        if args.image_blocks and args.level == "prefill":
+            raise BlindSightError("--image-blocks is an op-level option (the prefill model is Qwen2-VL-sized, causal); pass --level op")
         if do_prefill and not args.merge:
             try:
                 import torch  # noqa: F401
@@ -319,7 +337,7 @@ def bench_main(argv=None) -> int:
         memory = not args.no_memory
         total = 0
         if do_op:
-            total += len(sizes) * (2 * len(cases) * repeats + ((len(cases) + 1) if memory else 0))
+            total += len(sizes) * ((3 if args.image_blocks else 2) * len(cases) * repeats + ((len(cases) + 1) if memory else 0))
         if do_prefill:
             total += 1 + 6 * repeats + (3 if memory else 0)
         record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,
@@ -329,10 +347,17 @@ def bench_main(argv=None) -> int:
                 part = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise BlindSightError(f"--merge {path}: not a bs-bench JSON record ({exc})") from None
-            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "op", "prefill")})
+            if not isinstance(part, dict):
+                raise BlindSightError(f"--merge {path}: not a bs-bench JSON record (expected an object)")
+            # op rows of several runs (e.g. causal and --image-blocks) add up; the rest is the last run's
+            rows = record.get("op", []) + list(part.get("op") or [])
+            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "prefill")})
+            if rows:
+                record["op"] = rows
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
             if do_op:
-                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown, dtype, args.provider)
+                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown, dtype, args.provider,
+                                         args.image_blocks)
             if do_prefill:
                 record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider)
         if args.plot and record.get("op"):
@@ -361,16 +386,28 @@ def render(record: dict) -> str:
     m = record["machine"]
     parts.append(f"machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}; {record['threads']} threads, "
                  f"medians of {record['repeats']} interleaved runs")
-    if record.get("op"):
+    for blocks in (False, True):
+        op = [r for r in record.get("op") or () if bool(r.get("image_blocks")) == blocks]
+        if not op:
+            continue
         rows = []
-        for r in record["op"]:
+        for r in op:
             mem = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f}"
-            rows.append([r["category"], f"{r['N']}x{r['L']}", r["seq_len"], f"{r['baseline_s']:.3f}", f"{r['time_s']:.3f}",
-                         f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x", f"{r['efficiency']:.2f}", mem])
-        kinds = sorted({(r.get("dtype", "float32"), r.get("provider", "cpu")) for r in record["op"]})
-        parts.append("\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, "
-                     + "; ".join(f"{d}, {p} provider" for d, p in kinds))
-        parts.append(fmt_table(["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"], rows))
+            row = [r["category"], f"{r['N']}x{r['L']}", r["seq_len"], f"{r['baseline_s']:.3f}", f"{r['time_s']:.3f}",
+                   f"{r['speedup']:.2f}x", f"{r['flop_bound']:.2f}x", f"{r['efficiency']:.2f}", mem]
+            rows.append(row + [f"{r['causal_gqa_s']:.3f}"] if blocks else row)
+        kinds = "; ".join(f"{d}, {p} provider" for d, p in sorted({(r.get("dtype", "float32"), r.get("provider", "cpu")) for r in op}))
+        if blocks:
+            parts.append("\nop level, Gemma 3 image blocks: BlindSightAttention (fast) vs the all-dense node with the blocks "
+                         f"(exact dense; causal GroupQueryAttention, not exact here, timed beside), 28 q / 4 kv heads, head_dim 128, {kinds}; "
+                         "FLOP bounds count the block pairs")
+            head = ["category", "N x L", "S", "dense s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / dense",
+                    "causal GQA s"]
+        else:
+            parts.append(f"\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, {kinds}")
+            head = ["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"]
+        parts.append(fmt_table(head, rows))
+    if record.get("op"):
         explained = [r for r in record["op"] if r.get("breakdown_ms")]
         if explained:
             classes = sorted({k for r in explained for k in r["breakdown_ms"]})

@@ -1,6 +1,9 @@
 """Op-level benchmark: one BlindSightAttention node (fast lowering) against
 ONNX Runtime's fastest dense causal attention, ``GroupQueryAttention``, for
-the same shapes (SPEC §5, §6)."""
+the same shapes (SPEC §5, §6). With Gemma 3's image blocks the causal kernel
+is not exact dense attention; the baseline becomes the all-dense node with
+the blocks (the exact dense answer), and the causal kernel is timed beside it
+for reference."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class OpShape:
     kv_num_heads: int = 4
     head_dim: int = 128
     dtype: str = "float32"  # of Q/K/V and the output (the attention's dtype)
+    image_blocks: bool = False  # Gemma 3's bidirectional image blocks (SPEC §2)
 
     @property
     def elem_type(self) -> int:
@@ -49,11 +53,19 @@ def categories_of(case: str, num_heads: int) -> tuple[str, ...]:
 
 def compiled_node(shape: OpShape, case: str, lowering: str = "fast") -> onnx.ModelProto:
     cfg = AttentionConfig(shape.num_heads, shape.kv_num_heads, shape.head_dim, shape.scale, categories_of(case, shape.num_heads),
-                          qkv_format="BSD", dtype=shape.dtype)
+                          qkv_format="BSD", dtype=shape.dtype, image_blocks=int(shape.image_blocks))
     return single_node_model(cfg, lowering)
 
 
 def dense_baseline(shape: OpShape) -> onnx.ModelProto:
+    """The dense answer the node is timed against: causal GroupQueryAttention,
+    or with image blocks the all-dense node with the blocks."""
+    if shape.image_blocks:
+        return compiled_node(shape, "dense")
+    return causal_gqa(shape)
+
+
+def causal_gqa(shape: OpShape) -> onnx.ModelProto:
     """Causal GroupQueryAttention over a whole prefill, BSD inputs (what the node gets)."""
     H, Hkv, D = shape.num_heads, shape.kv_num_heads, shape.head_dim
     nodes = [
@@ -91,8 +103,9 @@ def feeds_for(shape: OpShape, template: Template, seed: int = 0) -> dict[str, np
 def flop_bound(case: str, shape: OpShape, template: Template) -> float:
     spans, S = template.spans, template.seq_len
     cats = categories_of(case, shape.num_heads)
-    dense = attention_pairs("dense", spans, S) * len(cats)
-    return dense / sum(attention_pairs(c, spans, S) for c in cats)
+    blocks = shape.image_blocks
+    dense = attention_pairs("dense", spans, S, image_blocks=blocks) * len(cats)
+    return dense / sum(attention_pairs(c, spans, S, image_blocks=blocks) for c in cats)
 
 
 def _child() -> None:
@@ -100,7 +113,9 @@ def _child() -> None:
     args = json.loads(sys.stdin.read())
     shape, template = OpShape(**args["shape"]), Template(**args["template"])
     feeds = feeds_for(shape, template)
-    model = dense_baseline(shape) if args["variant"] == "baseline" else compiled_node(shape, args["variant"])
+    variants = {"baseline": dense_baseline, "causal_gqa": causal_gqa}
+    v = args["variant"]
+    model = variants[v](shape) if v in variants else compiled_node(shape, v)
     sess = session(model, args["threads"], provider=args.get("provider", "cpu"))
     names = {i.name for i in sess.get_inputs()}
     reset_peak_rss()

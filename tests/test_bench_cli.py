@@ -86,6 +86,25 @@ def test_bench_quick_json(tmp_path):
     pf = rec["prefill"]
     assert PREFILL_FIELDS <= pf.keys()
     assert pf["flop_bound"] > 1.0 and pf["efficiency"] == pytest.approx(pf["speedup"] / pf["flop_bound"])
+    (dec,) = rec["decode"]  # quick: one context of 256 cached tokens
+    assert dec["context"] == 256 and dec["raw_s"] > 0 and dec["compiled_s"] > 0
+    assert dec["ratio"] == pytest.approx(dec["raw_s"] / dec["compiled_s"])
+    assert dec["compiled_tokens_per_s"] == pytest.approx(1 / dec["compiled_s"])
+
+
+def test_decode_context_template_and_feeds():
+    """The decode context is SPEC §6's template stretched to the asked length; the
+    past tensors have that length and the new token sits right after it."""
+    from blindsight.bench.decode import DecodeCase, context_template, feeds
+
+    for context in (92, 256, 1024, 8193):
+        t = context_template(context)
+        assert t.seq_len == context and t.num_images == 4 and t.spans[-1][1] < context
+    f = feeds(DecodeCase(num_layers=2), 256)
+    assert f["past_key_values.1.value"].shape == (1, 2, 256, 128)  # Qwen2-VL-2B: 2 KV heads of 128
+    assert f["attention_mask"].shape == (1, 257) and int(f["position_ids"][0, 0, 0]) == 256
+    r = _run("bs-bench", "--level", "decode", "--contexts", "50")
+    assert r.returncode == 2 and "at least 92" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_op_level_fp16_rows():

@@ -92,7 +92,42 @@ def test_fast_function_has_a_prefill_branch_and_a_cached_branch():
     assert len(ifs) == 1
     branches = {a.name: _op_types(a.g) for a in ifs[0].attribute}
     assert "GroupQueryAttention" in branches["then_branch"]  # the fast body still runs the prefill
-    assert "GroupQueryAttention" not in branches["else_branch"]  # offsets take the reference body
+    assert "GroupQueryAttention" not in branches["else_branch"]
+    # KV-cache steps: text queries (decode) and chunks with image tokens (the reference body) branch apart
+    inner = [n for n in ifs[0].attribute if n.name == "else_branch"][0].g
+    (cached,) = [n for n in inner.node if n.op_type == "If"]
+    gathers = {a.name: sum(m.op_type == "Gather" for m in a.g.node) for a in cached.attribute}
+    assert gathers["then_branch"] == 0  # the decode route reads the cache in place
+    assert gathers["else_branch"] > 0  # the reference body gathers K/V per head
+
+
+def test_decode_with_padding_and_gemma3_blocks():
+    """Decode steps of text after images in a batch with left padding, and with
+    Gemma 3's image blocks (the model mask carries them; text queries stay causal)."""
+    from blindsight.attention.spans import block_ids
+
+    spans = np.array([[2, 7], [9, 15]], dtype=np.int64)
+    for blocks in (0, 1):
+        for past, q_len in ((15, 1), (16, 1), (16, 3)):
+            kv = past + q_len
+            cfg = AttentionConfig(num_heads=4, kv_num_heads=2, head_size=D, scale=D ** -0.5,
+                                  categories=("dense", "sink", "intra", "intra_sink"), is_causal=0, mask_type="bool",
+                                  image_blocks=blocks)
+            rng = np.random.default_rng(past + 7 * q_len + blocks)
+            q = rng.standard_normal((2, 4, q_len, D), dtype=np.float32)
+            k = rng.standard_normal((2, 2, kv, D), dtype=np.float32)
+            v = rng.standard_normal((2, 2, kv, D), dtype=np.float32)
+            mask = _model_mask(2, past, q_len, 0)
+            if blocks:
+                b = block_ids(spans, kv)
+                same = (b[past:, None] == b[None, :]) & (b[past:, None] >= 0)
+                mask |= same[None, None]
+            mask[1, :, :, :2] = False  # row 1 left-padded by two tokens
+            want = reference_attention(q, k, v, spans, cfg.categories, scale=cfg.scale, model_mask=mask)
+            feeds = dict(query=q, key=k, value=v, image_spans=spans, attn_mask=mask)
+            for lowering in ("reference", "fast"):
+                got = run(node_session(cfg, lowering), feeds)[0]
+                np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"{lowering}, past {past}, blocks {blocks}")
 
 
 def _op_types(graph):

@@ -212,6 +212,31 @@ def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu"
     }
 
 
+def _decode_level(case, contexts, threads, repeats, work_dir, bar, provider="cpu") -> list[dict]:
+    from blindsight.bench import decode
+    from blindsight.bench.timing import interleaved, session
+
+    paths = decode.build(case, work_dir)
+    bar.update(1)
+    out = []
+    for context in contexts:
+        f = decode.feeds(case, context)
+        runs = {}
+        for name in ("raw", "mix"):
+            sess = session(paths[name], threads, provider)
+            names = {i.name for i in sess.get_inputs()}
+            inputs = {n: v for n, v in f.items() if n in names}
+            runs[name] = lambda sess=sess, inputs=inputs: sess.run(None, inputs)
+        med = interleaved(runs, repeats, progress=bar)
+        out.append({"model": case.dims().name, "context": context, "provider": provider, "dtype": "float32",
+                    "images": decode.IMAGES, "raw_s": med["raw"], "compiled_s": med["mix"],
+                    "raw_tokens_per_s": 1 / med["raw"], "compiled_tokens_per_s": 1 / med["mix"],
+                    "ratio": med["raw"] / med["mix"]})
+        del runs
+        gc.collect()
+    return out
+
+
 def _plot(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -260,7 +285,10 @@ def bench_main(argv=None) -> int:
         "efficiency (speed-up / bound) beside every speed-up; peak memory from a fresh process per variant.",
     )
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run in under 2 minutes")
-    p.add_argument("--level", choices=("op", "prefill", "all"), default="all")
+    p.add_argument("--level", choices=("op", "prefill", "decode", "all"), default="all",
+                   help="op: single nodes; prefill: a language model's prefill; decode: one token after a multi-image "
+                   "KV cache, compiled vs raw export; all (default): the three")
+    p.add_argument("--contexts", help="decode level: cached context lengths, comma-separated (default 1024,8192; quick 256)")
     p.add_argument("--cases", default=",".join(CATEGORY_CASES), help="op-level categories, comma-separated ('mixed': a mixed layer)")
     p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: SPEC §6's three)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
@@ -322,16 +350,29 @@ def bench_main(argv=None) -> int:
             raise BlindSightError("--prefill-layers must be >= 2 (the profile mix keeps layer 0 dense)")
         # --image-blocks at the default level runs the op level only
         do_op, do_prefill = args.level in ("op", "all"), args.level == "prefill" or (args.level == "all" and not args.image_blocks)
+        do_decode = args.level == "decode" or (args.level == "all" and not args.image_blocks)
         if args.merge:
-            do_op = do_prefill = False
+            do_op = do_prefill = do_decode = False
+        if args.image_blocks and args.level == "decode":
+            raise BlindSightError("--image-blocks is an op-level option (decode steps are text, dense); pass --level op")
+        from blindsight.bench.decode import DecodeCase, context_template
+
+        try:
+            contexts = [int(c) for c in (args.contexts or ("256" if args.quick else "1024,8192")).split(",") if c]
+            for c in contexts:
+                context_template(c)
+        except ValueError as exc:
+            raise BlindSightError(f"--contexts {args.contexts!r}: {exc}" if "context" in str(exc) else
+                                  f"--contexts {args.contexts!r}: expected lengths like 1024,8192") from None
+        decode_case = DecodeCase(num_layers=case.num_layers)
         if args.image_blocks and args.level == "prefill":
             raise BlindSightError("--image-blocks is an op-level option (the prefill model is Qwen2-VL-sized, causal); pass --level op")
-        if do_prefill and not args.merge:
+        if (do_prefill or do_decode) and not args.merge:
             try:
                 import torch  # noqa: F401
                 import transformers  # noqa: F401
             except ImportError:
-                raise BlindSightError("the prefill level exports a model with torch; install the export extra (pip install -e '.[export]') or pass --level op") from None
+                raise BlindSightError("the prefill and decode levels export a model with torch; install the export extra (pip install -e '.[export]') or pass --level op") from None
         from tqdm import tqdm
 
         memory = not args.no_memory
@@ -340,6 +381,8 @@ def bench_main(argv=None) -> int:
             total += len(sizes) * ((3 if args.image_blocks else 2) * len(cases) * repeats + ((len(cases) + 1) if memory else 0))
         if do_prefill:
             total += 1 + 6 * repeats + (3 if memory else 0)
+        if do_decode:
+            total += 1 + 2 * repeats * len(contexts)
         record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,
                   "dtype": dtype, "provider": args.provider}
         for path in args.merge or []:
@@ -351,7 +394,7 @@ def bench_main(argv=None) -> int:
                 raise BlindSightError(f"--merge {path}: not a bs-bench JSON record (expected an object)")
             # op rows of several runs (e.g. causal and --image-blocks) add up; the rest is the last run's
             rows = record.get("op", []) + list(part.get("op") or [])
-            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "prefill")})
+            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "prefill", "decode")})
             if rows:
                 record["op"] = rows
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
@@ -360,6 +403,8 @@ def bench_main(argv=None) -> int:
                                          args.image_blocks)
             if do_prefill:
                 record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider)
+            if do_decode:
+                record["decode"] = _decode_level(decode_case, contexts, args.threads, repeats, Path(args.work_dir), bar, args.provider)
         if args.plot and record.get("op"):
             _plot(record, Path(args.plot))
         if args.markdown:
@@ -425,6 +470,13 @@ def render(record: dict) -> str:
         parts.append(f"\nprefill level: {pf['model']}, export form {pf['form']}, {pf['N']} images x {pf['L']} tokens = {pf['seq_len']} tokens "
                      f"(mix vs raw export: {pf['vs_raw_export']:.2f}x; attention FLOP bound {pf['attention_flop_bound']:.2f}x)")
         parts.append(fmt_table(["graph", "seconds", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows))
+    dec = record.get("decode")
+    if dec:
+        parts.append(f"\ndecode level: {dec[0]['model']}, one token after {dec[0]['images']} images (KV-cache export, eager form), "
+                     "compiled with the profile mix vs the raw export; decode steps are text queries, dense for every category")
+        rows = [[r["context"], f"{1000 * r['raw_s']:.1f}", f"{1000 * r['compiled_s']:.1f}", f"{r['raw_tokens_per_s']:.1f}",
+                 f"{r['compiled_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x"] for r in dec]
+        parts.append(fmt_table(["context", "raw ms", "compiled ms", "raw tok/s", "compiled tok/s", "compiled vs raw"], rows))
     return "\n".join(parts)
 
 

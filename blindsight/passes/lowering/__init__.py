@@ -2,8 +2,9 @@
 ``com.microsoft`` operators only, so a plain InferenceSession runs them.
 
 - ``reference``: explicit per-head mask, dense compute (:mod:`.reference`);
-- ``fast``: skips the masked-out work (:mod:`.fast`) on a prefill, and runs the
-  reference body on KV-cache steps (:func:`prefill_or_cached`).
+- ``fast``: skips the masked-out work (:mod:`.fast`) on a prefill; on KV-cache
+  steps text queries (decode) attend in place and a chunk with image tokens
+  runs the reference body (:func:`prefill_or_cached`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from onnx import helper
 
 from blindsight.attention.schema import AttentionConfig
 from blindsight.errors import ModelError
-from blindsight.passes.lowering.builder import OPSET
+from blindsight.passes.lowering.builder import OPSET, Builder
 from blindsight.passes.lowering.fast import build_fast
+from blindsight.passes.lowering.fast.text_cached import build_text_cached, queries_are_text
 from blindsight.passes.lowering.function import OUTPUT_NAME
 from blindsight.passes.lowering.reference import build_reference
 
@@ -36,31 +38,38 @@ def _branch(function: onnx.FunctionProto, name: str, elem_type: int) -> onnx.Gra
 
 def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
     """The fast lowering assumes a prefill (query length == key length). With a
-    KV cache (past > 0, decode steps or a chunked prefill) the queries sit at
-    absolute positions past..past+Sq-1 and the reference body, which handles
-    that offset, runs instead; decode steps of text tokens are dense by SPEC §2."""
+    KV cache (past > 0) the queries sit at absolute positions past..past+Sq-1:
+    when they are all text (decode steps), every head is dense by SPEC §2 and
+    one grouped MatMul reads the cache in place (:mod:`.fast.text_cached`); a
+    chunk that holds image tokens runs the reference body, which handles any
+    offset."""
     if cfg.head_size % GQA_HEAD_MULTIPLE:
         raise ModelError(
             f"layer {cfg.layer}: head size {cfg.head_size} is not a multiple of {GQA_HEAD_MULTIPLE}, which ONNX Runtime's "
             "GroupQueryAttention (the fast lowering's kernel) needs; compile with --lowering reference"
         )
     fast = build_fast(cfg, opset)
-    cached = build_reference(cfg, opset)
     seq_axis = 2 if cfg.qkv_format == "BNSH" else 1
+    # KV-cache steps: text queries take the decode route, a chunk with image tokens the reference body
+    b = Builder("kv", cfg.elem_type)
+    cached_out = b.op(
+        "If", queries_are_text(b, cfg),
+        then_branch=_branch(build_text_cached(cfg, opset), "text_cached", cfg.elem_type),
+        else_branch=_branch(build_reference(cfg, opset), "cached", cfg.elem_type),
+    )
+    cached = b.subgraph("kv_cache", [cached_out])
     cond = "kv_is_prefill"
     nodes = [
         helper.make_node("Shape", ["query"], ["kv_q_len"], start=seq_axis, end=seq_axis + 1),
         helper.make_node("Shape", ["key"], ["kv_k_len"], start=seq_axis, end=seq_axis + 1),
         helper.make_node("Equal", ["kv_q_len", "kv_k_len"], ["kv_same_len"]),
         helper.make_node("Squeeze", ["kv_same_len"], [cond]),
-        helper.make_node(
-            "If", [cond], [OUTPUT_NAME],
-            then_branch=_branch(fast, "prefill", cfg.elem_type), else_branch=_branch(cached, "cached", cfg.elem_type),
-        ),
+        helper.make_node("If", [cond], [OUTPUT_NAME], then_branch=_branch(fast, "prefill", cfg.elem_type), else_branch=cached),
     ]
     return helper.make_function(
         fast.domain, fast.name, list(fast.input), [OUTPUT_NAME], nodes, list(fast.opset_import),
-        overload=fast.overload, doc_string=fast.doc_string + "; KV-cache steps (past > 0): reference body",
+        overload=fast.overload,
+        doc_string=fast.doc_string + "; KV-cache steps (past > 0): text queries dense in place, image queries the reference body",
     )
 
 

@@ -161,6 +161,32 @@ def test_external_data_stays_external(model, tmp_path):
     _assert_clean_failure(bs_compile(ext, "--profile", prof, "-o", elsewhere), elsewhere, "same folder")
 
 
+def test_compile_never_reads_the_weights(model, tmp_path):
+    """Issue 13: with the external-data file replaced by a directory of the same
+    name (any read of it fails), bs-compile still succeeds and the output keeps
+    referencing that file; with the real file back, it runs like the inline compile."""
+    src, prof, _ = model
+    proto = onnx.load(str(src))
+    ext = tmp_path / "lm_ext.onnx"
+    onnx.save_model(proto, str(ext), save_as_external_data=True, all_tensors_to_one_file=True, location="lm_ext.data", size_threshold=1024)
+    data = tmp_path / "lm_ext.data"
+    data.rename(tmp_path / "weights.bak")
+    data.mkdir()  # open() of it raises IsADirectoryError, even for root
+    r = bs_compile(ext, "--profile", prof)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "lm_ext.blindsight.onnx"
+    compiled = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in compiled.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"lm_ext.data"}
+    data.rmdir()
+    (tmp_path / "weights.bak").rename(data)
+    feeds = example_inputs("qwen2_vl", tiny_config("qwen2_vl"), 1, 16)
+    feeds["image_spans"] = np.array([[2, 9]], dtype=np.int64)
+    inline = tmp_path / "inline.blindsight.onnx"
+    assert bs_compile(src, "--profile", prof, "-o", inline).returncode == 0
+    np.testing.assert_array_equal(run(session(str(out)), feeds)[0], run(session(str(inline)), feeds)[0])
+
+
 def test_help_explains():
     r = bs_compile("--help")
     assert r.returncode == 0 and "image_spans" in r.stdout and "--lowering" in r.stdout

@@ -65,3 +65,43 @@ def test_unknown_configuration_is_one_line():
 
     with pytest.raises(BlindSightError, match="expected one of"):
         write_random_checkpoint("qwen2-vl-72b", "/nonexistent")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_structure_export_equals_the_real_export(name, tmp_path):
+    """The meta-device export (weights never held, streamed to external data)
+    runs like the export of a real model with the same weights: same logits and
+    presents in ONNX Runtime; the buffers it computes for real (rotary
+    frequencies) are the real model's."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from blindsight import families
+    from blindsight.models.export_kv import example_kv_inputs, export_language_model_with_cache, language_model_with_cache, past_names
+    from blindsight.models.fullsize import export_language_model_structure, full_config
+
+    config, model_class, _, _ = full_config(name, SMALL[name])
+    family = config.model_type
+    torch.manual_seed(3)
+    real = model_class._from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in real.parameters():
+            p.normal_(0, 0.2)  # so that a wrong wiring shows in the logits
+    state = {k: v.detach().numpy() for k, v in language_model_with_cache(family, real).state_dict().items()}
+    raw = export_language_model_with_cache(family, real, tmp_path / "real.onnx")
+    drawn = export_language_model_structure(name, tmp_path / "structure.onnx", dtype="fp32", overrides=SMALL[name],
+                                            progress=False, weights=state.get)
+    proto = onnx.load(str(drawn), load_external_data=False)
+    assert any(t.external_data for t in proto.graph.initializer)
+    text = config.text_config
+    e, pos, mask, past = example_kv_inputs(family, text, seq_len=5, past_len=3)
+    feeds = {"inputs_embeds": e.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy(),
+             **{n: x.numpy() for n, x in zip(past_names(text.num_hidden_layers), past)}}
+    if families.get(family).image_blocks:
+        feeds["token_type_ids"] = np.array([[0, 1, 1, 1, 0]], dtype=np.int64)
+    want = ort.InferenceSession(str(raw)).run(None, feeds)
+    got = ort.InferenceSession(str(drawn)).run(None, feeds)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    assert np.abs(want[0]).max() > 1e-2

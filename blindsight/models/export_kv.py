@@ -108,13 +108,25 @@ def example_kv_inputs(family: str, text_cfg, batch=1, seq_len=5, past_len=3, see
 def export_language_model_with_cache(family: str, model: nn.Module, out_path) -> Path:
     """Trace ``model`` (a loaded VLM, eager attention) and write ``out_path``;
     float inputs and outputs take the dtype of the model's weights."""
+    path = Path(out_path)
+    _save(trace_language_model_with_cache(family, model), path, image_blocks=families.get(family).image_blocks)
+    return path
+
+
+def trace_language_model_with_cache(family: str, model: nn.Module, optimize: bool = True):
+    """The ONNX program of the KV-cache language model; a model on the meta
+    device traces with meta example inputs (its initializers hold no data,
+    ``optimize`` must then be off: folding needs values)."""
     wrapper = language_model_with_cache(family, model)
     text_cfg = wrapper.decoder.config
     n = wrapper.num_layers
+    device = next(model.parameters()).device
     args = cast_floats(example_kv_inputs(family, text_cfg), model.dtype)
     blocks = families.get(family).image_blocks
     if blocks:  # a traced chunk holding one image block
         args = (*args, torch.tensor([[0, 1, 1, 1, 0]] * args[0].shape[0], dtype=torch.int64))
+    if device.type != "cpu":
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else tuple(x.to(device) for x in a) for a in args)
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq_len", min=1, max=1 << 18)
     past = torch.export.Dim("past_len", min=0, max=1 << 18)
@@ -125,18 +137,15 @@ def export_language_model_with_cache(family: str, model: nn.Module, out_path) ->
         {0: batch, 1: total},
         tuple({0: batch, 2: past} for _ in range(2 * n)),
     ) + (({0: batch, 1: seq},) if blocks else ())
-    path = Path(out_path)
     with torch.no_grad(), _quiet():
-        program = torch.onnx.export(
+        return torch.onnx.export(
             wrapper,
             args,
             dynamo=True,
             input_names=["inputs_embeds", "position_ids", "attention_mask", *past_names(n)] + ([TOKEN_TYPE_INPUT] if blocks else []),
             output_names=["logits", *present_names(n)],
             dynamic_shapes=dynamic,
-            optimize=True,
+            optimize=optimize,
             report=False,
             verbose=False,
         )
-    _save(program, path, image_blocks=blocks)
-    return path

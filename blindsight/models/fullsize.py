@@ -154,6 +154,126 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _twin_buffers(family: str, config, model_class, dtype) -> dict:
+    """Non-trainable buffers (rotary inverse frequencies, Gemma's embedding scale)
+    of the KV-cache wrapper, computed for real on a CPU twin of ``config`` that
+    keeps the dimensions they depend on but one decoder layer per layer type, a
+    16-token vocabulary and a one-block vision tower."""
+    import copy
+
+    import torch
+
+    from blindsight.models.export_kv import language_model_with_cache
+
+    twin = copy.deepcopy(config)
+    text = getattr(twin, "text_config", twin)
+    types = list(dict.fromkeys(getattr(text, "layer_types", None) or []))
+    text.num_hidden_layers = max(1, len(types))
+    if types:
+        text.layer_types = types
+    text.vocab_size, text.intermediate_size = 16, 16
+    for holder in (twin, text):  # the twin's embedding has no padding row (the buffers do not depend on it)
+        if getattr(holder, "pad_token_id", None) is not None:
+            holder.pad_token_id = None
+    vision = getattr(twin, "vision_config", None)
+    for attr in ("depth", "num_hidden_layers"):
+        if vision is not None and hasattr(vision, attr):
+            setattr(vision, attr, 1)
+    if vision is not None and hasattr(vision, "fullatt_block_indexes"):
+        vision.fullatt_block_indexes = [0]
+    model = model_class._from_config(twin, dtype=dtype).eval()
+    wrapper = language_model_with_cache(family, model)
+    persistent = set(wrapper.state_dict())
+    return {n: b.detach() for n, b in wrapper.named_buffers() if n not in persistent or "inv_freq" in n or "embed_scale" in n}
+
+
+def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16", seed: int = 0, overrides: dict | None = None,
+                                    progress: bool = True, weights=None) -> Path:
+    """The KV-cache language model of full-size ``name`` (the graph bs-export
+    writes as language_model.onnx) without ever holding its weights: traced on
+    the meta device, every initializer then drawn at random (``weights(name) ->
+    ndarray`` replaces the draw, e.g. a real model's state dict in tests) and
+    streamed into one external-data file (``weights(name)`` returning None falls
+back to the draw), buffers computed for real. Weights are
+    not constant-folded (bs-export folds their Transposes into the initializers;
+    here ONNX Runtime does it at load), so the graph has those extra Transpose
+    nodes and otherwise the export's structure.
+
+    For checkpoints whose export does not fit in memory (7B in 24 GB)."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxscript
+    import torch
+    from tqdm.auto import tqdm
+
+    from blindsight.attention.schema import IMAGE_BLOCKS_METADATA
+    from blindsight.models.dtype import cast_mixed_norms, torch_dtype
+    from blindsight.models.export import MAX_IR_VERSION
+    from blindsight.models.export_kv import trace_language_model_with_cache
+
+    spec = _spec(name)
+    family = spec["family"]
+    config, model_class, _, _ = full_config(name, overrides)
+    tdtype = torch_dtype(dtype)
+    with torch.device("meta"):
+        model = model_class._from_config(config, dtype=tdtype).eval()
+    program = trace_language_model_with_cache(family, model, optimize=False)
+    buffers = _twin_buffers(family, config, model_class, tdtype)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data_name = out.name + ".data"
+    tmp_model, tmp_data = out.with_name(f".{out.name}.tmp"), out.with_name(f".{data_name}.tmp")
+    inits = program.model.graph.initializers
+    external = set()
+    torch.manual_seed(seed)
+    try:
+        offset = 0
+        total = sum(int(np.prod(v.shape.numpy())) for v in inits.values())
+        with open(tmp_data, "wb") as fh, tqdm(total=total, unit="value", unit_scale=True, desc=f"weights of {name}",
+                                               disable=not progress) as bar:
+            for key, value in inits.items():
+                shape = tuple(value.shape.numpy())
+                given = weights(key) if weights is not None else None
+                if given is not None:
+                    arr = np.ascontiguousarray(given)
+                elif key in buffers:
+                    arr = buffers[key].numpy()
+                else:
+                    arr = _fill(key, shape, family, tdtype).numpy()
+                if tuple(arr.shape) != shape:
+                    raise ValueError(f"initializer {key}: drawn shape {arr.shape}, graph shape {shape}")
+                bar.update(arr.size)
+                if arr.nbytes < 1024:
+                    value.const_value = ir.tensor(arr, name=key)
+                    continue
+                pad = (-offset) % 64  # aligned, as ONNX Runtime maps external data
+                fh.write(b"\0" * pad)
+                offset += pad
+                fh.write(arr.tobytes())
+                value.const_value = ir.ExternalTensor(data_name, offset, arr.nbytes, ir.DataType.from_numpy(arr.dtype),
+                                                      shape=ir.Shape(arr.shape), name=key, base_dir=str(out.parent))
+                external.add(key)
+                offset += arr.nbytes
+        os.replace(tmp_data, out.parent / data_name)
+
+        def keep_weights(node):  # folding a weight's Transpose would read it into memory
+            return False if any(i is not None and i.name in external for i in node.inputs) else None
+
+        onnxscript.optimizer.optimize_ir(program.model, should_fold=keep_weights)
+        cast_mixed_norms(program.model)
+        if families.get(family).image_blocks:
+            program.model.metadata_props[IMAGE_BLOCKS_METADATA] = "1"
+        program.model.metadata_props["blindsight.random_weights"] = json.dumps({"config": name, "dtype": dtype, "seed": seed})
+        program.model.ir_version = min(program.model.ir_version, MAX_IR_VERSION)
+        ir.save(program.model, tmp_model)
+        os.replace(tmp_model, out)
+    except BaseException:
+        for f in (tmp_model, tmp_data):
+            f.unlink(missing_ok=True)
+        raise
+    return out
+
+
 def main(argv=None) -> int:
     import argparse
     import sys

@@ -24,7 +24,7 @@ def block_sequence_ids(token_type_ids: torch.Tensor, past_length) -> torch.Tenso
     from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
     ids = get_block_sequence_ids_for_mask(token_type_ids)
-    past = torch.full((ids.shape[0], past_length), -1, dtype=ids.dtype)
+    past = torch.full((ids.shape[0], past_length), -1, dtype=ids.dtype, device=ids.device)
     return torch.cat([past, ids], dim=1)
 
 

@@ -125,15 +125,18 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
         t = Template(n, l)
         feeds = feeds_for(shape, t)
         plain = {k: v for k, v in feeds.items() if k != "image_spans"}
-        base = session(dense_baseline(shape), threads, provider=provider)
+        # with image blocks three sessions are alive at once (the causal GQA's arena alone
+        # holds about 8 GB at 8K tokens): without arenas each run frees what it took
+        arena = not image_blocks
+        base = session(dense_baseline(shape), threads, provider=provider, arena=arena)
         base_feeds = feeds if image_blocks else plain
         # with image blocks the causal kernel (not exact there) is timed beside, for reference
-        gqa = session(causal_gqa(shape), threads, provider=provider) if image_blocks else None
+        gqa = session(causal_gqa(shape), threads, provider=provider, arena=False) if image_blocks else None
         med, base_med, gqa_med, why = {}, {}, {}, {}
         for c in cases:
             # one compiled session at a time beside the baseline: at 8K tokens a
             # GroupQueryAttention arena alone holds S x S scores per head (GBs)
-            s = session(compiled_node(shape, c), threads, provider=provider)
+            s = session(compiled_node(shape, c), threads, provider=provider, arena=arena)
             runs = {"baseline": lambda: base.run(None, base_feeds), c: lambda s=s: s.run(None, feeds)}
             if gqa is not None:
                 runs["causal_gqa"] = lambda: gqa.run(None, plain)

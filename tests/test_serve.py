@@ -1,0 +1,335 @@
+"""bs-serve (issue 15): the server in a subprocess on loopback, driven by the official openai
+client as users would call it. The reference for every answer is ``Pipeline.generate`` called
+directly on the same export; the reference for the FLOPs saved is ``count_flops`` over the
+profile the model was compiled with."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from blindsight.compiler.pipeline import compile_model
+from blindsight.models.checkpoints import make_tiny_checkpoint
+from blindsight.models.export_vlm import export_vlm
+from blindsight.profile import Profile
+from blindsight.runtime.pipeline import Pipeline
+from blindsight.serve.load import free_port, wait_healthy
+
+QUESTION = "compare <image> with <image>, which is brighter?"
+LONG = "write a long story"  # the tiny checkpoint does not stop on its own for thousands of tokens
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny Qwen2-VL export, its sparse compiled model and profile, two PNGs."""
+    root = tmp_path_factory.mktemp("serve")
+    out = export_vlm(make_tiny_checkpoint("qwen2_vl", root / "ckpt"), root / "export", progress=False).out_dir
+    t = json.loads((out / "template.json").read_text())
+    cats = [["intra", "sink", "intra_sink", "dense"][: t["num_heads"]]] * t["num_layers"]
+    compile_model(out / "language_model.onnx", Profile(cats, num_kv_heads=t["num_kv_heads"]),
+                  out / "language_model.blindsight.onnx")
+    images = root / "images"
+    images.mkdir()
+    paths = []
+    for i, size in enumerate([(48, 60), (90, 40)]):
+        rng = np.random.default_rng(i)
+        paths.append(images / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)).resize(size[::-1], Image.NEAREST).save(paths[-1])
+    return out, paths, cats, root
+
+
+@pytest.fixture(scope="module")
+def pipe(export):
+    return Pipeline(export[0], compiled=True, threads=1)
+
+
+class Server:
+    def __init__(self, out, root, *args):
+        self.cwd, self.tmp = root / "server_cwd", root / "server_tmp"  # must stay empty: nothing per request on disk
+        self.cwd.mkdir(exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+        port = free_port()
+        env = {**os.environ, "TMPDIR": str(self.tmp)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "blindsight.serve", str(out), "--port", str(port),
+                                      "--threads", "1", *map(str, args)], cwd=self.cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = f"http://127.0.0.1:{port}"
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: [self.lines.append(l) for l in self.proc.stdout], daemon=True).start()
+        wait_healthy(self.url, self.proc, timeout=180)
+        self.files_at_start = self.files()
+        self.model = os.path.basename(str(out))
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def files(self):
+        return sorted(str(p) for d in (self.cwd, self.tmp) for p in d.rglob("*"))
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return r.read().decode()
+
+    def health(self):
+        return json.loads(self.get("/health"))
+
+    def post(self, body: bytes, content_type="application/json"):
+        req = urllib.request.Request(self.url + "/v1/chat/completions", data=body, headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def metric(self, name):
+        for line in self.get("/metrics").splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    out, paths, _, root = export
+    s = Server(out, root, "--max-queue", 1, "--max-images", 3, "--max-image-bytes", 100_000,
+               "--max-image-pixels", 1_000_000, "--allow-local-images", paths[0].parent, "--max-context", 8192)
+    yield s
+    s.stop()
+    assert "Traceback" not in "".join(s.lines), "".join(s.lines)[-3000:]
+
+
+def data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
+
+
+def content(paths, url=data_url):
+    """OpenAI content parts for QUESTION with the images where its markers are."""
+    a, b = QUESTION.split("<image>")[0], QUESTION.split("<image>")[1]
+    c = QUESTION.split("<image>")[2]
+    return [{"type": "text", "text": a}, {"type": "image_url", "image_url": {"url": url(paths[0])}},
+            {"type": "text", "text": b}, {"type": "image_url", "image_url": {"url": url(paths[1])}},
+            {"type": "text", "text": c}]
+
+
+def test_two_images_non_streaming_equals_pipeline(server, export, pipe):
+    out, paths, cats, _ = export
+    want = pipe.generate(paths, QUESTION, 8)
+    got = server.client.chat.completions.create(model=server.model, max_tokens=8,
+                                                messages=[{"role": "user", "content": content(paths)}])
+    assert got.choices[0].message.content == want.text
+    extra = got.model_extra["blindsight"]
+    assert extra["token_ids"] == want.token_ids and len(extra["image_spans"]) == 2
+    assert [tuple(s) for s in extra["image_spans"]] == want.image_spans
+    assert got.usage.prompt_tokens == want.prefill_tokens and got.usage.completion_tokens == len(want.token_ids)
+    assert got.choices[0].finish_reason == ("stop" if want.token_ids[-1] in pipe.eos else "length")
+    # the FLOPs saved, against count_flops over the profile (not the graph's attributes the server reads)
+    from blindsight.flops.dims import dims_from_config
+    from blindsight.flops.report import count_flops
+
+    dims = dims_from_config(json.loads((out / "config.json").read_text()))
+    rep = count_flops(dims, cats, want.image_spans, want.prefill_tokens)
+    assert extra["attention_flops_saved"] == rep.attention_dense - rep.attention_sparse > 0
+
+
+def test_streaming_equals_pipeline(server, export, pipe):
+    paths = export[1]
+    want = pipe.generate(paths, QUESTION, 12)
+    stream = server.client.chat.completions.create(model=server.model, max_tokens=12, stream=True,
+                                                   stream_options={"include_usage": True},
+                                                   messages=[{"role": "user", "content": content(paths)}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].model_extra["blindsight"]["token_ids"] == want.token_ids
+    assert chunks[-1].usage.prompt_tokens == want.prefill_tokens and chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_text_only_and_local_file_images(server, export, pipe):
+    paths = export[1]
+    got = server.client.chat.completions.create(model=server.model, max_tokens=6,
+                                                messages=[{"role": "user", "content": "describe the sky"}])
+    assert got.choices[0].message.content == pipe.generate([], "describe the sky", 6).text
+    # local files, inside the --allow-local-images directory
+    got = server.client.chat.completions.create(model=server.model, max_tokens=8, messages=[
+        {"role": "user", "content": content(paths, lambda p: f"file://{p}")}])
+    assert got.choices[0].message.content == pipe.generate(paths, QUESTION, 8).text
+
+
+def _png(size, seed=0, noise=False) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (*size, 3), dtype=np.uint8) if noise else np.full((*size, 3), 90, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+def _img(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+BAD_CLIENT = [  # (what, request kwargs, exception, HTTP status, words the message holds)
+    ("unknown model", dict(model="no-such-model", messages=[{"role": "user", "content": "hi"}]),
+     openai.NotFoundError, 404, "no-such-model"),
+    ("too many images", dict(messages=_user(*[_img(_url(_png((8, 8))))] * 4, {"type": "text", "text": "hi"})),
+     openai.BadRequestError, 400, "too many images"),
+    ("oversize image", dict(messages=_user(_img(_url(_png((200, 200), noise=True))))),
+     openai.APIStatusError, 413, "over 100000 bytes"),
+    ("too many pixels", dict(messages=_user(_img(_url(_png((1200, 1000)))))),
+     openai.APIStatusError, 413, "1000x1200 pixels"),
+    ("undecodable image", dict(messages=_user(_img("data:image/png;base64," + base64.b64encode(b"not an image at all").decode()))),
+     openai.BadRequestError, 400, "not an image"),
+    ("truncated image", dict(messages=_user(_img(_url(_png((64, 64), noise=True)[:300])))),
+     openai.BadRequestError, 400, "cannot be decoded"),
+    ("bad base64", dict(messages=_user(_img("data:image/png;base64,@@@@")) ), openai.BadRequestError, 400, "base64"),
+    ("remote url", dict(messages=_user(_img("https://example.invalid/a.png"))), openai.BadRequestError, 400, "not fetched"),
+    ("local file outside the allow-list", dict(messages=_user(_img("file:///etc/hostname"))),
+     openai.PermissionDeniedError, 403, "outside"),
+    ("prompt over the context", dict(messages=[{"role": "user", "content": "word " * 9000}]),
+     openai.BadRequestError, 400, "context length of 8192"),
+    ("max_tokens over the context", dict(messages=[{"role": "user", "content": "hi"}], max_tokens=9000),
+     openai.BadRequestError, 400, "ask for at most"),
+    ("unknown field", dict(messages=[{"role": "user", "content": "hi"}], extra_body={"beam_width": 4}),
+     openai.BadRequestError, 400, "unknown field 'beam_width'"),
+    ("unknown part type", dict(messages=_user({"type": "input_audio", "input_audio": {}})),
+     openai.BadRequestError, 400, "'input_audio'"),
+    ("max_tokens 0", dict(messages=[{"role": "user", "content": "hi"}], max_tokens=0),
+     openai.BadRequestError, 400, "max_tokens"),
+    ("no messages", dict(messages=[]), openai.BadRequestError, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("what,kwargs,exc,status,words", BAD_CLIENT, ids=[c[0] for c in BAD_CLIENT])
+def test_bad_requests_are_one_clear_4xx(server, pipe, what, kwargs, exc, status, words):
+    kwargs = {"model": server.model, "max_tokens": 4, **kwargs}
+    with pytest.raises(exc) as info:
+        server.client.chat.completions.create(**kwargs)
+    assert info.value.status_code == status
+    message = info.value.body["message"]
+    assert words in message and "\n" not in message and "Traceback" not in message, message
+    # and the server goes on serving, with the right answer
+    assert server.health()["status"] == "ok"
+    got = server.client.chat.completions.create(model=server.model, max_tokens=3, messages=[{"role": "user", "content": "ok?"}])
+    assert got.choices[0].message.content == pipe.generate([], "ok?", 3).text
+
+
+@pytest.mark.parametrize("body,words", [(b'{"model": "x", ', "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
+                                        (b"[1, 2]", "JSON object"), (b'{"messages": []}', "missing field 'model'")])
+def test_malformed_bodies(server, body, words):
+    status, doc = server.post(body)
+    assert status == 400 and words in doc["error"]["message"], doc
+    assert server.health()["status"] == "ok"
+
+
+def test_unknown_route_and_method(server):
+    try:
+        urllib.request.urlopen(server.url + "/v1/completions", data=b"{}", timeout=10)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404 and "no route" in json.loads(exc.read())["error"]["message"]
+    else:
+        pytest.fail("POST /v1/completions answered")
+
+
+def test_queue_full_is_429_and_a_gone_client_frees_its_slot(server, pipe):
+    """--max-queue 1, one worker: a long stream runs, one request waits, a third is refused;
+    closing the stream stops its generation (cancelled, its slot taken by the waiting one)."""
+    assert len(pipe.generate([], LONG, 4000).token_ids) == 4000  # the premise: it would run for seconds
+    cancelled = server.metric("blindsight_requests_cancelled_total")
+    generated = server.metric("blindsight_generated_tokens_total")
+    holder = server.client.chat.completions.create(model=server.model, max_tokens=4000, stream=True,
+                                                   messages=[{"role": "user", "content": LONG}])
+    it = iter(holder)
+    next(it), next(it)  # generating
+    waiting: dict = {}
+
+    def queued():
+        waiting["got"] = server.client.chat.completions.create(model=server.model, max_tokens=4, messages=[
+            {"role": "user", "content": "hello"}])
+
+    t = threading.Thread(target=queued)
+    t.start()
+    deadline = time.monotonic() + 30
+    while server.health()["waiting"] < 1:
+        assert time.monotonic() < deadline, server.health()
+        time.sleep(0.05)
+    with pytest.raises(openai.RateLimitError) as info:
+        server.client.chat.completions.create(model=server.model, max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 429 and "busy" in info.value.body["message"]
+    holder.close()  # the client goes away mid-stream
+    t.join(timeout=60)
+    assert waiting["got"].choices[0].message.content == pipe.generate([], "hello", 4).text
+    h = server.health()
+    assert h["running"] == 0 and h["waiting"] == 0
+    assert server.metric("blindsight_requests_cancelled_total") == cancelled + 1
+    assert server.metric("blindsight_requests_rejected_total") >= 1
+    # the closed stream stopped long before its 4000 tokens
+    assert server.metric("blindsight_generated_tokens_total") - generated < 3000
+
+
+def test_metrics(server):
+    text = server.get("/metrics")
+    for name in ("blindsight_requests_total", "blindsight_time_to_first_token_seconds_count",
+                 "blindsight_prefill_seconds_count", "blindsight_decode_tokens_per_second_count",
+                 "blindsight_attention_flops_saved_sum", "blindsight_queue_depth"):
+        assert name in text
+    assert server.metric("blindsight_attention_flops_saved_sum") > 0
+    assert server.metric("blindsight_time_to_first_token_seconds_count") >= 4
+    assert server.metric('blindsight_requests_total{code="400"}') >= 10
+
+
+def test_nothing_written_to_disk(server):
+    """Runs after the requests above: the server's working and temporary directories hold what
+    they held once it had started (some library drops a session file in $TMPDIR at start-up)."""
+    assert server.health()["status"] == "ok"
+    assert server.metric("blindsight_requests_total{code=\"200\"}") >= 10
+    assert server.files() == server.files_at_start and not list(server.cwd.iterdir())
+
+
+def test_load_run_loses_nothing(export, pipe):
+    """bs-serve-load against a bs-serve it starts: a small bounded run, every answer Pipeline's."""
+    out, paths, _, root = export
+    from blindsight.serve.load import PROMPT, sample_images
+
+    proc = subprocess.run([sys.executable, "-c", "import sys; from blindsight.entry import bs_serve_load; sys.exit(bs_serve_load())",
+                           str(out), "--requests", "24", "--concurrency", "4", "--max-tokens", "6", "--json",
+                           "--serve-arg=--threads=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    rep = json.loads(proc.stdout)
+    assert rep["ok"] == 24 and rep["failed"] == rep["lost"] == rep["mismatched"] == 0
+    imgs = [Image.open(io.BytesIO(b)) for b in sample_images(2)]
+    assert rep["answer"] == pipe.generate(imgs, PROMPT, 6).text  # no markers: the images go first, as sent
+    assert rep["ttft_p50_s"] > 0 and rep["ttft_p99_s"] >= rep["ttft_p50_s"]
+
+
+def test_bad_command_lines_are_one_line(export, tmp_path):
+    out = export[0]
+    for args, words in [([str(tmp_path)], "not a bs-export directory"), ([str(out), "--model", "nope.onnx"], "does not exist"),
+                        ([str(out), "--max-images", "0"], "--max-images is 0")]:
+        proc = subprocess.run([sys.executable, "-m", "blindsight.serve", *args, "--port", "1"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr

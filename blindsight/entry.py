@@ -35,7 +35,9 @@ COMMANDS = {
     "bs-check": "blindsight.runtime.parity:main",
     "bs-serve": "blindsight.serve.cli:main",
     "bs-serve-load": "blindsight.serve.load:main",
+    "bs-serve-ray": "blindsight.serve.ray_app:main",
 }
-bs_compile, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_run, bs_check, bs_serve, bs_serve_load = (
+(bs_compile, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_run, bs_check, bs_serve, bs_serve_load,
+ bs_serve_ray) = (
     _entry(prog, target) for prog, target in COMMANDS.items()
 )

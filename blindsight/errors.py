@@ -35,6 +35,7 @@ OPTIONAL_MODULES = {
     "prometheus_client": ("serve", "prometheus-client"),
     "openai": ("serve", "openai"),
     "pydantic": ("serve", "fastapi"),
+    "ray": ("ray", "ray[serve]"),
     "pytest": ("test", "pytest"),
     "hypothesis": ("test", "hypothesis"),
 }

@@ -49,6 +49,7 @@ CASES = [
     ("bs-serve", ["fastapi"], ["{vlm}", "--model", "dense"], "serve"),
     ("bs-serve", ["prometheus_client"], ["{vlm}", "--model", "dense"], "serve"),
     ("bs-serve-load", ["openai"], ["http://127.0.0.1:9"], "serve"),
+    ("bs-serve-ray", ["ray"], ["{vlm}", "--model", "dense"], "ray"),
     ("bs-profile", ["torch"], ["-o", "p.json"], "export"),
     ("bs-eval", ["torch"], ["--profile", "p.json"], "export"),
     ("bs-eval", ["tqdm"], ["--profile", "p.json"], "export"),

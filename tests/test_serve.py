@@ -333,3 +333,60 @@ def test_bad_command_lines_are_one_line(export, tmp_path):
                               text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr
         assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_ray_serve_two_replicas_same_api(export, pipe):
+    """bs-serve-ray with 2 replicas behind Ray Serve's proxy: both answer, with Pipeline.generate's
+    answers, bad input is the same 4xx, and a bounded load run loses nothing."""
+    import signal
+
+    out, paths, _, root = export
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from blindsight.entry import bs_serve_ray; sys.exit(bs_serve_ray())",
+                             str(out), "--replicas", "2", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: [lines.append(l) for l in proc.stderr], daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout=300)
+        pids = set()
+        for _ in range(60):
+            with urllib.request.urlopen(url + "/health", timeout=10) as r:
+                pids.add(json.loads(r.read())["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = os.path.basename(str(out))
+        want = pipe.generate(paths, QUESTION, 8)
+        got = client.chat.completions.create(model=model, max_tokens=8, messages=[{"role": "user", "content": content(paths)}])
+        assert got.choices[0].message.content == want.text and got.model_extra["blindsight"]["token_ids"] == want.token_ids
+        chunks = list(client.chat.completions.create(model=model, max_tokens=8, stream=True,
+                                                     messages=[{"role": "user", "content": content(paths)}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        with pytest.raises(openai.NotFoundError) as info:
+            client.chat.completions.create(model="other", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        assert "'other' is not served here" in info.value.body["message"]
+        req = urllib.request.Request(url + "/v1/chat/completions", data=b'{"model": ', headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(req, timeout=30)
+        assert http.value.code == 400 and "not valid JSON" in json.loads(http.value.read())["error"]["message"]
+        load = subprocess.run([sys.executable, "-c", "import sys; from blindsight.entry import bs_serve_load; sys.exit(bs_serve_load())",
+                               url, "--requests", "24", "--concurrency", "4", "--max-tokens", "6", "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert load.returncode == 0, load.stderr + load.stdout
+        rep = json.loads(load.stdout)
+        assert rep["ok"] == 24 and rep["failed"] == rep["lost"] == rep["mismatched"] == 0
+        from blindsight.serve.load import PROMPT, sample_images
+
+        assert rep["answer"] == pipe.generate([Image.open(io.BytesIO(b)) for b in sample_images(2)], PROMPT, 6).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    assert "Traceback" not in "".join(lines), "".join(lines)[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 
@@ -51,7 +52,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "sparse": engine.pipeline.sparse, "running": engine.running,
+        return {"status": "ok", "model": engine.name, "pid": os.getpid(), "sparse": engine.pipeline.sparse, "running": engine.running,
                 "waiting": engine.waiting, "capacity": engine.capacity, "context_length": engine.max_context}
 
     @app.get("/v1/models")

@@ -390,3 +390,36 @@ def test_ray_serve_two_replicas_same_api(export, pipe):
             proc.wait(timeout=30)
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert "Traceback" not in "".join(lines), "".join(lines)[-3000:]
+
+
+def test_triton_repository_models_run_in_onnxruntime(export, pipe, tmp_path):
+    """bs-serve-triton's repository (no Triton server here: see blindsight.serve.triton): each
+    config lists exactly the inputs and outputs ONNX Runtime reads off the copied model, the
+    language model takes image_spans, and the copied models answer like the export."""
+    import re
+
+    import onnxruntime as ort
+
+    out, paths, _, _ = export
+    repo = tmp_path / "repo"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from blindsight.entry import bs_serve_triton; sys.exit(bs_serve_triton())",
+                           str(out), "-o", str(repo), "--name", "tiny", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    written = {w["name"]: w for w in json.loads(proc.stdout)}
+    assert set(written) == {"tiny_language_model", "tiny_embed", "tiny_vision"}
+    types = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}
+    for name, w in written.items():
+        config = (repo / name / "config.pbtxt").read_text()
+        assert f'name: "{name}"' in config and 'backend: "onnxruntime"' in config
+        sess = ort.InferenceSession(w["file"], providers=["CPUExecutionProvider"])
+        for kind, values in (("input", sess.get_inputs()), ("output", sess.get_outputs())):
+            block = config.split(f"{kind} [")[1].split("\n]\n")[0]
+            listed = re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[ ([^\]]*) \]', block)
+            want = [(v.name, types[v.type], ", ".join(str(d) if isinstance(d, int) else "-1" for d in v.shape)) for v in values]
+            assert listed == want, (name, kind)
+    lm = written["tiny_language_model"]
+    assert ("image_spans", "TYPE_INT64", [-1, 2]) in [(s["name"], s["data_type"], s["dims"]) for s in lm["inputs"]]
+    for part in ("embed", "vision"):
+        assert open(written[f"tiny_{part}"]["file"], "rb").read() == (out / f"{part}.onnx").read_bytes()
+    copied = Pipeline(out, compiled=lm["file"], threads=1)
+    assert copied.sparse and copied.generate(paths, QUESTION, 6).token_ids == pipe.generate(paths, QUESTION, 6).token_ids

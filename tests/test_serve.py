@@ -29,11 +29,8 @@ QUESTION = "compare <image> with <image>, which is brighter?"
 LONG = "write a long story"  # the tiny checkpoint does not stop on its own for thousands of tokens
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A tiny Qwen2-VL export, its sparse compiled model and profile, two PNGs."""
-    root = tmp_path_factory.mktemp("serve")
-    out = export_vlm(make_tiny_checkpoint("qwen2_vl", root / "ckpt"), root / "export", progress=False).out_dir
+def _make_export(family, root):
+    out = export_vlm(make_tiny_checkpoint(family, root / "ckpt"), root / "export", progress=False).out_dir
     t = json.loads((out / "template.json").read_text())
     cats = [["intra", "sink", "intra_sink", "dense"][: t["num_heads"]]] * t["num_layers"]
     compile_model(out / "language_model.onnx", Profile(cats, num_kv_heads=t["num_kv_heads"]),
@@ -46,6 +43,12 @@ def export(tmp_path_factory):
         paths.append(images / f"{i}.png")
         Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)).resize(size[::-1], Image.NEAREST).save(paths[-1])
     return out, paths, cats, root
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny Qwen2-VL export, its sparse compiled model and profile, two PNGs."""
+    return _make_export("qwen2_vl", tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +164,14 @@ def test_streaming_equals_pipeline(server, export, pipe):
     assert chunks[-1].usage.prompt_tokens == want.prefill_tokens and chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
+def test_client_defaults_are_taken(server, pipe):
+    """Fields clients send at their defaults (stop null, zero penalties, temperature 0, n 1) change nothing."""
+    got = server.client.chat.completions.create(model=server.model, max_tokens=5, n=1, temperature=0, top_p=1,
+                                                presence_penalty=0, frequency_penalty=0, stop=None, seed=7, user="u",
+                                                messages=[{"role": "user", "content": "describe the sky"}])
+    assert got.choices[0].message.content == pipe.generate([], "describe the sky", 5).text
+
+
 def test_text_only_and_local_file_images(server, export, pipe):
     paths = export[1]
     got = server.client.chat.completions.create(model=server.model, max_tokens=6,
@@ -220,6 +231,11 @@ BAD_CLIENT = [  # (what, request kwargs, exception, HTTP status, words the messa
     ("max_tokens 0", dict(messages=[{"role": "user", "content": "hi"}], max_tokens=0),
      openai.BadRequestError, 400, "max_tokens"),
     ("no messages", dict(messages=[]), openai.BadRequestError, 400, "messages"),
+    ("stop sequences", dict(messages=[{"role": "user", "content": "hi"}], stop=["\n"]),
+     openai.BadRequestError, 400, "stop sequences are not supported"),
+    ("n 2", dict(messages=[{"role": "user", "content": "hi"}], n=2), openai.BadRequestError, 400, "n:"),
+    ("image in an assistant message", dict(messages=[{"role": "assistant", "content": [_img("data:x")]}]),
+     openai.BadRequestError, 400, "user messages only"),
 ]
 
 
@@ -288,6 +304,32 @@ def test_queue_full_is_429_and_a_gone_client_frees_its_slot(server, pipe):
     assert server.metric("blindsight_requests_rejected_total") >= 1
     # the closed stream stopped long before its 4000 tokens
     assert server.metric("blindsight_generated_tokens_total") - generated < 3000
+
+
+def test_a_waiting_client_that_leaves_frees_its_queue_slot(server, pipe):
+    """A request waiting behind a long stream whose client gives up leaves the queue at once."""
+    cancelled = server.metric("blindsight_requests_cancelled_total")
+    holder = server.client.chat.completions.create(model=server.model, max_tokens=4000, stream=True,
+                                                   messages=[{"role": "user", "content": LONG}])
+    it = iter(holder)
+    next(it), next(it)
+    impatient = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=server.model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    deadline = time.monotonic() + 10
+    while (h := server.health())["waiting"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["running"] == 1  # the stream still runs; only the waiting one left
+    assert server.metric("blindsight_requests_cancelled_total") == cancelled + 1
+    holder.close()
+    deadline = time.monotonic() + 30
+    while server.health()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server.metric("blindsight_requests_cancelled_total") == cancelled + 2
+    got = server.client.chat.completions.create(model=server.model, max_tokens=3, messages=[{"role": "user", "content": "ok?"}])
+    assert got.choices[0].message.content == pipe.generate([], "ok?", 3).text
 
 
 def test_metrics(server):
@@ -423,3 +465,45 @@ def test_triton_repository_models_run_in_onnxruntime(export, pipe, tmp_path):
         assert open(written[f"tiny_{part}"]["file"], "rb").read() == (out / f"{part}.onnx").read_bytes()
     copied = Pipeline(out, compiled=lm["file"], threads=1)
     assert copied.sparse and copied.generate(paths, QUESTION, 6).token_ids == pipe.generate(paths, QUESTION, 6).token_ids
+
+
+def test_gemma3_image_blocks_through_the_server(tmp_path_factory):
+    """Gemma 3 (token_type_ids from the spans, bidirectional image blocks): the server's answers,
+    JSON and streamed, equal Pipeline.generate's, and the FLOPs saved count the image blocks."""
+    from blindsight.flops.dims import dims_from_config
+    from blindsight.flops.report import count_flops
+
+    out, paths, cats, root = _make_export("gemma3", tmp_path_factory.mktemp("serve_gemma"))
+    pipe = Pipeline(out, compiled=True, threads=1)
+    assert "token_type_ids" in pipe.lm_inputs
+    want = pipe.generate(paths, QUESTION, 8)
+    s = Server(out, root)
+    try:
+        got = s.client.chat.completions.create(model=s.model, max_tokens=8, messages=[{"role": "user", "content": content(paths)}])
+        assert got.choices[0].message.content == want.text
+        assert got.model_extra["blindsight"]["token_ids"] == want.token_ids
+        chunks = list(s.client.chat.completions.create(model=s.model, max_tokens=8, stream=True,
+                                                      messages=[{"role": "user", "content": content(paths)}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        dims = dims_from_config(json.loads((out / "config.json").read_text()))
+        assert dims.image_blocks
+        rep = count_flops(dims, cats, want.image_spans, want.prefill_tokens)
+        assert got.model_extra["blindsight"]["attention_flops_saved"] == rep.attention_dense - rep.attention_sparse > 0
+    finally:
+        s.stop()
+
+
+def test_flop_counter_without_config_reads_the_nodes(export, pipe):
+    """Without config.json (no window here) the node attributes alone give count_flops' figure."""
+    from blindsight.flops.dims import dims_from_config
+    from blindsight.flops.report import count_flops
+    from blindsight.serve.engine import FlopCounter
+
+    out, paths, cats, _ = export
+    r = pipe.generate(paths, QUESTION, 1)
+    spans = np.asarray(r.image_spans, dtype=np.int64)
+    alone = FlopCounter(pipe.model_path, int(pipe.template["head_dim"]))
+    assert alone.dims is None
+    rep = count_flops(dims_from_config(json.loads((out / "config.json").read_text())), cats, r.image_spans, r.prefill_tokens)
+    assert alone.saved(spans, r.prefill_tokens) == rep.attention_dense - rep.attention_sparse > 0
+    assert alone.saved(np.zeros((0, 2), np.int64), r.prefill_tokens) == 0

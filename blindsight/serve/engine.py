@@ -89,16 +89,19 @@ def context_length(out_dir) -> int | None:
 
 
 class FlopCounter:
-    """Attention FLOPs a prefill saves (dense minus BlindSight, SPEC §2), from the
-    compiled graph's own node attributes (categories, sinks, window, image blocks)."""
+    """Attention FLOPs a prefill saves (dense minus BlindSight, SPEC §2), with the categories
+    and sink tokens of the compiled graph's own nodes. The model's mask (sliding windows, which
+    an export may carry in the attention mask rather than a node attribute, and Gemma 3's image
+    blocks) comes from the export's config.json through :func:`blindsight.flops.report.count_flops`;
+    without a config.json, from the nodes' attributes alone."""
 
-    def __init__(self, model_path, head_dim: int):
+    def __init__(self, model_path, head_dim: int, out_dir=None):
         import onnx
         from onnx import helper
 
         from blindsight.attention.schema import DOMAIN, OP_TYPE
 
-        self.heads = []  # (categories, sink_tokens, window, image_blocks)
+        nodes = []  # (layer, categories, sink_tokens, window, image_blocks)
         graph = onnx.load(str(model_path), load_external_data=False).graph
         for node in graph.node:
             if node.domain != DOMAIN or node.op_type != OP_TYPE:
@@ -106,15 +109,33 @@ class FlopCounter:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             cats = tuple(c.decode() if isinstance(c, bytes) else c for c in attrs["categories"])
             window = int(attrs.get("local_window_size", -1))
-            self.heads.append((cats, int(attrs.get("sink_tokens", 1)), window if window > 0 else None,
-                               bool(attrs.get("image_blocks", 0))))
+            nodes.append((int(attrs.get("layer", len(nodes))), cats, int(attrs.get("sink_tokens", 1)),
+                          window if window > 0 else None, bool(attrs.get("image_blocks", 0))))
+        nodes.sort(key=lambda n: n[0])
+        self.heads = [n[1:] for n in nodes]
         self.head_dim = head_dim
+        self.dims = None
+        config = Path(out_dir) / "config.json" if out_dir is not None else None
+        if config is not None and config.is_file() and nodes:
+            from blindsight.flops.dims import dims_from_config
+
+            try:
+                dims = dims_from_config(json.loads(config.read_text()))
+            except (BlindSightError, json.JSONDecodeError):
+                dims = None
+            if dims is not None and dims.num_layers == len(nodes) and all(len(n[1]) == dims.num_heads for n in nodes):
+                self.dims = dims
 
     def saved(self, spans, seq_len: int) -> int:
-        from blindsight.attention.pairs import attention_pairs
-
         if not self.heads or len(spans) == 0:
             return 0
+        if self.dims is not None:
+            from blindsight.flops.report import count_flops
+
+            rep = count_flops(self.dims, [list(h[0]) for h in self.heads], spans, seq_len, self.heads[0][1])
+            return rep.attention_dense - rep.attention_sparse
+        from blindsight.attention.pairs import attention_pairs
+
         cache: dict = {}
 
         def pairs(cat, sinks, window, blocks):
@@ -140,14 +161,17 @@ class Job:
     loop: asyncio.AbstractEventLoop
     accepted: float = dataclasses.field(default_factory=time.perf_counter)
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)  # read by the worker thread
+    gone: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # awaited while the job waits
     first_token_s: float | None = None
 
     def emit(self, kind: str, value=None) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
     def cancel(self) -> None:
+        """From the event loop: the client has gone (or the response is over)."""
         self.cancelled.set()
+        self.gone.set()
 
 
 class Engine:
@@ -160,7 +184,8 @@ class Engine:
         self.max_queue, self.concurrency = max_queue, concurrency
         self.max_context = max_context if max_context is not None else context_length(pipeline.out_dir)
         self.default_max_tokens = default_max_tokens
-        self.flops = FlopCounter(pipeline.model_path, int(pipeline.template["head_dim"])) if pipeline.sparse else None
+        self.flops = (FlopCounter(pipeline.model_path, int(pipeline.template["head_dim"]), pipeline.out_dir)
+                      if pipeline.sparse else None)
         self.metrics = Metrics()
         self.pending = 0  # admitted and not finished: running + waiting
         self.running = 0
@@ -206,20 +231,36 @@ class Engine:
 
     async def _run(self, job: Job) -> None:
         try:
-            async with self._sem:
-                if job.cancelled.is_set():  # the client left while it waited
-                    self.metrics.cancelled.inc()
-                    job.emit("cancelled")
-                    return
+            if not await self._acquire(job):  # the client left while it waited: its queue slot is free now
+                self.metrics.cancelled.inc()
+                job.emit("cancelled")
+                return
+            try:
                 self.running += 1
                 self._gauges()
-                try:
-                    await job.loop.run_in_executor(self._executor, self._work, job)
-                finally:
-                    self.running -= 1
+                await job.loop.run_in_executor(self._executor, self._work, job)
+            finally:
+                self.running -= 1
+                self._sem.release()
         finally:
             self.pending -= 1
             self._gauges()
+
+    async def _acquire(self, job: Job) -> bool:
+        """A worker slot for the job (True), or False if its client goes first."""
+        acquire = asyncio.ensure_future(self._sem.acquire())
+        gone = asyncio.ensure_future(job.gone.wait())
+        await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not job.gone.is_set():
+            return True
+        acquire.cancel()
+        try:
+            await acquire
+            self._sem.release()  # it had the slot before the cancel landed: give it back
+        except asyncio.CancelledError:
+            pass
+        return False
 
     def _work(self, job: Job) -> None:
         """In a worker thread: images, prompt, context check, generation."""

@@ -91,6 +91,22 @@ class ChatRequest(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     user: str | None = None
+    # what clients often send with their defaults: taken at those values, refused otherwise
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server does not do (None: all fine)."""
+        if self.stop:
+            return "stop: stop sequences are not supported; decoding ends at the model's end token or max_tokens"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return f"{name}: only 0 is supported (decoding is greedy)"
+        if self.logprobs:
+            return "logprobs: not supported"
+        return None
 
 
 def _where(loc) -> str:
@@ -119,10 +135,14 @@ def parse_request(raw: bytes) -> ChatRequest:
     if not isinstance(doc, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(doc).__name__}", code="invalid_json")
     try:
-        return ChatRequest.model_validate(doc)
+        req = ChatRequest.model_validate(doc)
     except ValidationError as exc:
         message, where = validation_message(exc)
         raise ApiError(400, message, param=where) from None
+    fault = req.unsupported()
+    if fault:
+        raise ApiError(400, fault, param=fault.split(":")[0])
+    return req
 
 
 @dataclasses.dataclass(frozen=True)

@@ -352,13 +352,15 @@ def test_nothing_written_to_disk(server):
 
 
 def test_load_run_loses_nothing(export, pipe):
-    """bs-serve-load against a bs-serve it starts: a small bounded run, every answer Pipeline's."""
+    """bs-serve-load against a bs-serve it starts (two workers on the one pipeline): a small
+    bounded run, every answer Pipeline's."""
     out, paths, _, root = export
     from blindsight.serve.load import PROMPT, sample_images
 
     proc = subprocess.run([sys.executable, "-c", "import sys; from blindsight.entry import bs_serve_load; sys.exit(bs_serve_load())",
                            str(out), "--requests", "24", "--concurrency", "4", "--max-tokens", "6", "--json",
-                           "--serve-arg=--threads=1"], capture_output=True, text=True, timeout=300)
+                           "--serve-arg=--threads=1", "--serve-arg=--concurrency=2"],  # two threads share the pipeline
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     rep = json.loads(proc.stdout)
     assert rep["ok"] == 24 and rep["failed"] == rep["lost"] == rep["mismatched"] == 0
@@ -507,3 +509,22 @@ def test_flop_counter_without_config_reads_the_nodes(export, pipe):
     rep = count_flops(dims_from_config(json.loads((out / "config.json").read_text())), cats, r.image_spans, r.prefill_tokens)
     assert alone.saved(spans, r.prefill_tokens) == rep.attention_dense - rep.attention_sparse > 0
     assert alone.saved(np.zeros((0, 2), np.int64), r.prefill_tokens) == 0
+
+
+def test_ray_deployment_options_are_what_ray_serve_takes():
+    """--replicas and --autoscale map onto a Ray Serve deployment that Ray itself validates."""
+    from ray import serve
+
+    from blindsight.errors import BlindSightError
+    from blindsight.serve.ray_app import BlindSightReplica, build_parser, deployment_options
+
+    fixed = build_parser().parse_args(["d", "--replicas", "3", "--concurrency", "2", "--max-queue", "5"])
+    d = serve.deployment(serve.ingress()(BlindSightReplica), **deployment_options(fixed))
+    assert d.num_replicas == 3 and d.max_ongoing_requests == 7 and d.ray_actor_options["num_cpus"] == 1
+    auto = build_parser().parse_args(["d", "--autoscale", "1:4", "--target-ongoing-requests", "3"])
+    d = serve.deployment(serve.ingress()(BlindSightReplica), **deployment_options(auto))
+    cfg = d._deployment_config.autoscaling_config
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.target_ongoing_requests) == (1, 4, 3)
+    for bad in ("4:1", "x", "1-2"):
+        with pytest.raises(BlindSightError, match="--autoscale"):
+            deployment_options(build_parser().parse_args(["d", "--autoscale", bad]))

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blindsight.serve.engine import Engine, TextStream
+from blindsight.serve.engine import Engine, TextStream, log
 from blindsight.serve.protocol import ApiError, conversation, parse_request
 
 
@@ -70,6 +70,10 @@ def create_app(engine: Engine) -> FastAPI:
         except ApiError as exc:
             engine.metrics.requests.labels(code=str(exc.status)).inc()
             return _error(exc)
+        except Exception as exc:  # a fault of the server's own: one line in the log and to the client
+            log.error("request failed: %s: %s", type(exc).__name__, exc)
+            engine.metrics.requests.labels(code="500").inc()
+            return _error(ApiError(500, f"internal error: {type(exc).__name__}"))
         engine.metrics.requests.labels(code="200").inc()
         return response
 

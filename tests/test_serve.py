@@ -528,3 +528,43 @@ def test_ray_deployment_options_are_what_ray_serve_takes():
     for bad in ("4:1", "x", "1-2"):
         with pytest.raises(BlindSightError, match="--autoscale"):
             deployment_options(build_parser().parse_args(["d", "--autoscale", bad]))
+
+
+PROTOCOL = [  # (message list, status, the exact one-line message, param)
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], 400,
+     "missing field 'messages.0.content.0.image_url.url'", "messages.0.content.0.image_url.url"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a", "x": 1}]}], 400,
+     "unknown field 'messages.0.content.0.x' (bs-serve takes the OpenAI chat-completions fields it documents)",
+     "messages.0.content.0.x"),
+    ([{"role": "user", "content": 5}], 400, "messages.0.content: must be a string or a list of content parts",
+     "messages.0.content"),
+    ([{"role": "robot", "content": "a"}], 400,
+     "messages.0.role: Input should be 'system', 'developer', 'user' or 'assistant'", "messages.0.role"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png,abc"}}]}], 400,
+     "messages.0.content.0.image_url: a data URL must be data:image/<format>;base64,<data>", "messages.0.content.0.image_url"),
+]
+
+
+@pytest.mark.parametrize("messages,status,message,param", PROTOCOL)
+def test_protocol_messages_name_the_field(messages, status, message, param):
+    from blindsight.serve.protocol import ApiError, ImageLimits, conversation, parse_request
+
+    with pytest.raises(ApiError) as info:
+        conversation(parse_request(json.dumps({"model": "m", "messages": messages}).encode()), ImageLimits())
+    assert (info.value.status, info.value.message, info.value.param) == (status, message, param)
+    assert info.value.body() == {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                           "code": None}}
+
+
+def test_text_stream_deltas_add_up_to_the_decoded_text(pipe):
+    """TextStream against the tokenizer's decode of the whole answer, partial characters held back."""
+    from blindsight.serve.engine import TextStream
+
+    decode = pipe.prompts.decode
+    for prompt in ("write a long story", "hello", "ümlaut 中文"):
+        tokens = pipe.generate([], prompt, 40).token_ids
+        stream = TextStream(decode)
+        deltas = [stream.push(t) for t in tokens]
+        text = "".join(deltas) + stream.finish(decode(tokens))
+        assert text == decode(tokens)
+        assert all(not d.endswith("\ufffd") for d in deltas if d)

@@ -109,8 +109,17 @@ class ChatRequest(_Strict):
         return None
 
 
+_UNION = "list[tagged-union[TextPart,ImagePart]]"  # how pydantic names content's list branch in a loc
+
+
 def _where(loc) -> str:
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p in ("str", "list[tagged-union[TextPart,ImagePart]]")))
+    """A field's path as clients wrote it: no union branch names, no discriminator tag."""
+    loc = list(loc)
+    if _UNION in loc:
+        i = loc.index(_UNION)
+        if len(loc) > i + 3 and loc[i + 2] in ("text", "image_url"):
+            del loc[i + 2]
+    return ".".join(str(p) for p in loc if p not in ("str", _UNION))
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str]:
@@ -122,6 +131,8 @@ def validation_message(exc: ValidationError) -> tuple[str, str]:
         return f"unknown field {where!r} (bs-serve takes the OpenAI chat-completions fields it documents)", where
     if err["type"] == "missing":
         return f"missing field {where!r}", where
+    if err["type"] in ("string_type", "list_type") and err["loc"][-1] in ("str", _UNION):
+        return f"{where}: must be a string or a list of content parts", where
     if err["type"] == "union_tag_invalid":
         return f"{where}: content part type {err['input'].get('type')!r} is not one of 'text', 'image_url'", where
     return f"{where}: {err['msg']}", where

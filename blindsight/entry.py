@@ -33,7 +33,12 @@ COMMANDS = {
     "bs-export": "blindsight.models.cli:main",
     "bs-run": "blindsight.runtime.cli:main",
     "bs-check": "blindsight.runtime.parity:main",
+    "bs-serve": "blindsight.serve.cli:main",
+    "bs-serve-load": "blindsight.serve.load:main",
+    "bs-serve-ray": "blindsight.serve.ray_app:main",
+    "bs-serve-triton": "blindsight.serve.triton:main",
 }
-bs_compile, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_run, bs_check = (
+(bs_compile, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_run, bs_check, bs_serve, bs_serve_load,
+ bs_serve_ray, bs_serve_triton) = (
     _entry(prog, target) for prog, target in COMMANDS.items()
 )

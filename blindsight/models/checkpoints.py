@@ -17,12 +17,10 @@ checkpoints; consumers read them from there (template.json), never assume them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from blindsight import families
+from blindsight.staging import staged_dir
 from blindsight.models.configs import (
     TINY_HEAD_DIM,
     TINY_HEADS,
@@ -236,16 +234,8 @@ def make_tiny_checkpoint(family: str, out_dir, seed: int = 0, *, num_layers: int
     spec = families.get(family)
     _, save_processor = _BUILDERS[spec.vision_tower]
     model, tokenizer = build_tiny(family, seed=seed, num_layers=num_layers, num_kv_heads=num_kv_heads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_processor(spec, tokenizer, tmp)
         (tmp / "blindsight_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from blindsight import families
 from blindsight.errors import BlindSightError
+from blindsight.staging import staged_dir
 
 #: name -> packaged config file
 FULL_SIZE = ("qwen2-vl-2b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "gemma-3-4b")
@@ -96,9 +95,7 @@ def write_random_checkpoint(name: str, out_dir, *, dtype: str = "fp16", seed: in
     # shared tensors (tied embeddings) once, under their first name, as save_pretrained keeps them
     tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in model.state_dict()]
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         torch.manual_seed(seed)
         total = sum(t.numel() * t.element_size() for _, t in tensors)
         weight_map, shard, shard_size, files = {}, {}, 0, []
@@ -135,12 +132,6 @@ def write_random_checkpoint(name: str, out_dir, *, dtype: str = "fp16", seed: in
         save_processor(families.get(spec["family"]), tokenizer, tmp)
         (tmp / MARKER).write_text(json.dumps({"config": name, "source": spec["_source"], "dtype": dtype, "seed": seed,
                                               "random_weights": True, "overrides": overrides or {}}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -161,7 +152,6 @@ def _twin_buffers(family: str, config, model_class, dtype) -> dict:
     16-token vocabulary and a one-block vision tower."""
     import copy
 
-    import torch
 
     from blindsight.models.export_kv import language_model_with_cache
 

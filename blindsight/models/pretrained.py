@@ -20,8 +20,6 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from blindsight import families
@@ -108,15 +106,9 @@ def hf_dir(name: str, cache: Path | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -140,7 +132,7 @@ class LoadedModel:
 def load(name_or_dir: str, attn_implementation: str = "eager", cache: Path | None = None) -> LoadedModel:
     """Load a short name (``gemma3-270m``, ``smollm2-135m``) or a local Hugging Face directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_dir in PRETRAINED:
         p = spec(name_or_dir)

@@ -1,0 +1,256 @@
+// BlindSightAttention compute, built once per instruction set (BS_NS names the
+// namespace: bs_baseline, bs_avx2, bs_avx512); op.cc picks one at load time.
+//
+// A tile holds R query rows that share their key intervals. Everything is laid
+// out with the query rows along the vector lanes (Q^T [D][R], S^T [C][R],
+// O^T [Dv][R]), so K and V are read row by row as broadcast scalars and never
+// transposed, and the online-softmax max/sum run vertically across key rows.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "attention.h"
+
+#ifndef BS_NS
+#error "BS_NS must name the namespace of this build"
+#endif
+
+namespace BS_NS {
+using blindsight::Interval;
+using blindsight::Problem;
+using blindsight::Tile;
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+constexpr int JQ = 8;  // keys per QK^T micro step (JQ x NV accumulators)
+constexpr int JV = 8;  // value columns per PV micro step
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+constexpr int JQ = 3;
+constexpr int JV = 3;
+#else
+constexpr int VW = 4;
+constexpr int JQ = 1;
+constexpr int JV = 1;
+#endif
+constexpr int R = 32;  // query rows per tile
+constexpr int NV = R / VW;
+constexpr int C = 64;  // keys per block
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf ld(const float* p) {
+  vf x;
+  std::memcpy(&x, p, sizeof(vf));
+  return x;
+}
+static inline void st(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+static inline vf splat(float s) { return vf{} + s; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp(x) (Cephes polynomial, relative error ~1e-7); exactly 0 below -87.3, so a
+// masked score (-inf) contributes nothing.
+static inline vf vexp(vf x) {
+  const vf lo = splat(-87.3f), hi = splat(88.3f);
+  vf xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  vf fx = xc * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(fx, vi);
+  vf nf = __builtin_convertvector(n, vf);
+  n += (nf > fx);  // floor: true lanes are -1
+  nf = __builtin_convertvector(n, vf);
+  vf r = xc - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  vf p = splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  vf y = p * r * r + r + 1.0f;
+  vi bits = (n + 127) << 23;
+  vf pow2;
+  std::memcpy(&pow2, &bits, sizeof(vf));
+  y = y * pow2;
+  return x < lo ? vf{} : y;
+}
+
+// S^T[c][*] = K[key c] . Q^T for J keys.
+template <int J>
+static inline void qk_step(const float* qt, const float* const* kr, int D, float* stc) {
+  vf acc[J][NV];
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = vf{};
+  for (int d = 0; d < D; ++d) {
+    vf qv[NV];
+    for (int v = 0; v < NV; ++v) qv[v] = ld(qt + (size_t)d * R + v * VW);
+    for (int j = 0; j < J; ++j) {
+      const float kb = kr[j][d];
+      for (int v = 0; v < NV; ++v) acc[j][v] += kb * qv[v];
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) st(stc + (size_t)j * R + v * VW, acc[j][v]);
+}
+
+// O^T[dv0 .. dv0+J) += V[keys, dv0 .. dv0+J)^T P^T.
+template <int J>
+static inline void pv_step(float* ot, const float* pt, const float* const* vr, int n, int dv0) {
+  vf acc[J][NV];
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = ld(ot + (size_t)(dv0 + j) * R + v * VW);
+  for (int c = 0; c < n; ++c) {
+    vf pv[NV];
+    for (int v = 0; v < NV; ++v) pv[v] = ld(pt + (size_t)c * R + v * VW);
+    const float* row = vr[c] + dv0;
+    for (int j = 0; j < J; ++j) {
+      const float vb = row[j];
+      for (int v = 0; v < NV; ++v) acc[j][v] += vb * pv[v];
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) st(ot + (size_t)(dv0 + j) * R + v * VW, acc[j][v]);
+}
+
+struct Scratch {
+  std::vector<float> qt, ot, sc;
+  std::vector<const float*> kr, vr;
+  void fit(int D, int Dv) {
+    if (qt.size() < (size_t)D * R + 16) qt.assign((size_t)D * R + 16, 0.f);
+    if (ot.size() < (size_t)Dv * R + 16) ot.assign((size_t)Dv * R + 16, 0.f);
+    if (sc.size() < (size_t)C * R + 16) sc.assign((size_t)C * R + 16, 0.f);
+    kr.resize(C);
+    vr.resize(C);
+  }
+};
+
+int tile_rows() { return R; }
+
+void run_tile(const Problem& p, const Tile& t) {
+  thread_local Scratch s;
+  const int D = p.D, Dv = p.Dv, nr = t.nrows;
+  s.fit(D, Dv);
+  float* qt = s.qt.data();
+  float* ot = s.ot.data();
+  float* sc = s.sc.data();
+
+  // Q^T (scaled), the rows' structural ranges, and the union of those ranges
+  std::memset(qt, 0, sizeof(float) * (size_t)D * R);
+  std::memset(ot, 0, sizeof(float) * (size_t)Dv * R);
+  int lo[R], end[R];
+  const float* mrow_f[R];
+  const uint8_t* mrow_b[R];
+  int min_lo = p.Skv, max_end = 0, max_lo = 0, min_end = p.Skv;
+  for (int r = 0; r < nr; ++r) {
+    const int h = t.heads[r], i = t.rows[r];
+    const float* q = p.q + t.b * p.qsB + h * p.qsH + (int64_t)i * p.qsS;
+    for (int d = 0; d < D; ++d) qt[(size_t)d * R + r] = q[d] * p.scale;
+    lo[r] = p.row_lo[i];
+    end[r] = p.row_end[i];
+    if (lo[r] < min_lo) min_lo = lo[r];
+    if (end[r] > max_end) max_end = end[r];
+    if (lo[r] > max_lo) max_lo = lo[r];
+    if (end[r] < min_end) min_end = end[r];
+    const int64_t moff = t.b * p.msB + h * p.msH + (int64_t)i * p.msQ;
+    mrow_f[r] = p.mask_type == 2 ? p.mask_f + moff : nullptr;
+    mrow_b[r] = p.mask_type == 1 ? p.mask_b + moff : nullptr;
+  }
+  vf m[NV], l[NV];
+  for (int v = 0; v < NV; ++v) {
+    m[v] = splat(-INFINITY);
+    l[v] = vf{};
+  }
+  const float* kbase = p.k + t.b * p.ksB + t.kvh * p.ksH;
+  const float* vbase = p.v + t.b * p.vsB + t.kvh * p.vsH;
+
+  for (int ii = 0; ii < t.niv; ++ii) {
+    const int a = t.iv[ii].a > min_lo ? t.iv[ii].a : min_lo;
+    const int e = t.iv[ii].e < max_end ? t.iv[ii].e : max_end;
+    for (int k0 = a; k0 < e; k0 += C) {
+      const int n = (e - k0) < C ? (e - k0) : C;
+      for (int c = 0; c < n; ++c) {
+        s.kr[c] = kbase + (int64_t)(k0 + c) * p.ksS;
+        s.vr[c] = vbase + (int64_t)(k0 + c) * p.vsS;
+      }
+      // scores
+      int c = 0;
+      for (; c + JQ <= n; c += JQ) qk_step<JQ>(qt, s.kr.data() + c, D, sc + (size_t)c * R);
+      for (; c < n; ++c) qk_step<1>(qt, s.kr.data() + c, D, sc + (size_t)c * R);
+      // the model's mask where the block is not inside every row's range
+      const bool inside = k0 >= max_lo && k0 + n <= min_end;
+      if (!inside || p.mask_type) {
+        for (int r = 0; r < nr; ++r) {
+          const float* mf = mrow_f[r];
+          const uint8_t* mb = mrow_b[r];
+          for (int cc = 0; cc < n; ++cc) {
+            const int k = k0 + cc;
+            float& x = sc[(size_t)cc * R + r];
+            bool keep = k >= lo[r] && k < end[r];
+            if (keep && mb) keep = mb[k * p.msK] != 0;
+            if (keep && mf) {
+              const float mv = mf[k * p.msK];
+              if (mv > p.mask_min)
+                x += mv;
+              else
+                keep = false;
+            }
+            if (!keep) x = -INFINITY;
+          }
+        }
+      }
+      // online softmax, vertically over the block's keys
+      vf alpha[NV];
+      bool rescale = false;
+      for (int v = 0; v < NV; ++v) {
+        vf bm = splat(-INFINITY);
+        for (int cc = 0; cc < n; ++cc) bm = vmax(bm, ld(sc + (size_t)cc * R + v * VW));
+        const vf mn = vmax(m[v], bm);
+        const vf ms = mn == splat(-INFINITY) ? vf{} : mn;
+        alpha[v] = vexp(m[v] - ms);
+        vf sum = vf{};
+        for (int cc = 0; cc < n; ++cc) {
+          float* ptr = sc + (size_t)cc * R + v * VW;
+          const vf pe = vexp(ld(ptr) - ms);
+          st(ptr, pe);
+          sum += pe;
+        }
+        l[v] = l[v] * alpha[v] + sum;
+        for (int w = 0; w < VW; ++w) rescale |= (m[v][w] != mn[w]);
+        m[v] = mn;
+      }
+      if (rescale) {
+        for (int dv = 0; dv < Dv; ++dv)
+          for (int v = 0; v < NV; ++v) {
+            float* ptr = ot + (size_t)dv * R + v * VW;
+            st(ptr, ld(ptr) * alpha[v]);
+          }
+      }
+      int dv = 0;
+      for (; dv + JV <= Dv; dv += JV) pv_step<JV>(ot, sc, s.vr.data(), n, dv);
+      for (; dv < Dv; ++dv) pv_step<1>(ot, sc, s.vr.data(), n, dv);
+    }
+  }
+
+  // normalise; a row with no key outputs zeros
+  float lsum[R];
+  for (int v = 0; v < NV; ++v) st(lsum + v * VW, l[v]);
+  for (int r = 0; r < nr; ++r) {
+    const int h = t.heads[r], i = t.rows[r];
+    float* o = p.out + t.b * p.osB + h * p.osH + (int64_t)i * p.osS;
+    const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
+    for (int d = 0; d < Dv; ++d) o[d] = ot[(size_t)d * R + r] * inv;
+  }
+}
+
+void f16_to_f32(const uint16_t* src, float* dst, size_t n) {
+  const _Float16* h = reinterpret_cast<const _Float16*>(src);
+  for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(h[i]);
+}
+
+void f32_to_f16(const float* src, uint16_t* dst, size_t n) {
+  _Float16* h = reinterpret_cast<_Float16*>(dst);
+  for (size_t i = 0; i < n; ++i) h[i] = static_cast<_Float16>(src[i]);
+}
+
+}  // namespace BS_NS

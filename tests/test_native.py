@@ -330,3 +330,81 @@ def test_bad_spans_are_refused_by_the_kernel():
 def test_native_info_command():
     r = subprocess.run([sys.executable, "-m", "blindsight.native", "info"], capture_output=True, text=True)
     assert r.returncode == 0 and "native kernel:" in r.stdout and "API 21" in r.stdout
+
+
+# ------------------------------------------------------------------ end to end on tiny families
+
+E2E_SPARSE = [["intra", "sink", "intra_sink", "dense"], ["sink", "intra", "intra", "sink"]]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "gemma3"])
+def tiny_export(request, tmp_path_factory):
+    """A tiny random checkpoint of the family, exported and compiled with a sparse profile (fast lowering)."""
+    import json
+
+    from blindsight.compiler.pipeline import compile_model
+    from blindsight.models.checkpoints import make_tiny_checkpoint
+    from blindsight.models.export_vlm import export_vlm
+    from blindsight.profile import Profile
+
+    root = tmp_path_factory.mktemp(f"native_{request.param}")
+    out = export_vlm(make_tiny_checkpoint(request.param, root / "checkpoint"), root / "export").out_dir
+    kv = json.loads((out / "template.json").read_text())["num_kv_heads"]
+    compile_model(out / "language_model.onnx", Profile(E2E_SPARSE, num_kv_heads=kv), out / "language_model.blindsight.onnx")
+    return out
+
+
+def _images(n, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (3, 3, 3), dtype=np.uint8)).resize((60, 48 + 8 * i), Image.NEAREST)
+            for i in range(n)]
+
+
+def test_tiny_family_native_equals_function_bodies(tiny_export):
+    """The compiled model with the native kernel == without it: prefill logits and KV cache
+    (with Gemma 3's image blocks from token_type_ids), a decode step from that cache, and the greedy tokens."""
+    from blindsight.runtime.pipeline import Pipeline
+    from blindsight.runtime.positions import decode_position_ids
+
+    nat = Pipeline(tiny_export, threads=2, native=True)
+    body = Pipeline(tiny_export, threads=2, native=False)
+    assert nat.attention.startswith("native kernel") and body.attention.startswith("function bodies")
+    built = body.prompts.build(_images(2), "compare <image> with <image>, which is brighter?")
+    spans = body.image_spans(built.input_ids)
+    assert len(spans) == 2
+    embeds = body.embeddings(built)
+    pos, delta = body.position_ids(built)
+    s = built.input_ids.size
+    want_logits, want_cache = body._run_lm(embeds, pos, body._empty_past(), s, spans)
+    got_logits, got_cache = nat._run_lm(embeds, pos, nat._empty_past(), s, spans)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    for name in want_cache:
+        np.testing.assert_allclose(got_cache[name], want_cache[name], rtol=1e-4, atol=1e-4)
+    token = np.array([[int(np.argmax(want_logits))]], dtype=np.int64)
+    step = body.embed.run(None, {"input_ids": token})[0]
+    step_pos = decode_position_ids(s + delta, pos.shape[0] if pos.ndim == 3 else 1)
+    want_step, _ = body._run_lm(step, step_pos, want_cache, s + 1, spans)
+    got_step, _ = nat._run_lm(step, step_pos, want_cache, s + 1, spans)
+    np.testing.assert_allclose(got_step, want_step, rtol=1e-4, atol=1e-4)
+    assert nat.generate_from(built, 6).token_ids == body.generate_from(built, 6).token_ids
+
+
+def test_bs_run_and_bs_check_say_which_path_ran(tiny_export):
+    img = tiny_export / "native_test.png"
+    _images(1)[0].save(img)
+    args = [sys.executable, "-c", "from blindsight.entry import bs_run; import sys; sys.exit(bs_run(sys.argv[1:]))",
+            str(tiny_export), "--image", str(img), "--prompt", "describe", "--max-new-tokens", "2", "--threads", "2"]
+    on = subprocess.run(args, capture_output=True, text=True)
+    off = subprocess.run(args + ["--no-native"], capture_output=True, text=True)
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert "BlindSight attention: native kernel" in on.stdout
+    assert "BlindSight attention: function bodies (native kernel off)" in off.stdout
+    assert on.stdout.split("\n[")[0] == off.stdout.split("\n[")[0]  # the same answer
+    from blindsight.runtime.parity import check as parity_check
+
+    dense_compile = tiny_export / "language_model.blindsight.onnx"
+    report = parity_check(dense_compile, dense_compile, seq_len=24, images=2, threads=2)
+    assert report.passed and report.attention.startswith("native kernel")
+    assert "COMPILED's attention: native kernel" in report.table()

@@ -113,7 +113,8 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version()}
 
 
-def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype="float32", provider="cpu") -> list[dict]:
+def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype="float32", provider="cpu",
+              native=False) -> list[dict]:
     from blindsight.bench.op import OpShape, breakdown, compiled_node, dense_baseline, feeds_for, flop_bound
     from blindsight.bench.timing import interleaved, measure_in_child, session
     from blindsight.flops import Template
@@ -125,13 +126,20 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
         feeds = feeds_for(shape, t)
         plain = {k: v for k, v in feeds.items() if k != "image_spans"}
         base = session(dense_baseline(shape), threads, provider=provider)
-        med, base_med, why = {}, {}, {}
+        med, base_med, nat_med, why = {}, {}, {}, {}
         for c in cases:
             # one compiled session at a time beside the baseline: at 8K tokens a
             # GroupQueryAttention arena alone holds S x S scores per head (GBs)
             s = session(compiled_node(shape, c), threads, provider=provider)
-            pair = interleaved({"baseline": lambda: base.run(None, plain), c: lambda s=s: s.run(None, feeds)}, repeats, progress=bar)
+            runs = {"baseline": lambda: base.run(None, plain), c: lambda s=s: s.run(None, feeds)}
+            if native:  # the same node on the native kernel, in the same loop
+                sn = session(compiled_node(shape, c), threads, provider=provider, native=True)
+                runs["native"] = lambda sn=sn: sn.run(None, feeds)
+            pair = interleaved(runs, repeats, progress=bar)
             med[c], base_med[c] = pair[c], pair["baseline"]
+            if native:
+                nat_med[c] = pair["native"]
+                del sn
             del s
             if explain:
                 why[c] = breakdown(compiled_node(shape, c), feeds, threads, provider=provider)
@@ -140,7 +148,7 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
         gc.collect()
         mem = {}
         if memory:
-            for v in ["baseline", *cases]:
+            for v in ["baseline", *cases, *([f"native:{c}" for c in cases] if native else [])]:
                 mem[v] = measure_in_child("blindsight.bench.op", {"variant": v, "threads": threads, "shape": vars(shape), "provider": provider,
                                                                   "template": {"num_images": n, "image_len": l}})["peak_rss_mb"]
                 bar.update(1)
@@ -150,12 +158,16 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
                         "speedup": speedup, "flop_bound": bound,
                         "efficiency": speedup / bound, "time_s": med[c], "baseline_s": base_med[c],
                         "peak_rss_mb": mem.get(c), "baseline_peak_rss_mb": mem.get("baseline")})
+            if native:  # the native kernel against the same GroupQueryAttention runs and the function body
+                ns = base_med[c] / nat_med[c]
+                out[-1].update(native_s=nat_med[c], native_speedup=ns, native_efficiency=ns / bound,
+                               native_vs_function_body=med[c] / nat_med[c], native_peak_rss_mb=mem.get(f"native:{c}"))
             if explain:
                 out[-1]["breakdown_ms"] = why[c]
     return out
 
 
-def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu") -> dict:
+def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu", native=False) -> dict:
     from blindsight.bench import prefill
     from blindsight.bench.timing import interleaved, measure_in_child, session
 
@@ -173,14 +185,21 @@ def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu"
     # two sessions outgrew this machine's 24 GB; every variant pays the same
     # allocation costs this way
     ratios = {}
-    for a, b in (("dense", "mix"), ("raw", "mix"), ("raw", "dense")):
-        sa, sb = session(paths[a], threads, provider, arena=False), session(paths[b], threads, provider, arena=False)
+    # "native_mix" / "native_dense": the same compiled graphs on the native kernel
+    pairs = [("dense", "mix"), ("raw", "mix"), ("raw", "dense")]
+    if native:
+        pairs += [("dense", "native_mix"), ("dense", "native_dense")]
+    for a, b in pairs:
+        sa = session(paths[a], threads, provider, arena=False)
+        sb = session(paths[b.removeprefix("native_")], threads, provider, arena=False, native=b.startswith("native_"))
         pair = interleaved({a: runner(sa), b: runner(sb)}, repeats, progress=bar)
         ratios[a, b] = pair[a] / pair[b]
         if (a, b) == ("dense", "mix"):
             med = dict(pair)
         elif (a, b) == ("raw", "mix"):
             med["raw"] = pair["raw"]
+        elif a == "dense" and b.startswith("native_"):
+            med[b] = pair[b]
         del sa, sb
         gc.collect()
     mem = {}
@@ -197,7 +216,10 @@ def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu"
         "seq_len": case.template.seq_len, "speedup": speedup, "flop_bound": fl["prefill_bound"],
         "efficiency": speedup / fl["prefill_bound"], "vs_raw_export": ratios["raw", "mix"],
         "dense_vs_raw_export": ratios["raw", "dense"], "attention_flop_bound": fl["attention_bound"],
-        "time_s": {k: med[k] for k in ("raw", "dense", "mix")}, "peak_rss_mb": mem or None,
+        "time_s": {k: med[k] for k in ("raw", "dense", "mix", "native_mix", "native_dense") if k in med},
+        "peak_rss_mb": mem or None,
+        **({"native_speedup": ratios["dense", "native_mix"], "native_efficiency": ratios["dense", "native_mix"] / fl["prefill_bound"],
+            "native_dense_vs_dense": ratios["dense", "native_dense"]} if native else {}),
     }
 
 
@@ -265,6 +287,8 @@ def bench_main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blindsight", "bench"),
                    help="where the prefill export is cached")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--no-native", action="store_true",
+                   help="skip the native-kernel variant (it runs when the kernel is built: python -m blindsight.native build)")
     p.add_argument("--breakdown", action="store_true", help="op level: also profile one run per case and report milliseconds per kernel class (where the time goes)")
     p.add_argument("--plot", help="write a PNG of speed-up against FLOP bound here")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of the tables")
@@ -317,24 +341,29 @@ def bench_main(argv=None) -> int:
         from tqdm import tqdm
 
         memory = not args.no_memory
+        from blindsight import native as native_kernel
+
+        native = not args.no_native and args.provider == "cpu" and native_kernel.available()
         total = 0
         if do_op:
-            total += len(sizes) * (2 * len(cases) * repeats + ((len(cases) + 1) if memory else 0))
+            total += len(sizes) * ((3 if native else 2) * len(cases) * repeats
+                                   + ((len(cases) * (2 if native else 1) + 1) if memory else 0))
         if do_prefill:
-            total += 1 + 6 * repeats + (3 if memory else 0)
+            total += 1 + (10 if native else 6) * repeats + (3 if memory else 0)
         record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,
-                  "dtype": dtype, "provider": args.provider}
+                  "dtype": dtype, "provider": args.provider,
+                  "native": native_kernel.summary() if native else None}
         for path in args.merge or []:
             try:
                 part = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise BlindSightError(f"--merge {path}: not a bs-bench JSON record ({exc})") from None
-            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "op", "prefill")})
+            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "native", "op", "prefill")})
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
             if do_op:
-                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown, dtype, args.provider)
+                record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown, dtype, args.provider, native)
             if do_prefill:
-                record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider)
+                record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider, native)
         if args.plot and record.get("op"):
             _plot(record, Path(args.plot))
         if args.markdown:
@@ -371,6 +400,16 @@ def render(record: dict) -> str:
         parts.append("\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, "
                      + "; ".join(f"{d}, {p} provider" for d, p in kinds))
         parts.append(fmt_table(["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"], rows))
+        nat = [r for r in record["op"] if r.get("native_speedup") is not None]
+        if nat:
+            rows = [[r["category"], f"{r['N']}x{r['L']}", r["seq_len"], f"{r['baseline_s']:.3f}", f"{r['time_s']:.3f}",
+                     f"{r['native_s']:.3f}", f"{r['native_speedup']:.2f}x", f"{r['flop_bound']:.2f}x",
+                     f"{r['native_efficiency']:.2f}", f"{r['native_vs_function_body']:.2f}x",
+                     "" if r.get("native_peak_rss_mb") is None else f"{r['native_peak_rss_mb']:.0f}"] for r in nat]
+            parts.append(f"\nnative kernel on the same node ({record.get('native') or 'blindsight.native'}), "
+                         "timed in the same loop as GroupQueryAttention and the function body")
+            parts.append(fmt_table(["category", "N x L", "S", "GQA s", "body s", "native s", "speed-up vs GQA", "FLOP bound",
+                                    "efficiency", "vs body", "peak MB"], rows))
         explained = [r for r in record["op"] if r.get("breakdown_ms")]
         if explained:
             classes = sorted({k for r in explained for k in r["breakdown_ms"]})
@@ -387,6 +426,10 @@ def render(record: dict) -> str:
                  f"{mem.get('mix', 0):.0f}" if mem else ""]]
         parts.append(f"\nprefill level: {pf['model']}, export form {pf['form']}, {pf['N']} images x {pf['L']} tokens = {pf['seq_len']} tokens "
                      f"(mix vs raw export: {pf['vs_raw_export']:.2f}x; attention FLOP bound {pf['attention_flop_bound']:.2f}x)")
+        if "native_mix" in t:
+            rows += [["compiled all-dense, native", f"{t['native_dense']:.2f}", f"{pf['native_dense_vs_dense']:.2f}x vs dense", "", "", ""],
+                     ["compiled profile mix, native", f"{t['native_mix']:.2f}", f"{pf['native_speedup']:.2f}x vs dense",
+                      f"{pf['flop_bound']:.2f}x", f"{pf['native_efficiency']:.2f}", ""]]
         parts.append(fmt_table(["graph", "seconds", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows))
     return "\n".join(parts)
 

@@ -100,8 +100,10 @@ def _child() -> None:
     args = json.loads(sys.stdin.read())
     shape, template = OpShape(**args["shape"]), Template(**args["template"])
     feeds = feeds_for(shape, template)
-    model = dense_baseline(shape) if args["variant"] == "baseline" else compiled_node(shape, args["variant"])
-    sess = session(model, args["threads"], provider=args.get("provider", "cpu"))
+    variant = args["variant"]
+    native = variant.startswith("native:")
+    model = dense_baseline(shape) if variant == "baseline" else compiled_node(shape, variant.removeprefix("native:"))
+    sess = session(model, args["threads"], provider=args.get("provider", "cpu"), native=native)
     names = {i.name for i in sess.get_inputs()}
     reset_peak_rss()
     sess.run(None, {k: v for k, v in feeds.items() if k in names})

@@ -28,6 +28,7 @@ LIBRARY_ENV = "BLINDSIGHT_NATIVE_LIB"
 #: the providers the native kernel runs on (a CUDA kernel would add "cuda")
 PROVIDERS = ("cpu",)
 DTYPES = ("float32", "float16")
+NO_NODE = "no BlindSightAttention node"
 
 
 def library_path() -> Path | None:
@@ -65,6 +66,15 @@ def describe() -> str:
     info = build_info()
     return (f"native kernel: {path} ({isa()}; headers ONNX Runtime {info.get('header_version') or HEADER_VERSION}, "
             f"API {info.get('ort_api_version', API_VERSION)}: onnxruntime >= 1.{info.get('ort_api_version', API_VERSION)})")
+
+
+def summary() -> str | None:
+    """A short label of the built library for records: its name, instruction set and headers."""
+    path = library_path()
+    if path is None:
+        return None
+    info = build_info()
+    return f"{path.name}, {isa()}, headers onnxruntime {info.get('header_version') or HEADER_VERSION} (API {info.get('ort_api_version', API_VERSION)})"
 
 
 def unsupported(cfg: AttentionConfig, provider: str = "cpu") -> str | None:
@@ -133,7 +143,7 @@ def plan(model, provider: str = "cpu") -> Plan:
     except (ValueError, TypeError) as exc:
         return Plan(False, f"a BlindSightAttention node the native kernel cannot read: {exc}")
     if not cfgs:
-        return Plan(False, "no BlindSightAttention node")
+        return Plan(False, NO_NODE)
     by_layer: dict[int, tuple] = {}
     for cfg in cfgs:
         why = unsupported(cfg, provider)

@@ -94,7 +94,7 @@ def attention_route(model, provider: str = "cpu", native: bool | None = None):
     if native is None and not native_kernel.available():
         return native_kernel.Plan(False, "native kernel not built")
     plan = native_kernel.plan(_graph_of(model), _SHORT.get(provider, provider))
-    if native and not plan.native:
+    if native and not plan.native and plan.reason != native_kernel.NO_NODE:  # (a graph without nodes needs no kernel)
         raise BlindSightError(f"the native kernel cannot run this model: {plan.reason}")
     return plan
 

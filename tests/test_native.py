@@ -191,6 +191,20 @@ def test_decode_step_after_a_long_prompt():
     check(cfg, [(3, 100), (110, 250)], 1, 1, 4, past=299, d=32)
 
 
+@pytest.mark.parametrize("mask_type,window,q_len,dtype", [
+    ("none", -1, 1, "float32"), ("bool", -1, 2, "float32"), ("float", 6, 3, "float32"), ("float", -1, 1, "float16"),
+    ("bool", 9, 1, "float16"),
+])
+def test_few_row_tiles(mask_type, window, q_len, dtype):
+    """Tiles of at most 8 rows (a decode step's heads of one KV head) take the kernel's
+    head-dim-vectorised path: head size 32, two query heads per KV head, long enough for several key blocks."""
+    cfg = AttentionConfig(4, 2, 32, 0.2, ("sink", "intra", "intra_sink", "dense"), sink_tokens=2, mask_type=mask_type,
+                          is_causal=1 if mask_type == "none" else 0, local_window_size=window, dtype=dtype)
+    past = 200 - q_len
+    check(cfg, [(3, 80), (90, 91), (100, 198)], q_len, 2, 11, past=past, d=32,
+          mask=causal_mask(2, past, q_len, window, pad_keys=5), atol=1e-2 if dtype == "float16" else None)
+
+
 # ------------------------------------------------------------------ Gemma 3 image blocks
 
 

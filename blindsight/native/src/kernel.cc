@@ -36,6 +36,7 @@ constexpr int JV = 1;
 constexpr int R = 32;  // query rows per tile
 constexpr int NV = R / VW;
 constexpr int C = 64;  // keys per block
+constexpr int SMALL_ROWS = 8;  // tiles of at most this many rows take run_small (vectors along the head dim)
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
@@ -113,8 +114,22 @@ static inline void pv_step(float* ot, const float* pt, const float* const* vr, i
     for (int v = 0; v < NV; ++v) st(ot + (size_t)(dv0 + j) * R + v * VW, acc[j][v]);
 }
 
+constexpr int PF = 4;  // keys ahead to prefetch where rows are read once (run_small)
+static inline void prefetch_row(const float* row, int n) {
+  for (int i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+}
+
+static inline float hsum(vf x) {
+  // halving tree; the compiler turns the half-vector adds into shuffles
+  float a[VW];
+  std::memcpy(a, &x, sizeof(vf));
+  for (int w = VW / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
+}
+
 struct Scratch {
-  std::vector<float> qt, ot, sc;
+  std::vector<float> qt, ot, sc, qs, os, ss;
   std::vector<const float*> kr, vr;
   void fit(int D, int Dv) {
     if (qt.size() < (size_t)D * R + 16) qt.assign((size_t)D * R + 16, 0.f);
@@ -123,13 +138,136 @@ struct Scratch {
     kr.resize(C);
     vr.resize(C);
   }
+  void fit_small(int D, int Dv) {
+    if (qs.size() < (size_t)D * SMALL_ROWS) qs.assign((size_t)D * SMALL_ROWS, 0.f);
+    if (os.size() < (size_t)Dv * SMALL_ROWS) os.assign((size_t)Dv * SMALL_ROWS, 0.f);
+    if (ss.size() < (size_t)C * SMALL_ROWS + VW) ss.assign((size_t)C * SMALL_ROWS + VW, 0.f);
+    kr.resize(C);
+    vr.resize(C);
+  }
 };
+
+// A tile of few rows (decode steps: the query heads of one KV head at one
+// position) would waste most vector lanes laid out along rows; these run with
+// the vectors along the head dimension instead: row . key dot products, a
+// vectorised softmax along the block's keys, and P V as row updates.
+static void run_small(const Problem& p, const Tile& t, Scratch& s) {
+  const int D = p.D, Dv = p.Dv, nr = t.nrows;
+  s.fit_small(D, Dv);
+  float* qs = s.qs.data();
+  float* os = s.os.data();
+  float* ss = s.ss.data();  // [row][C] scores, then probabilities
+  int lo[SMALL_ROWS], end[SMALL_ROWS];
+  const float* mrow_f[SMALL_ROWS];
+  const uint8_t* mrow_b[SMALL_ROWS];
+  float m[SMALL_ROWS], l[SMALL_ROWS];
+  int min_lo = p.Skv, max_end = 0, max_lo = 0, min_end = p.Skv;
+  for (int r = 0; r < nr; ++r) {
+    const int h = t.heads[r], i = t.rows[r];
+    const float* q = p.q + t.b * p.qsB + h * p.qsH + (int64_t)i * p.qsS;
+    for (int d = 0; d < D; ++d) qs[(size_t)r * D + d] = q[d] * p.scale;
+    std::memset(os + (size_t)r * Dv, 0, sizeof(float) * Dv);
+    lo[r] = p.row_lo[i];
+    end[r] = p.row_end[i];
+    min_lo = lo[r] < min_lo ? lo[r] : min_lo;
+    max_end = end[r] > max_end ? end[r] : max_end;
+    max_lo = lo[r] > max_lo ? lo[r] : max_lo;
+    min_end = end[r] < min_end ? end[r] : min_end;
+    const int64_t moff = t.b * p.msB + h * p.msH + (int64_t)i * p.msQ;
+    mrow_f[r] = p.mask_type == 2 ? p.mask_f + moff : nullptr;
+    mrow_b[r] = p.mask_type == 1 ? p.mask_b + moff : nullptr;
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
+  const float* kbase = p.k + t.b * p.ksB + t.kvh * p.ksH;
+  const float* vbase = p.v + t.b * p.vsB + t.kvh * p.vsH;
+  const int nd = D / VW, ndv = Dv / VW;
+  for (int ii = 0; ii < t.niv; ++ii) {
+    const int a = t.iv[ii].a > min_lo ? t.iv[ii].a : min_lo;
+    const int e = t.iv[ii].e < max_end ? t.iv[ii].e : max_end;
+    for (int k0 = a; k0 < e; k0 += C) {
+      const int n = (e - k0) < C ? (e - k0) : C;
+      for (int c = 0; c < n; ++c) {
+        const float* kr = kbase + (int64_t)(k0 + c) * p.ksS;
+        if (k0 + c + PF < e) prefetch_row(kr + PF * p.ksS, D);
+        for (int r = 0; r < nr; ++r) {
+          const float* q = qs + (size_t)r * D;
+          vf acc = vf{};
+          for (int v = 0; v < nd; ++v) acc += ld(q + v * VW) * ld(kr + v * VW);
+          ss[(size_t)r * C + c] = hsum(acc);
+        }
+      }
+      const bool inside = k0 >= max_lo && k0 + n <= min_end;
+      for (int r = 0; r < nr; ++r) {
+        float* sr = ss + (size_t)r * C;
+        if (!inside || p.mask_type) {
+          const float* mf = mrow_f[r];
+          const uint8_t* mb = mrow_b[r];
+          for (int c = 0; c < n; ++c) {
+            const int k = k0 + c;
+            bool keep = k >= lo[r] && k < end[r];
+            if (keep && mb) keep = mb[k * p.msK] != 0;
+            if (keep && mf) {
+              const float mv = mf[k * p.msK];
+              if (mv > p.mask_min)
+                sr[c] += mv;
+              else
+                keep = false;
+            }
+            if (!keep) sr[c] = -INFINITY;
+          }
+        }
+        const int nvec = (n + VW - 1) / VW;
+        for (int c = n; c < nvec * VW; ++c) sr[c] = -INFINITY;
+        vf bm = splat(-INFINITY);
+        for (int v = 0; v < nvec; ++v) bm = vmax(bm, ld(sr + v * VW));
+        float mx = -INFINITY;
+        for (int w = 0; w < VW; ++w) mx = bm[w] > mx ? bm[w] : mx;
+        const float mn = mx > m[r] ? mx : m[r];
+        const float ms = mn == -INFINITY ? 0.f : mn;
+        const float alpha = m[r] == -INFINITY ? 0.f : std::exp(m[r] - ms);
+        vf sum = vf{};
+        for (int v = 0; v < nvec; ++v) {
+          const vf pe = vexp(ld(sr + v * VW) - ms);
+          st(sr + v * VW, pe);
+          sum += pe;
+        }
+        l[r] = l[r] * alpha + hsum(sum);
+        if (alpha != 1.f) {
+          float* o = os + (size_t)r * Dv;
+          for (int v = 0; v < ndv; ++v) st(o + v * VW, ld(o + v * VW) * alpha);
+        }
+        m[r] = mn;
+      }
+      for (int c = 0; c < n; ++c) {
+        const float* vr = vbase + (int64_t)(k0 + c) * p.vsS;
+        if (c + PF < n) prefetch_row(vr + PF * p.vsS, Dv);
+        for (int r = 0; r < nr; ++r) {
+          const float pc = ss[(size_t)r * C + c];
+          if (pc == 0.f) continue;
+          float* o = os + (size_t)r * Dv;
+          for (int v = 0; v < ndv; ++v) st(o + v * VW, ld(o + v * VW) + pc * ld(vr + v * VW));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const int h = t.heads[r], i = t.rows[r];
+    float* o = p.out + t.b * p.osB + h * p.osH + (int64_t)i * p.osS;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    for (int d = 0; d < Dv; ++d) o[d] = os[(size_t)r * Dv + d] * inv;
+  }
+}
 
 int tile_rows() { return R; }
 
 void run_tile(const Problem& p, const Tile& t) {
   thread_local Scratch s;
   const int D = p.D, Dv = p.Dv, nr = t.nrows;
+  if (nr <= SMALL_ROWS && D % VW == 0 && Dv % VW == 0) {
+    run_small(p, t, s);
+    return;
+  }
   s.fit(D, Dv);
   float* qt = s.qt.data();
   float* ot = s.ot.data();

@@ -29,6 +29,8 @@ LIBRARY_ENV = "BLINDSIGHT_NATIVE_LIB"
 PROVIDERS = ("cpu",)
 DTYPES = ("float32", "float16")
 NO_NODE = "no BlindSightAttention node"
+#: the categories whose key intervals src/op.cc knows (a new row of RULES needs its intervals there)
+CATEGORIES = ("dense", "sink", "intra", "intra_sink")
 
 
 def library_path() -> Path | None:
@@ -84,6 +86,9 @@ def unsupported(cfg: AttentionConfig, provider: str = "cpu") -> str | None:
         return f"the native kernel runs on the CPU provider only, not {provider!r}"
     if cfg.dtype not in DTYPES:
         return f"layer {cfg.layer}: {cfg.dtype} attention (the native kernel takes {', '.join(DTYPES)})"
+    unknown = sorted(set(cfg.categories) - set(CATEGORIES))
+    if unknown:
+        return f"layer {cfg.layer}: the native kernel has no key intervals for {', '.join(unknown)}"
     if cfg.qkv_format not in FORMATS:
         return f"layer {cfg.layer}: qkv_format {cfg.qkv_format!r}"
     return None

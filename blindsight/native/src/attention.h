@@ -25,6 +25,10 @@ struct Problem {
   int64_t vsB = 0, vsH = 0, vsS = 0;
   float* out = nullptr;
   int64_t osB = 0, osH = 0, osS = 0;
+  // fp16 queries and output are read and written by the tiles directly (q16/out16
+  // instead of q/out, same strides); fp16 K and V are converted once into k/v
+  const uint16_t* q16 = nullptr;
+  uint16_t* out16 = nullptr;
   int mask_type = 0;  // 0 none, 1 bool (true keeps), 2 additive float (kept where > mask_min)
   const uint8_t* mask_b = nullptr;
   const float* mask_f = nullptr;

@@ -128,6 +128,30 @@ static inline float hsum(vf x) {
   return a[0];
 }
 
+// one query row, scaled, as fp32 (from fp32 or fp16 storage)
+static inline void load_q(const Problem& p, int b, int h, int i, float* dst, size_t stride) {
+  const int64_t off = b * p.qsB + h * p.qsH + (int64_t)i * p.qsS;
+  if (p.q16) {
+    const _Float16* q = reinterpret_cast<const _Float16*>(p.q16) + off;
+    for (int d = 0; d < p.D; ++d) dst[d * stride] = static_cast<float>(q[d]) * p.scale;
+  } else {
+    const float* q = p.q + off;
+    for (int d = 0; d < p.D; ++d) dst[d * stride] = q[d] * p.scale;
+  }
+}
+
+// one output row from fp32 values src[d * stride] times inv
+static inline void store_o(const Problem& p, int b, int h, int i, const float* src, size_t stride, float inv) {
+  const int64_t off = b * p.osB + h * p.osH + (int64_t)i * p.osS;
+  if (p.out16) {
+    _Float16* o = reinterpret_cast<_Float16*>(p.out16) + off;
+    for (int d = 0; d < p.Dv; ++d) o[d] = static_cast<_Float16>(src[d * stride] * inv);
+  } else {
+    float* o = p.out + off;
+    for (int d = 0; d < p.Dv; ++d) o[d] = src[d * stride] * inv;
+  }
+}
+
 struct Scratch {
   std::vector<float> qt, ot, sc, qs, os, ss;
   std::vector<const float*> kr, vr;
@@ -164,8 +188,7 @@ static void run_small(const Problem& p, const Tile& t, Scratch& s) {
   int min_lo = p.Skv, max_end = 0, max_lo = 0, min_end = p.Skv;
   for (int r = 0; r < nr; ++r) {
     const int h = t.heads[r], i = t.rows[r];
-    const float* q = p.q + t.b * p.qsB + h * p.qsH + (int64_t)i * p.qsS;
-    for (int d = 0; d < D; ++d) qs[(size_t)r * D + d] = q[d] * p.scale;
+    load_q(p, t.b, h, i, qs + (size_t)r * D, 1);
     std::memset(os + (size_t)r * Dv, 0, sizeof(float) * Dv);
     lo[r] = p.row_lo[i];
     end[r] = p.row_end[i];
@@ -252,10 +275,8 @@ static void run_small(const Problem& p, const Tile& t, Scratch& s) {
     }
   }
   for (int r = 0; r < nr; ++r) {
-    const int h = t.heads[r], i = t.rows[r];
-    float* o = p.out + t.b * p.osB + h * p.osH + (int64_t)i * p.osS;
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    for (int d = 0; d < Dv; ++d) o[d] = os[(size_t)r * Dv + d] * inv;
+    store_o(p, t.b, t.heads[r], t.rows[r], os + (size_t)r * Dv, 1, inv);
   }
 }
 
@@ -282,8 +303,7 @@ void run_tile(const Problem& p, const Tile& t) {
   int min_lo = p.Skv, max_end = 0, max_lo = 0, min_end = p.Skv;
   for (int r = 0; r < nr; ++r) {
     const int h = t.heads[r], i = t.rows[r];
-    const float* q = p.q + t.b * p.qsB + h * p.qsH + (int64_t)i * p.qsS;
-    for (int d = 0; d < D; ++d) qt[(size_t)d * R + r] = q[d] * p.scale;
+    load_q(p, t.b, h, i, qt + r, R);
     lo[r] = p.row_lo[i];
     end[r] = p.row_end[i];
     if (lo[r] < min_lo) min_lo = lo[r];
@@ -374,10 +394,8 @@ void run_tile(const Problem& p, const Tile& t) {
   float lsum[R];
   for (int v = 0; v < NV; ++v) st(lsum + v * VW, l[v]);
   for (int r = 0; r < nr; ++r) {
-    const int h = t.heads[r], i = t.rows[r];
-    float* o = p.out + t.b * p.osB + h * p.osH + (int64_t)i * p.osS;
     const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
-    for (int d = 0; d < Dv; ++d) o[d] = ot[(size_t)d * R + r] * inv;
+    store_o(p, t.b, t.heads[r], t.rows[r], ot + r, R, inv);
   }
 }
 

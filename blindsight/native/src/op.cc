@@ -461,14 +461,14 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
   p.row_lo = row_lo.data();
   p.row_end = row_end.data();
 
-  // fp16: compute in fp32
-  std::vector<float> qf, kf, vf, mf, of;
+  // fp16: K and V converted once (every tile reads them); the tiles read fp16
+  // queries and write fp16 output themselves; all arithmetic in fp32
+  std::vector<float> kf, vf, mf;
   if (f16) {
-    to_f32(ctx, q, qf);
     to_f32(ctx, k, kf);
     to_f32(ctx, v, vf);
-    of.assign(out_count, 0.f);
-    p.q = qf.data(), p.k = kf.data(), p.v = vf.data(), p.out = of.data();
+    p.q16 = static_cast<const uint16_t*>(q.data), p.out16 = static_cast<uint16_t*>(out_data);
+    p.k = kf.data(), p.v = vf.data();
   } else {
     p.q = static_cast<const float*>(q.data), p.k = static_cast<const float*>(k.data);
     p.v = static_cast<const float*>(v.data), p.out = static_cast<float*>(out_data);
@@ -597,7 +597,6 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
   Work w{&p, &tiles, &order, p.B, isa().run_tile};
   const size_t total = tiles.size() * (size_t)p.B;
   if (total) check(g_api->KernelContext_ParallelFor(ctx, work_fn, total, 0, &w));
-  if (f16) isa().f32_to_f16(of.data(), static_cast<uint16_t*>(out_data), out_count);
 }
 
 OrtStatus* kernel_compute(void* kernel, OrtKernelContext* ctx) {

@@ -422,3 +422,59 @@ def test_bs_run_and_bs_check_say_which_path_ran(tiny_export):
     report = parity_check(dense_compile, dense_compile, seq_len=24, images=2, threads=2)
     assert report.passed and report.attention.startswith("native kernel")
     assert "COMPILED's attention: native kernel" in report.table()
+
+
+# ------------------------------------------------------------------ the build step
+
+
+def test_apt_mirrors_from_both_source_formats(tmp_path):
+    from blindsight.native.build import apt_mirrors
+
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text("# deb http://old.example/debian bookworm main\n"
+                                           "deb [arch=amd64] http://one.example/debian bookworm main\n")
+    (tmp_path / "sources.list.d" / "d.sources").write_text(
+        "Types: deb\nURIs: http://two.example/debian/\nSuites: bookworm\n\n"
+        "Types: deb\nURIs: http://two.example/debian-security\nSuites: bookworm-security\n")
+    assert apt_mirrors(str(tmp_path)) == ["http://one.example/debian", "http://two.example/debian"]
+
+
+def test_a_package_with_another_sha256_is_refused(tmp_path):
+    from blindsight.native.build import DEB_FILE, verify
+
+    fake = tmp_path / DEB_FILE
+    fake.write_bytes(b"!<arch>\nnot the package")
+    with pytest.raises(BlindSightError, match="is not the pinned 14f7d959"):
+        verify(fake)
+
+
+def test_build_bad_input_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "blindsight.native", "build", "--headers", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no onnxruntime_c_api.h" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert native.available()  # the built library is left alone
+
+
+def test_unpack_without_dpkg(tmp_path, monkeypatch):
+    """The Python ar/tar route (a machine without dpkg-deb) on a package of the .deb layout."""
+    import io
+    import tarfile
+
+    from blindsight.native import build as nb
+
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        body = b"#define ORT_API_VERSION 21\n"
+        info = tarfile.TarInfo("./usr/include/onnxruntime/onnxruntime_c_api.h")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", b""), ("data.tar.xz", data.getvalue())]
+    ar = b"!<arch>\n"
+    for name, blob in members:
+        ar += f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(blob):<10}`\n".encode() + blob + (b"\n" if len(blob) % 2 else b"")
+    deb = tmp_path / "x.deb"
+    deb.write_bytes(ar)
+    monkeypatch.setattr(nb.shutil, "which", lambda name: None)
+    nb.unpack(deb, tmp_path / "out")
+    assert nb.api_version(tmp_path / "out" / "usr" / "include" / "onnxruntime") == 21

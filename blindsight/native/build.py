@@ -180,7 +180,7 @@ def build(deb: str | None = None, header_dir: str | None = None, cxx: str | None
             _run([cxx, *common, *ISA_FLAGS[isa], f"-DBS_NS=bs_{isa}", "-c", str(SRC / "kernel.cc"), "-o", str(obj)], log)
             objs.append(obj)
         op_obj = Path(tmp) / "op.o"
-        _run([cxx, *common, *([] if x86 else ["-DBS_BASELINE_ONLY"]), "-c", str(SRC / "op.cc"), "-o", str(op_obj)], log)
+        _run([cxx, *common, "-c", str(SRC / "op.cc"), "-o", str(op_obj)], log)
         out_tmp = Path(tmp) / LIBRARY_NAME
         _run([cxx, "-shared", "-o", str(out_tmp), str(op_obj), *map(str, objs), "-pthread"], log)
         out = BUILD / LIBRARY_NAME

@@ -91,9 +91,18 @@ def attention_route(model, provider: str = "cpu", native: bool | None = None):
 
     if native is False:
         return native_kernel.Plan(False, "native kernel off")
+    short = _SHORT.get(provider, provider)
     if native is None and not native_kernel.available():
         return native_kernel.Plan(False, "native kernel not built")
-    plan = native_kernel.plan(_graph_of(model), _SHORT.get(provider, provider))
+    if native is None and short not in native_kernel.PROVIDERS:
+        return native_kernel.Plan(False, f"the native kernel runs on the CPU provider only, not {short!r}")
+    try:
+        graph = _graph_of(model)
+    except Exception as exc:  # a missing or corrupt model: ONNX Runtime's own error says so below
+        if native:
+            raise BlindSightError(f"the native kernel cannot read this model: {exc}") from None
+        return native_kernel.Plan(False, "model not readable")
+    plan = native_kernel.plan(graph, short)
     if native and not plan.native and plan.reason != native_kernel.NO_NODE:  # (a graph without nodes needs no kernel)
         raise BlindSightError(f"the native kernel cannot run this model: {plan.reason}")
     return plan

@@ -11,7 +11,9 @@ from blindsight.runtime.session import make_session
 
 
 def session(model) -> ort.InferenceSession:
-    return make_session(model, threads=2)
+    """On the function bodies (native=False): these tests check the lowerings;
+    tests/test_native.py checks the native kernel."""
+    return make_session(model, threads=2, native=False)
 
 
 _NODE_SESSIONS: dict = {}

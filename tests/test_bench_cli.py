@@ -86,6 +86,14 @@ def test_bench_quick_json(tmp_path):
     pf = rec["prefill"]
     assert PREFILL_FIELDS <= pf.keys()
     assert pf["flop_bound"] > 1.0 and pf["efficiency"] == pytest.approx(pf["speedup"] / pf["flop_bound"])
+    # the native kernel is built for the tests (README): its variant is in the record
+    assert rec["native"] and "headers onnxruntime 1.21.0" in rec["native"]
+    for row in rec["op"]:
+        assert row["native_speedup"] > 0 and row["native_peak_rss_mb"] > 0
+        assert row["native_efficiency"] == pytest.approx(row["native_speedup"] / row["flop_bound"])
+        assert row["native_vs_function_body"] == pytest.approx(row["time_s"] / row["native_s"])
+    assert pf["native_speedup"] > 0 and pf["native_dense_vs_dense"] > 0
+    assert pf["native_efficiency"] == pytest.approx(pf["native_speedup"] / pf["flop_bound"])
     (dec,) = rec["decode"]  # quick: one context of 256 cached tokens
     assert dec["context"] == 256 and dec["raw_s"] > 0 and dec["compiled_s"] > 0
     assert dec["ratio"] == pytest.approx(dec["raw_s"] / dec["compiled_s"])
@@ -116,6 +124,12 @@ def test_bench_op_level_fp16_rows():
     assert [row["category"] for row in rec["op"]] == ["sink", "mixed"]
     for row in rec["op"]:
         assert row["dtype"] == "float16" and row["speedup"] > 0 and row["flop_bound"] > 1.0
+        assert row["native_speedup"] > 0 and row["native_s"] > 0
+    r = _run("bs-bench", "--level", "op", "--sizes", "2x64", "--cases", "sink", "--repeats", "1", "--no-memory",
+             "--no-native", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout)
+    assert rec["native"] is None and "native_speedup" not in rec["op"][0]
 
 
 def test_bench_bf16_on_cpu_is_one_line():

@@ -94,8 +94,8 @@ def test_images_change_the_answer(tiny):
 
 
 def test_sparse_fast_equals_reference_lowering(tiny):
-    fast = Pipeline(tiny.out, compiled=True, threads=2)
-    ref = Pipeline(tiny.out, compiled=tiny.ref_path, threads=2)
+    fast = Pipeline(tiny.out, compiled=True, threads=2, native=False)
+    ref = Pipeline(tiny.out, compiled=tiny.ref_path, threads=2, native=False)
     assert fast.sparse and ref.sparse
     for prompt, n in CASES:
         built = fast.prompts.build(_images(n, 5), prompt)

@@ -114,7 +114,7 @@ def _machine() -> dict:
 
 
 def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype="float32", provider="cpu",
-              image_blocks=False) -> list[dict]:
+              image_blocks=False, native=False) -> list[dict]:
     from blindsight.bench.op import OpShape, breakdown, causal_gqa, compiled_node, dense_baseline, feeds_for, flop_bound
     from blindsight.bench.timing import interleaved, measure_in_child, session
     from blindsight.flops import Template
@@ -132,7 +132,7 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
         base_feeds = feeds if image_blocks else plain
         # with image blocks the causal kernel (not exact there) is timed beside, for reference
         gqa = session(causal_gqa(shape), threads, provider=provider, arena=False) if image_blocks else None
-        med, base_med, gqa_med, why = {}, {}, {}, {}
+        med, base_med, gqa_med, nat_med, why = {}, {}, {}, {}, {}
         for c in cases:
             # one compiled session at a time beside the baseline: at 8K tokens a
             # GroupQueryAttention arena alone holds S x S scores per head (GBs)
@@ -140,8 +140,14 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
             runs = {"baseline": lambda: base.run(None, base_feeds), c: lambda s=s: s.run(None, feeds)}
             if gqa is not None:
                 runs["causal_gqa"] = lambda: gqa.run(None, plain)
+            if native:  # the same node on the native kernel, in the same loop
+                sn = session(compiled_node(shape, c), threads, provider=provider, native=True, arena=arena)
+                runs["native"] = lambda sn=sn: sn.run(None, feeds)
             pair = interleaved(runs, repeats, progress=bar)
             med[c], base_med[c], gqa_med[c] = pair[c], pair["baseline"], pair.get("causal_gqa")
+            if native:
+                nat_med[c] = pair["native"]
+                del sn
             del s
             if explain:
                 why[c] = breakdown(compiled_node(shape, c), feeds, threads, provider=provider)
@@ -150,7 +156,7 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
         gc.collect()
         mem = {}
         if memory:
-            for v in ["baseline", *cases]:
+            for v in ["baseline", *cases, *([f"native:{c}" for c in cases] if native else [])]:
                 mem[v] = measure_in_child("blindsight.bench.op", {"variant": v, "threads": threads, "shape": vars(shape), "provider": provider,
                                                                   "template": {"num_images": n, "image_len": l}})["peak_rss_mb"]
                 bar.update(1)
@@ -164,12 +170,16 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
                         "peak_rss_mb": mem.get(c), "baseline_peak_rss_mb": mem.get("baseline")})
             if image_blocks:
                 out[-1]["causal_gqa_s"] = gqa_med[c]
+            if native:  # the native kernel against the same baseline runs and the function body
+                ns = base_med[c] / nat_med[c]
+                out[-1].update(native_s=nat_med[c], native_speedup=ns, native_efficiency=ns / bound,
+                               native_vs_function_body=med[c] / nat_med[c], native_peak_rss_mb=mem.get(f"native:{c}"))
             if explain:
                 out[-1]["breakdown_ms"] = why[c]
     return out
 
 
-def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu") -> dict:
+def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu", native=False) -> dict:
     from blindsight.bench import prefill
     from blindsight.bench.timing import interleaved, measure_in_child, session
 
@@ -187,14 +197,21 @@ def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu"
     # two sessions outgrew this machine's 24 GB; every variant pays the same
     # allocation costs this way
     ratios = {}
-    for a, b in (("dense", "mix"), ("raw", "mix"), ("raw", "dense")):
-        sa, sb = session(paths[a], threads, provider, arena=False), session(paths[b], threads, provider, arena=False)
+    # "native_mix" / "native_dense": the same compiled graphs on the native kernel
+    pairs = [("dense", "mix"), ("raw", "mix"), ("raw", "dense")]
+    if native:
+        pairs += [("dense", "native_mix"), ("dense", "native_dense")]
+    for a, b in pairs:
+        sa = session(paths[a], threads, provider, arena=False)
+        sb = session(paths[b.removeprefix("native_")], threads, provider, arena=False, native=b.startswith("native_"))
         pair = interleaved({a: runner(sa), b: runner(sb)}, repeats, progress=bar)
         ratios[a, b] = pair[a] / pair[b]
         if (a, b) == ("dense", "mix"):
             med = dict(pair)
         elif (a, b) == ("raw", "mix"):
             med["raw"] = pair["raw"]
+        elif a == "dense" and b.startswith("native_"):
+            med[b] = pair[b]
         del sa, sb
         gc.collect()
     mem = {}
@@ -211,7 +228,10 @@ def _prefill_level(case, threads, repeats, memory, work_dir, bar, provider="cpu"
         "seq_len": case.template.seq_len, "speedup": speedup, "flop_bound": fl["prefill_bound"],
         "efficiency": speedup / fl["prefill_bound"], "vs_raw_export": ratios["raw", "mix"],
         "dense_vs_raw_export": ratios["raw", "dense"], "attention_flop_bound": fl["attention_bound"],
-        "time_s": {k: med[k] for k in ("raw", "dense", "mix")}, "peak_rss_mb": mem or None,
+        "time_s": {k: med[k] for k in ("raw", "dense", "mix", "native_mix", "native_dense") if k in med},
+        "peak_rss_mb": mem or None,
+        **({"native_speedup": ratios["dense", "native_mix"], "native_efficiency": ratios["dense", "native_mix"] / fl["prefill_bound"],
+            "native_dense_vs_dense": ratios["dense", "native_dense"]} if native else {}),
     }
 
 
@@ -311,6 +331,8 @@ def bench_main(argv=None) -> int:
     p.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blindsight", "bench"),
                    help="where the prefill export is cached")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--no-native", action="store_true",
+                   help="skip the native-kernel variant (it runs when the kernel is built: python -m blindsight.native build)")
     p.add_argument("--breakdown", action="store_true", help="op level: also profile one run per case and report milliseconds per kernel class (where the time goes)")
     p.add_argument("--plot", help="write a PNG of speed-up against FLOP bound here")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of the tables")
@@ -379,15 +401,20 @@ def bench_main(argv=None) -> int:
         from tqdm import tqdm
 
         memory = not args.no_memory
+        from blindsight import native as native_kernel
+
+        native = not args.no_native and args.provider == "cpu" and native_kernel.available()
         total = 0
         if do_op:
-            total += len(sizes) * ((3 if args.image_blocks else 2) * len(cases) * repeats + ((len(cases) + 1) if memory else 0))
+            per_case = 2 + bool(args.image_blocks) + bool(native)
+            total += len(sizes) * (per_case * len(cases) * repeats + ((len(cases) * (2 if native else 1) + 1) if memory else 0))
         if do_prefill:
-            total += 1 + 6 * repeats + (3 if memory else 0)
+            total += 1 + (10 if native else 6) * repeats + (3 if memory else 0)
         if do_decode:
             total += 1 + 2 * repeats * len(contexts)
         record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,
-                  "dtype": dtype, "provider": args.provider}
+                  "dtype": dtype, "provider": args.provider,
+                  "native": native_kernel.summary() if native else None}
         for path in args.merge or []:
             try:
                 part = json.loads(Path(path).read_text())
@@ -397,15 +424,16 @@ def bench_main(argv=None) -> int:
                 raise BlindSightError(f"--merge {path}: not a bs-bench JSON record (expected an object)")
             # op rows of several runs (e.g. causal and --image-blocks) add up; the rest is the last run's
             rows = record.get("op", []) + list(part.get("op") or [])
-            record.update({k: v for k, v in part.items() if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "prefill", "decode")})
+            record.update({k: v for k, v in part.items()
+                           if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "native", "prefill", "decode")})
             if rows:
                 record["op"] = rows
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
             if do_op:
                 record["op"] = _op_level(sizes, cases, args.threads, repeats, memory, bar, args.breakdown, dtype, args.provider,
-                                         args.image_blocks)
+                                         args.image_blocks, native)
             if do_prefill:
-                record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider)
+                record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider, native)
             if do_decode:
                 record["decode"] = _decode_level(decode_case, contexts, args.threads, repeats, Path(args.work_dir), bar, args.provider)
         if args.plot and record.get("op"):
@@ -455,6 +483,16 @@ def render(record: dict) -> str:
             parts.append(f"\nop level: BlindSightAttention (fast) vs GroupQueryAttention, 28 q / 4 kv heads, head_dim 128, {kinds}")
             head = ["category", "N x L", "S", "GQA s", "ours s", "speed-up", "FLOP bound", "efficiency", "peak MB ours / GQA"]
         parts.append(fmt_table(head, rows))
+        nat = [r for r in op if r.get("native_speedup") is not None]
+        if nat:
+            rows = [[r["category"], f"{r['N']}x{r['L']}", r["seq_len"], f"{r['baseline_s']:.3f}", f"{r['time_s']:.3f}",
+                     f"{r['native_s']:.3f}", f"{r['native_speedup']:.2f}x", f"{r['flop_bound']:.2f}x",
+                     f"{r['native_efficiency']:.2f}", f"{r['native_vs_function_body']:.2f}x",
+                     "" if r.get("native_peak_rss_mb") is None else f"{r['native_peak_rss_mb']:.0f}"] for r in nat]
+            parts.append(f"\nnative kernel on the same node ({record.get('native') or 'blindsight.native'}), "
+                         f"timed in the same loop as the {'dense node' if blocks else 'GroupQueryAttention'} and the function body")
+            parts.append(fmt_table(["category", "N x L", "S", "dense s" if blocks else "GQA s", "body s", "native s",
+                                    "speed-up", "FLOP bound", "efficiency", "vs body", "peak MB"], rows))
     if record.get("op"):
         explained = [r for r in record["op"] if r.get("breakdown_ms")]
         if explained:
@@ -472,6 +510,10 @@ def render(record: dict) -> str:
                  f"{mem.get('mix', 0):.0f}" if mem else ""]]
         parts.append(f"\nprefill level: {pf['model']}, export form {pf['form']}, {pf['N']} images x {pf['L']} tokens = {pf['seq_len']} tokens "
                      f"(mix vs raw export: {pf['vs_raw_export']:.2f}x; attention FLOP bound {pf['attention_flop_bound']:.2f}x)")
+        if "native_mix" in t:
+            rows += [["compiled all-dense, native", f"{t['native_dense']:.2f}", f"{pf['native_dense_vs_dense']:.2f}x vs dense", "", "", ""],
+                     ["compiled profile mix, native", f"{t['native_mix']:.2f}", f"{pf['native_speedup']:.2f}x vs dense",
+                      f"{pf['flop_bound']:.2f}x", f"{pf['native_efficiency']:.2f}", ""]]
         parts.append(fmt_table(["graph", "seconds", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows))
     dec = record.get("decode")
     if dec:

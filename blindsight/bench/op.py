@@ -114,9 +114,11 @@ def _child() -> None:
     shape, template = OpShape(**args["shape"]), Template(**args["template"])
     feeds = feeds_for(shape, template)
     variants = {"baseline": dense_baseline, "causal_gqa": causal_gqa}
-    v = args["variant"]
-    model = variants[v](shape) if v in variants else compiled_node(shape, v)
-    sess = session(model, args["threads"], provider=args.get("provider", "cpu"))
+    variant = args["variant"]
+    native = variant.startswith("native:")
+    case = variant.removeprefix("native:")
+    model = variants[case](shape) if case in variants else compiled_node(shape, case)
+    sess = session(model, args["threads"], provider=args.get("provider", "cpu"), native=native)
     names = {i.name for i in sess.get_inputs()}
     reset_peak_rss()
     sess.run(None, {k: v for k, v in feeds.items() if k in names})

@@ -16,9 +16,11 @@ import onnxruntime as ort
 from blindsight.runtime.session import make_session
 
 
-def session(model, threads: int, provider: str = "cpu", arena: bool = True) -> ort.InferenceSession:
-    """The benchmarks' session: ``threads`` intra-op threads, one inter-op thread, errors-only log."""
-    return make_session(model, provider=provider, threads=threads, inter_threads=1, arena=arena, log_severity=3)
+def session(model, threads: int, provider: str = "cpu", arena: bool = True, native: bool = False) -> ort.InferenceSession:
+    """The benchmarks' session: ``threads`` intra-op threads, one inter-op thread, errors-only log;
+    BlindSightAttention on its function bodies unless ``native`` (the native kernel, required)."""
+    return make_session(model, provider=provider, threads=threads, inter_threads=1, arena=arena, log_severity=3,
+                        native=native)
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict[str, float]:

@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS),
                    help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
+    p.add_argument("--no-native", action="store_true",
+                   help="run the compiled model on its function bodies even when the native kernel is built")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
@@ -86,6 +88,7 @@ def table(r: dict) -> str:
         ("attention FLOPs saved", f"{r['attention_flop_reduction']:.1%}"),
         ("prefill FLOPs saved", f"{r['prefill_flop_reduction']:.1%}"),
         ("heads", ", ".join(f"{k} {v}" for k, v in r["profile_counts"].items())),
+        ("compiled attention", r.get("attention", "")),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
         from blindsight.evaluation.runner import evaluate
 
         return evaluate(prof, args.model, num_prompts=args.prompts, seed=args.seed,
-                        work_dir=args.work_dir, threads=args.threads, provider=args.provider, progress=not args.quiet)
+                        work_dir=args.work_dir, threads=args.threads, provider=args.provider, progress=not args.quiet,
+                        native=False if args.no_native else None)
 
     code, record = run_cli("bs-eval", work, args.debug)
     if code:

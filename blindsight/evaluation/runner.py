@@ -71,6 +71,7 @@ def evaluate(
     threads: int | None = None,
     provider: str = "cpu",
     progress: bool = True,
+    native: bool | None = None,
 ) -> dict:
     """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``)."""
     loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model)
@@ -81,7 +82,7 @@ def evaluate(
     dense_path = export_dense(loaded.family, loaded.directory, folder)
     compiled_path = compile_with(dense_path, profile, "fast")
     dense = make_session(dense_path, provider=provider, threads=threads)
-    compiled = CompiledSession(compiled_path, provider=provider, threads=threads)
+    compiled = CompiledSession(compiled_path, provider=provider, threads=threads, native=native)
     placement = None
     dims = model_dims(loaded.directory)
 
@@ -130,6 +131,7 @@ def evaluate(
         "prefill_flop_reduction": mean("prefill_reduction"),
         "profile_counts": profile.counts(),
         "lowering": "fast",
+        "attention": compiled.attention,
         "runtime": f"onnxruntime {ort.__version__} {provider.upper()}",
         "placement": placement.to_dict() if placement is not None else None,
         "compiled_model": record_path(compiled_path),

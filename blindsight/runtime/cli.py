@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which language model to run (default compiled)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
     p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--no-native", action="store_true",
+                   help="run BlindSightAttention on the function bodies even when the native kernel is built")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     return p
 
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
     try:
         from blindsight.runtime.pipeline import Pipeline
 
-        pipe = Pipeline(args.out_dir, provider=args.provider, compiled=args.model, threads=args.threads)
+        pipe = Pipeline(args.out_dir, provider=args.provider, compiled=args.model, threads=args.threads,
+                        native=False if args.no_native else None)
         result = pipe.generate(args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
         placement = None
         if args.provider != "cpu":
@@ -60,12 +63,12 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         record = result.to_dict()
-        record.update(provider=args.provider, images=len(args.image), sparse=pipe.sparse,
+        record.update(provider=args.provider, images=len(args.image), sparse=pipe.sparse, attention=pipe.attention,
                       placement=placement.to_dict() if placement is not None else None)
         print(json.dumps(record))
         return 0
     print(result.text)
-    kind = "compiled (BlindSight attention)" if pipe.sparse else "dense"
+    kind = f"compiled (BlindSight attention: {pipe.attention})" if pipe.sparse else "dense"
     print(f"\n[{kind} model, {args.provider}] prompt {result.prefill_tokens} tokens, {len(result.image_spans)} image(s); "
           f"time to first token {result.ttft_s * 1000:.1f} ms (prefill {result.prefill_s * 1000:.1f} ms); "
           f"{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s after the first")

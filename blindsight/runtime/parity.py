@@ -97,6 +97,7 @@ class ParityReport:
     outputs: list[OutputParity]
     note: str = ""
     placement: dict | None = None  # on a GPU provider: where COMPILED's nodes ran (runtime.placement)
+    attention: str = ""  # which path ran COMPILED's BlindSightAttention nodes (SOURCE: always the function bodies)
 
     @property
     def passed(self) -> bool:
@@ -124,6 +125,8 @@ class ParityReport:
         verdict = "all outputs within tolerance" if self.passed else \
             "over tolerance: " + ", ".join(o.name for o in self.failures)
         extra = [self.note] if self.note else []
+        if self.attention:
+            extra.append(f"COMPILED's attention: {self.attention}; SOURCE's: function bodies")
         if self.placement is not None:
             extra.append(self.placement["summary"])
         return "\n".join([head, body, verdict] + extra)
@@ -288,10 +291,13 @@ def default_tolerance(dtype: str) -> float:
 
 def check(source, compiled, *, feeds=None, spans=None, provider: str = "cpu", seed: int = 0,
           tolerance: float | None = None, mode: str | None = None, batch: int = 1, seq_len: int = DEFAULT_SEQ_LEN,
-          past: int = 0, images: int = DEFAULT_IMAGES, threads: int | None = None) -> ParityReport:
+          past: int = 0, images: int = DEFAULT_IMAGES, threads: int | None = None,
+          native: bool | None = None) -> ParityReport:
     """Run SOURCE and COMPILED on the same feeds (a dict, an .npz path, or None: random,
     shaped by ``batch``/``seq_len``/``past``, seeded) and spans (None: ``images`` random
-    spans inside the prompt, or the .npz's ``image_spans``); compare every output."""
+    spans inside the prompt, or the .npz's ``image_spans``); compare every output.
+    SOURCE runs on the function bodies; COMPILED on the native kernel when it is built
+    (``native`` as in :func:`make_session`; False: the function bodies)."""
     from blindsight.runtime.session import make_session, resolve_provider
 
     if mode is not None and mode not in MODES:
@@ -322,8 +328,11 @@ def check(source, compiled, *, feeds=None, spans=None, provider: str = "cpu", se
         rows, new = feeds[TOKEN_TYPE_INPUT].shape
         feeds[TOKEN_TYPE_INPUT] = np.tile(chunk_token_types(spans, length - new, new), (rows, 1))
     runs = []
-    for path, (ins, outs, _) in ((source, src), (compiled, cmp)):
-        sess = make_session(path, provider=provider, threads=threads)
+    attention = ""
+    for path, (ins, outs, _), use in ((source, src, False), (compiled, cmp, native)):
+        sess = make_session(path, provider=provider, threads=threads, native=use)
+        if path is compiled and SPANS_INPUT in ins:
+            attention = sess.blindsight_attention
         f = {k: v for k, v in feeds.items() if k in ins}
         if SPANS_INPUT in ins:
             f[SPANS_INPUT] = spans
@@ -344,7 +353,7 @@ def check(source, compiled, *, feeds=None, spans=None, provider: str = "cpu", se
         p = node_placement(compiled, {**feeds, SPANS_INPUT: spans}, provider, threads)
         placement = {**p.to_dict(), "summary": p.summary()}
     return ParityReport(mode, provider, str(source), str(compiled), spans.tolist(),
-                        {k: list(v.shape) for k, v in feeds.items()}, results, note, placement)
+                        {k: list(v.shape) for k, v in feeds.items()}, results, note, placement, attention)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -365,6 +374,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="max relative error |a - r| / max(|r|, 1) (default: fp32 1e-4, fp16 1e-2)")
     p.add_argument("--provider", default="cpu", choices=list(PROVIDERS))
     p.add_argument("--threads", type=int)
+    p.add_argument("--no-native", action="store_true",
+                   help="run COMPILED on its function bodies even when the native kernel is built")
     p.add_argument("--json", action="store_true", help="print one JSON record")
     p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
     return p
@@ -382,7 +393,7 @@ def main(argv=None) -> int:
         spans = parse_spans(args.spans) if args.spans is not None else None
         return check(args.source, args.compiled, feeds=args.feeds, spans=spans, provider=args.provider, seed=args.seed,
                      tolerance=args.tolerance, mode=args.mode, batch=args.batch, seq_len=args.seq_len, past=args.past,
-                     images=args.images, threads=args.threads)
+                     images=args.images, threads=args.threads, native=False if args.no_native else None)
 
     code, report = run_cli("bs-check", work, args.debug)
     if report is None:

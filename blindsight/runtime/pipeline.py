@@ -89,16 +89,19 @@ def float_dtype(template: dict) -> np.dtype:
 
 
 class Pipeline:
-    def __init__(self, out_dir, provider: str = "cpu", compiled=True, threads: int | None = None):
+    def __init__(self, out_dir, provider: str = "cpu", compiled=True, threads: int | None = None,
+                 native: bool | None = None):
         self.out_dir = Path(out_dir)
         self.template = load_template(self.out_dir)
         self.family = self.template["family"]
         self.dtype = float_dtype(self.template)
         self.model_path = resolve_model(self.out_dir, self.template, compiled)
         resolve_provider(provider)  # a bad provider fails before anything loads
-        self.provider, self.threads = provider, threads
+        self.provider, self.threads, self.native = provider, threads, native
         self.prompts = PromptBuilder(self.out_dir, self.template)
         self.lm = self._session(self.model_path)
+        #: which path runs the language model's attention (native kernel or function bodies)
+        self.attention = self.lm.blindsight_attention
         self.embed = self._session(self.out_dir / self.template["files"]["embed"])
         # loaded here, not on the first image, so time to first token counts no set-up
         self.vision = self._session(self.out_dir / self.template["files"]["vision"])
@@ -119,7 +122,7 @@ class Pipeline:
     def _session(self, path) -> ort.InferenceSession:
         if not Path(path).is_file():
             raise BlindSightError(f"{path} is missing from the export directory; run bs-export again")
-        return make_session(path, provider=self.provider, threads=self.threads)
+        return make_session(path, provider=self.provider, threads=self.threads, native=self.native)
 
     # ------------------------------------------------------------- pieces
 

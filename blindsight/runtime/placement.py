@@ -61,12 +61,13 @@ def parse_profile(events, requested: str) -> Placement:
 
 
 def profiled_runs(model, feeds: dict, *, provider: str = "cpu", threads: int | None = None, runs: int = 1,
-                  log_severity: int | None = None) -> list[dict]:
+                  log_severity: int | None = None, native: bool | None = False) -> list[dict]:
     """Run ``model`` ``runs`` times on ``feeds`` (inputs it lacks are dropped) under ONNX
-    Runtime's profiler; returns the profiler's events (function bodies inlined)."""
+    Runtime's profiler; returns the profiler's events (function bodies inlined; ``native``
+    as in :func:`make_session`, default False: the function bodies' nodes are what is placed)."""
     with tempfile.TemporaryDirectory(prefix="blindsight-profile-") as tmp:
         sess = make_session(model, provider=provider, threads=threads, log_severity=log_severity,
-                            profile_prefix=os.path.join(tmp, "run"))
+                            profile_prefix=os.path.join(tmp, "run"), native=native)
         names = {i.name for i in sess.get_inputs()}
         f = {k: v for k, v in feeds.items() if k in names}
         for _ in range(runs):

@@ -46,12 +46,17 @@ def make_session(
     arena: bool = True,
     log_severity: int | None = None,
     profile_prefix: str | None = None,
+    native: bool | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession over ``model`` (a path, serialized bytes or an onnx.ModelProto).
 
     ``threads``/``inter_threads``: intra-/inter-op threads (None or 0: ONNX Runtime's
     default); ``arena``: the CPU memory arena; ``log_severity``: ONNX Runtime's log level
     (None: its default); ``profile_prefix``: turn on ONNX Runtime's profiler, files there.
+    ``native``: run BlindSightAttention nodes on the native CPU kernel
+    (:mod:`blindsight.native`): None when it is built and takes every node, True
+    required (an error says why not), False never (the function bodies).
+    The session's ``blindsight_attention`` attribute says which path runs.
     """
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
@@ -64,18 +69,64 @@ def make_session(
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    providers = resolve_provider(provider)
+    route = attention_route(model, provider, native)
+    if route.native:
+        from blindsight import native as native_kernel
+
+        native_kernel.register(opts)
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     data = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(data, opts, providers=resolve_provider(provider))
+    sess = ort.InferenceSession(data, opts, providers=providers)
+    sess.blindsight_attention = route.label
+    sess.blindsight_native = route.native
+    return sess
+
+
+def attention_route(model, provider: str = "cpu", native: bool | None = None):
+    """Which path a session over ``model`` runs its BlindSightAttention nodes on
+    (a :class:`blindsight.native.Plan`); ``native=True`` raises when it cannot be the kernel."""
+    from blindsight import native as native_kernel
+
+    if native is False:
+        return native_kernel.Plan(False, "native kernel off")
+    short = _SHORT.get(provider, provider)
+    if native is None and not native_kernel.available():
+        return native_kernel.Plan(False, "native kernel not built")
+    if native is None and short not in native_kernel.PROVIDERS:
+        return native_kernel.Plan(False, f"the native kernel runs on the CPU provider only, not {short!r}")
+    try:
+        graph = _graph_of(model)
+    except Exception as exc:  # a missing or corrupt model: ONNX Runtime's own error says so below
+        if native:
+            raise BlindSightError(f"the native kernel cannot read this model: {exc}") from None
+        return native_kernel.Plan(False, "model not readable")
+    plan = native_kernel.plan(graph, short)
+    if native and not plan.native and plan.reason != native_kernel.NO_NODE:  # (a graph without nodes needs no kernel)
+        raise BlindSightError(f"the native kernel cannot run this model: {plan.reason}")
+    return plan
+
+
+def _graph_of(model):
+    """An onnx ModelProto of a path, bytes or proto, without loading external weights."""
+    import onnx
+
+    if hasattr(model, "graph"):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(str(model), load_external_data=False)
 
 
 class CompiledSession:
     """An InferenceSession over a compiled model that takes spans as a separate argument."""
 
-    def __init__(self, path, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, path, provider: str = "cpu", threads: int | None = None, native: bool | None = None):
         self.path = Path(path)
-        self.session = make_session(path, provider=provider, threads=threads)
+        self.session = make_session(path, provider=provider, threads=threads, native=native)
+        #: which path runs the attention: "native kernel (...)" or "function bodies (...)"
+        self.attention = self.session.blindsight_attention
         self.input_names = [i.name for i in self.session.get_inputs()]
         if SPANS_INPUT not in self.input_names:
             raise BlindSightError(f"{path} has no '{SPANS_INPUT}' input: it is not a compiled BlindSight model")

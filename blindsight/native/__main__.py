@@ -1,0 +1,5 @@
+import sys
+
+from blindsight.native.build import main
+
+sys.exit(main())

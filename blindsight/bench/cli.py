@@ -137,9 +137,9 @@ def _op_level(sizes, cases, threads, repeats, memory, bar, explain=False, dtype=
             # one compiled session at a time beside the baseline: at 8K tokens a
             # GroupQueryAttention arena alone holds S x S scores per head (GBs)
             s = session(compiled_node(shape, c), threads, provider=provider, arena=arena)
-            runs = {"baseline": lambda: base.run(None, base_feeds), c: lambda s=s: s.run(None, feeds)}
+            runs = {"baseline": lambda base=base: base.run(None, base_feeds), c: lambda s=s: s.run(None, feeds)}
             if gqa is not None:
-                runs["causal_gqa"] = lambda: gqa.run(None, plain)
+                runs["causal_gqa"] = lambda gqa=gqa: gqa.run(None, plain)
             if native:  # the same node on the native kernel, in the same loop
                 sn = session(compiled_node(shape, c), threads, provider=provider, native=True, arena=arena)
                 runs["native"] = lambda sn=sn: sn.run(None, feeds)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from blindsight import families
 from blindsight.errors import BlindSightError
+from blindsight.staging import staged_dir
 from blindsight.attention import Delimiters
 from blindsight.families import FAMILIES
 

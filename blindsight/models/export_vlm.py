@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from blindsight import families
 from blindsight.errors import BlindSightError
 from blindsight.families import FAMILIES
+from blindsight.staging import staged_dir
 
 from .dtype import DTYPE_NAMES, check_dtype, torch_dtype
 from .export import _text_config
@@ -197,10 +196,7 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
     template = build_template(family, config, model_dir)
     template["dtype"] = DTYPE_NAMES[dtype]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    bar = tqdm(total=5, desc="bs-export", unit="step", disable=not progress)
-    try:
+    with staged_dir(out_dir) as tmp, tqdm(total=5, desc="bs-export", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("loading weights")
         model = load_vlm(family, model_dir, dtype)
         bar.update()
@@ -221,14 +217,6 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
         template["processor_files"] = copy_processor_files(model_dir, tmp)
         (tmp / "template.json").write_text(json.dumps(template, indent=2) + "\n")
         bar.update()
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
     return ExportResult(out_dir, template)
 
 

@@ -93,7 +93,8 @@ def write_random_checkpoint(name: str, out_dir, *, dtype: str = "fp16", seed: in
     with torch.device("meta"):
         model = model_class._from_config(config, dtype=tdtype)
     # shared tensors (tied embeddings) once, under their first name, as save_pretrained keeps them
-    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in model.state_dict()]
+    saved = model.state_dict().keys()
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in saved]
     out = Path(out_dir)
     with staged_dir(out) as tmp:
         torch.manual_seed(seed)
@@ -172,9 +173,7 @@ def _twin_buffers(family: str, config, model_class, dtype) -> dict:
     if vision is not None and hasattr(vision, "fullatt_block_indexes"):
         vision.fullatt_block_indexes = [0]
     model = model_class._from_config(twin, dtype=dtype).eval()
-    wrapper = language_model_with_cache(family, model)
-    persistent = set(wrapper.state_dict())
-    return {n: b.detach() for n, b in wrapper.named_buffers() if n not in persistent or "inv_freq" in n or "embed_scale" in n}
+    return {n: b.detach() for n, b in language_model_with_cache(family, model).named_buffers()}
 
 
 def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16", seed: int = 0, overrides: dict | None = None,

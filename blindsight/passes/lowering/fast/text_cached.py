@@ -33,8 +33,8 @@ def build_text_cached(cfg: AttentionConfig, opset: int = OPSET):
     if cfg.qkv_format == "BNSH":
         sq = b.op("Shape", "query", start=2, end=3)
         qg = b.op("Reshape", "query", b.concat(b.i64(0, kv, -1), b.op("Shape", "query", start=3)))  # [B, kv, g*Sq, D]
-        k, v = "key", "value"
-        kt = b.op("Transpose", k, perm=[0, 1, 3, 2])
+        v = "value"
+        kt = b.op("Transpose", "key", perm=[0, 1, 3, 2])
     else:
         sq = b.op("Shape", "query", start=1, end=2)
         q5 = b.op("Reshape", "query", b.i64(0, 0, kv, g, -1))  # [B, Sq, kv, g, D]
@@ -55,9 +55,10 @@ def build_text_cached(cfg: AttentionConfig, opset: int = OPSET):
         model = keep_mask(b, cfg, "attn_mask")  # [Bm, 1, Sq, Skv]
         keep = model if keep is None else b.op("And", keep, model)
 
-    # [B, kv, g, Sq, Skv]: the mask broadcasts over the heads of a group
-    five = b.concat(b.op("Shape", scores, start=0, end=2), b.i64(g), sq, b.op("Shape", scores, start=3))
-    s5 = b.op("Reshape", scores, five)
+    def per_head(x):  # [B, kv, g*Sq, n] -> [B, kv, g, Sq, n]: the mask broadcasts over the heads of a group
+        return b.op("Reshape", x, b.concat(b.op("Shape", x, start=0, end=2), b.i64(g), sq, b.op("Shape", x, start=3)))
+
+    s5 = per_head(scores)
     if cfg.mask_type == "float":
         s5 = b.op("Add", s5, b.unsqueeze("attn_mask", 1))
     if keep is not None:
@@ -67,8 +68,7 @@ def build_text_cached(cfg: AttentionConfig, opset: int = OPSET):
     if keep is not None:
         # a row with no key (padding, or a window past every key) outputs zeros, as in the reference
         has_key = b.op("ReduceMax", b.cast(keep, cfg.elem_type), b.i64(-1), keepdims=1)  # [Bm|1, 1, Sq, 1]
-        out5 = b.op("Reshape", out, b.concat(b.op("Shape", out, start=0, end=2), b.i64(g), sq, b.op("Shape", out, start=3)))
-        out = b.op("Reshape", b.op("Mul", out5, b.unsqueeze(has_key, 1)), b.op("Shape", out))
+        out = b.op("Reshape", b.op("Mul", per_head(out), b.unsqueeze(has_key, 1)), b.op("Shape", out))
     if cfg.qkv_format == "BNSH":
         out = b.op("Reshape", out, b.concat(b.i64(0, H), sq, b.op("Shape", out, start=3)))
     else:

@@ -298,6 +298,7 @@ def _plot(record: dict, path: Path) -> None:
 
 def bench_main(argv=None) -> int:
     from blindsight.bench.op import CATEGORY_CASES
+    from blindsight.models.fullsize import FULL_SIZE
 
     p = argparse.ArgumentParser(
         prog="bs-bench",
@@ -308,9 +309,16 @@ def bench_main(argv=None) -> int:
         "efficiency (speed-up / bound) beside every speed-up; peak memory from a fresh process per variant.",
     )
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run in under 2 minutes")
-    p.add_argument("--level", choices=("op", "prefill", "decode", "all"), default="all",
+    p.add_argument("--level", choices=("op", "prefill", "decode", "model", "all"), default="all",
                    help="op: single nodes; prefill: a language model's prefill; decode: one token after a multi-image "
-                   "KV cache, compiled vs raw export; all (default): the three")
+                   "KV cache, compiled vs raw export; model: a whole full-size language model (--model-config), time to "
+                   "first token and decode; all (default): op, prefill and decode")
+    p.add_argument("--model-config", default="qwen2-vl-2b", choices=FULL_SIZE,
+                   help="model level: the full-size configuration, random weights (default qwen2-vl-2b); its export is "
+                   "cached in --work-dir (6 GB for qwen2-vl-2b in fp32)")
+    p.add_argument("--model-images", type=int, default=4, help="model level: images in the prompt (default 4)")
+    p.add_argument("--model-image-len", type=int, default=1024, help="model level: tokens per image (default 1024)")
+    p.add_argument("--decode-repeats", type=int, default=10, help="model level: timed decode steps per graph (default 10)")
     p.add_argument("--contexts", help="decode level: cached context lengths, comma-separated (default 1024,8192; quick 256)")
     p.add_argument("--cases", default=",".join(CATEGORY_CASES), help="op-level categories, comma-separated ('mixed': a mixed layer)")
     p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: SPEC §6's three)")
@@ -376,8 +384,18 @@ def bench_main(argv=None) -> int:
         # --image-blocks at the default level runs the op level only
         do_op, do_prefill = args.level in ("op", "all"), args.level == "prefill" or (args.level == "all" and not args.image_blocks)
         do_decode = args.level == "decode" or (args.level == "all" and not args.image_blocks)
+        do_model = args.level == "model"
+        if do_model:
+            if args.image_blocks:
+                raise BlindSightError("--image-blocks is an op-level option (the model level runs the model's own mask); pass --level op")
+            if args.model_images < 1 or args.model_image_len < 1 or args.decode_repeats < 1:
+                raise BlindSightError("--model-images, --model-image-len and --decode-repeats must be >= 1")
+            from blindsight.bench.model import ModelCase
+
+            model_case = ModelCase(args.model_config, args.model_images, args.model_image_len, args.dtype)
+            model_repeats = args.repeats or (2 if args.quick else 3)
         if args.merge:
-            do_op = do_prefill = do_decode = False
+            do_op = do_prefill = do_decode = do_model = False
         if args.image_blocks and args.level == "decode":
             raise BlindSightError("--image-blocks is an op-level option (decode steps are text, dense); pass --level op")
         from blindsight.bench.decode import DecodeCase, context_template
@@ -392,12 +410,12 @@ def bench_main(argv=None) -> int:
         decode_case = DecodeCase(num_layers=case.num_layers)
         if args.image_blocks and args.level == "prefill":
             raise BlindSightError("--image-blocks is an op-level option (the prefill model is Qwen2-VL-sized, causal); pass --level op")
-        if (do_prefill or do_decode) and not args.merge:
+        if (do_prefill or do_decode or do_model) and not args.merge:
             try:
                 import torch  # noqa: F401
                 import transformers  # noqa: F401
             except ImportError:
-                raise BlindSightError("the prefill and decode levels export a model with torch; install the export extra (pip install -e '.[export]') or pass --level op") from None
+                raise BlindSightError("the prefill, decode and model levels export a model with torch; install the export extra (pip install -e '.[export]') or pass --level op") from None
         from tqdm import tqdm
 
         memory = not args.no_memory
@@ -412,6 +430,8 @@ def bench_main(argv=None) -> int:
             total += 1 + (10 if native else 6) * repeats + (3 if memory else 0)
         if do_decode:
             total += 1 + 2 * repeats * len(contexts)
+        if do_model:
+            total += 1 + 3 * model_repeats + 2 * args.decode_repeats + (3 if memory else 0)
         record = {"machine": _machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,
                   "dtype": dtype, "provider": args.provider,
                   "native": native_kernel.summary() if native else None}
@@ -425,7 +445,8 @@ def bench_main(argv=None) -> int:
             # op rows of several runs (e.g. causal and --image-blocks) add up; the rest is the last run's
             rows = record.get("op", []) + list(part.get("op") or [])
             record.update({k: v for k, v in part.items()
-                           if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "native", "prefill", "decode")})
+                           if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "native", "prefill", "decode",
+                                    "model")})
             if rows:
                 record["op"] = rows
         with tqdm(total=total, desc="bs-bench", file=sys.stderr, disable=None) as bar:
@@ -436,6 +457,11 @@ def bench_main(argv=None) -> int:
                 record["prefill"] = _prefill_level(case, args.threads, repeats, memory, Path(args.work_dir), bar, args.provider, native)
             if do_decode:
                 record["decode"] = _decode_level(decode_case, contexts, args.threads, repeats, Path(args.work_dir), bar, args.provider)
+            if do_model:
+                from blindsight.bench import model as model_level
+
+                record["model"] = model_level.run(model_case, Path(args.work_dir), args.threads, model_repeats, args.decode_repeats,
+                                                  args.provider, native=True if native else False, memory=memory, progress=bar)
         if args.plot and record.get("op"):
             _plot(record, Path(args.plot))
         if args.markdown:
@@ -522,6 +548,10 @@ def render(record: dict) -> str:
         rows = [[r["context"], f"{1000 * r['raw_s']:.1f}", f"{1000 * r['compiled_s']:.1f}", f"{r['raw_tokens_per_s']:.1f}",
                  f"{r['compiled_tokens_per_s']:.1f}", f"{r['ratio']:.2f}x"] for r in dec]
         parts.append(fmt_table(["context", "raw ms", "compiled ms", "raw tok/s", "compiled tok/s", "compiled vs raw"], rows))
+    if record.get("model"):
+        from blindsight.bench.model import render as render_model
+
+        parts.append(render_model(record["model"]))
     return "\n".join(parts)
 
 

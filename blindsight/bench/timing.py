@@ -16,11 +16,13 @@ import onnxruntime as ort
 from blindsight.runtime.session import make_session
 
 
-def session(model, threads: int, provider: str = "cpu", arena: bool = True, native: bool = False) -> ort.InferenceSession:
+def session(model, threads: int, provider: str = "cpu", arena: bool = True, native: bool = False,
+            config: dict[str, str] | None = None) -> ort.InferenceSession:
     """The benchmarks' session: ``threads`` intra-op threads, one inter-op thread, errors-only log;
-    BlindSightAttention on its function bodies unless ``native`` (the native kernel, required)."""
+    BlindSightAttention on its function bodies unless ``native`` (the native kernel, required);
+    ``config``: session configuration entries."""
     return make_session(model, provider=provider, threads=threads, inter_threads=1, arena=arena, log_severity=3,
-                        native=native)
+                        native=native, config=config)
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict[str, float]:

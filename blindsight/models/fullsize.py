@@ -176,6 +176,34 @@ def _twin_buffers(family: str, config, model_class, dtype) -> dict:
     return {n: b.detach() for n, b in language_model_with_cache(family, model).named_buffers()}
 
 
+def _fold_weight_transposes(graph) -> dict:
+    """Replace every ``Transpose(initializer)`` whose initializer has no other use
+    by a new initializer of the transposed shape (its data is written later):
+    ``{new name: (source initializer name, perm)}``."""
+    import onnx_ir as ir
+
+    out = {}
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or not src.is_initializer() or len(src.uses()) != 1 or src.shape is None:
+            continue
+        dims = list(src.shape.numpy())
+        perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else list(reversed(range(len(dims))))
+        folded = node.outputs[0]
+        if folded.is_graph_output():
+            continue
+        new = ir.Value(name=f"{src.name}.T" if src.name + ".T" not in graph.initializers else f"{folded.name}.weight",
+                       shape=ir.Shape([dims[i] for i in perm]), type=src.type)
+        graph.initializers.add(new)  # its data is drawn and written with the others
+        folded.replace_all_uses_with(new)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(src.name)
+        out[new.name] = (src.name, list(perm))
+    return out
+
+
 def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16", seed: int = 0, overrides: dict | None = None,
                                     progress: bool = True, weights=None) -> Path:
     """The KV-cache language model of full-size ``name`` (the graph bs-export
@@ -183,10 +211,11 @@ def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16",
     the meta device, every initializer then drawn at random (``weights(name) ->
     ndarray`` replaces the draw, e.g. a real model's state dict in tests) and
     streamed into one external-data file (``weights(name)`` returning None falls
-back to the draw), buffers computed for real. Weights are
-    not constant-folded (bs-export folds their Transposes into the initializers;
-    here ONNX Runtime does it at load), so the graph has those extra Transpose
-    nodes and otherwise the export's structure.
+    back to the draw), buffers computed for real. A weight read only through a
+    Transpose (every Linear's MatMul) is written transposed and the Transpose
+    dropped, as bs-export's constant folding does: ONNX Runtime would otherwise
+    fold it at load into a private in-memory copy, where an untouched external
+    initializer stays a read-only file mapping that sessions share.
 
     For checkpoints whose export does not fit in memory (7B in 24 GB)."""
     import numpy as np
@@ -213,6 +242,7 @@ back to the draw), buffers computed for real. Weights are
     data_name = out.name + ".data"
     tmp_model, tmp_data = out.with_name(f".{out.name}.tmp"), out.with_name(f".{data_name}.tmp")
     inits = program.model.graph.initializers
+    transposed = _fold_weight_transposes(program.model.graph)
     external = set()
     torch.manual_seed(seed)
     try:
@@ -222,13 +252,16 @@ back to the draw), buffers computed for real. Weights are
                                                disable=not progress) as bar:
             for key, value in inits.items():
                 shape = tuple(value.shape.numpy())
-                given = weights(key) if weights is not None else None
+                source, perm = transposed.get(key, (key, None))
+                source_shape = shape if perm is None else tuple(shape[perm.index(i)] for i in range(len(shape)))
+                given = weights(source) if weights is not None else None
                 if given is not None:
-                    arr = np.ascontiguousarray(given)
-                elif key in buffers:
-                    arr = buffers[key].numpy()
+                    arr = np.asarray(given)
+                elif source in buffers:
+                    arr = buffers[source].numpy()
                 else:
-                    arr = _fill(key, shape, family, tdtype).numpy()
+                    arr = _fill(source, source_shape, family, tdtype).numpy()
+                arr = np.ascontiguousarray(arr if perm is None else arr.transpose(perm))
                 if tuple(arr.shape) != shape:
                     raise ValueError(f"initializer {key}: drawn shape {arr.shape}, graph shape {shape}")
                 bar.update(arr.size)

@@ -47,6 +47,7 @@ def make_session(
     log_severity: int | None = None,
     profile_prefix: str | None = None,
     native: bool | None = None,
+    config: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession over ``model`` (a path, serialized bytes or an onnx.ModelProto).
 
@@ -56,9 +57,12 @@ def make_session(
     ``native``: run BlindSightAttention nodes on the native CPU kernel
     (:mod:`blindsight.native`): None when it is built and takes every node, True
     required (an error says why not), False never (the function bodies).
+    ``config``: session configuration entries (e.g. ``session.disable_prepacking``).
     The session's ``blindsight_attention`` attribute says which path runs.
     """
     opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads

@@ -1,0 +1,224 @@
+"""Model-level benchmark: the whole KV-cache language model of a full-size
+configuration (:mod:`blindsight.models.fullsize`, random weights), raw export
+vs compiled all-dense vs compiled with the profile mix. Time to first token is
+one prefill of a multi-image prompt (empty cache); decode is one token after
+that context (SPEC §6: interleaved, medians).
+
+Unlike the prefill level nothing is cut: every layer, the real vocabulary (the
+graph computes logits at every prompt position, as bs-export writes it; the
+FLOP accounting counts them).
+
+The three graphs share one external-data file (bs-compile keeps the export's
+references). Their sessions run without MatMul pre-packing, so ONNX Runtime
+leaves the weights in the file mapping, which the three share, instead of a
+packed private copy each: a 2B model in fp32 is 6 GB once, not three times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from blindsight.attention.schema import SHORT_DTYPES
+from blindsight.attention.spans import token_type_ids
+from blindsight.flops import Template, count_flops, model_dims
+from blindsight.profile import Profile
+
+#: session configuration of every variant (see the module docstring)
+SESSION_CONFIG = {"session.disable_prepacking": "1"}
+#: the warm-up prompt: every kernel runs once before the timed prefills
+WARMUP = Template(1, 16)
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    config: str = "qwen2-vl-2b"  # a full-size configuration (blindsight.models.fullsize.FULL_SIZE)
+    num_images: int = 4
+    image_len: int = 1024
+    dtype: str = "fp32"  # bs-export's names
+    overrides: dict | None = field(default=None, hash=False)  # shrinks the configuration (tests)
+
+    @property
+    def template(self) -> Template:
+        return Template(self.num_images, self.image_len)
+
+    def transformers_config(self):
+        from blindsight.models.fullsize import full_config
+
+        return full_config(self.config, self.overrides)[0]
+
+    def dims(self):
+        return replace(model_dims(self.transformers_config()), name=self.config + (" (shrunk)" if self.overrides else ""))
+
+    def key(self) -> str:
+        tag = "" if not self.overrides else "_" + hashlib.sha256(json.dumps(self.overrides, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.config}{tag}_{self.dtype}_kv"
+
+
+def layers_of(dims, name: str) -> list[list[str]]:
+    from blindsight.bench.prefill import profile_mix
+
+    return [["dense"] * dims.num_heads for _ in range(dims.num_layers)] if name == "dense" else profile_mix(dims)
+
+
+def build(case: ModelCase, work_dir: Path, progress: bool = True) -> dict[str, Path]:
+    """The structure export (cached in work_dir) and its compiles: {"raw", "dense", "mix"} -> paths."""
+    from blindsight.compiler.pipeline import compile_model
+    from blindsight.models.fullsize import export_language_model_structure
+
+    dims = case.dims()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    raw = work_dir / f"{case.key()}.onnx"
+    if not raw.is_file():
+        export_language_model_structure(case.config, raw, dtype=case.dtype, overrides=case.overrides, progress=progress)
+    paths = {"raw": raw}
+    for name in ("dense", "mix"):
+        out = work_dir / f"{case.key()}.{name}.onnx"
+        compile_model(raw, Profile(layers_of(dims, name), num_kv_heads=dims.num_kv_heads), out, "fast")
+        paths[name] = out
+    return paths
+
+
+def _inputs(sess, t: Template, dims, dtype, past: int, seed: int) -> dict[str, np.ndarray]:
+    """Feeds of ``sess`` for the prompt ``t``: its whole prefill (``past`` 0) or
+    one token after it (``past`` = t.seq_len, a random cache)."""
+    rng = np.random.default_rng(seed)
+    np_dtype = SHORT_DTYPES[dtype]
+    S = t.seq_len
+    new = S if past == 0 else 1
+    spans = t.spans
+    out = {}
+    for i in sess.get_inputs():
+        if i.name == "inputs_embeds":
+            out[i.name] = rng.standard_normal((1, new, dims.hidden_size), dtype=np.float32).astype(np_dtype)
+        elif i.name == "position_ids":
+            pos = np.arange(past, past + new, dtype=np.int64)[None]
+            out[i.name] = np.broadcast_to(pos, (3, 1, new)).copy() if len(i.shape) == 3 else pos
+        elif i.name == "attention_mask":
+            out[i.name] = np.ones((1, past + new), dtype=np.int64)
+        elif i.name == "token_type_ids":  # Gemma 3: the soft tokens (span interiors, SPEC §2) of the new positions
+            out[i.name] = token_type_ids(spans, S + 1)[None, past:past + new]
+        elif i.name == "image_spans":
+            out[i.name] = spans
+        elif i.name.startswith("past_key_values."):
+            out[i.name] = rng.standard_normal((1, dims.num_kv_heads, past, dims.head_dim), dtype=np.float32).astype(np_dtype)
+        else:
+            raise ValueError(f"the model-level benchmark does not know how to feed input {i.name!r}")
+    return out
+
+
+def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, decode_repeats: int = 10,
+        provider: str = "cpu", native: bool | None = None, memory: bool = True, progress=None) -> dict:
+    """Time to first token and decode of the three graphs; the record bs-bench reports."""
+    import gc
+
+    from blindsight.bench.timing import interleaved, measure_in_child, peak_rss_mb, session
+
+    def tick(n=1):
+        if progress is not None:
+            progress.update(n)
+
+    dims, t = case.dims(), case.template
+    paths = build(case, work_dir, progress=progress is not None and not progress.disable)
+    tick()
+    sessions = {k: session(p, threads, provider, arena=False, native=False if k == "raw" else native,
+                           config=SESSION_CONFIG) for k, p in paths.items()}
+    route = sessions["mix"].blindsight_attention
+    # warm-up on a short prompt, which doubles as the check that the timed graphs agree
+    warm = {k: s.run(["logits"], _inputs(s, WARMUP, dims, case.dtype, 0, seed=1))[0].astype(np.float64)
+            for k, s in sessions.items()}
+    dense_vs_raw = float(np.abs(warm["dense"] - warm["raw"]).max())
+    prefill = {k: _inputs(s, t, dims, case.dtype, 0, seed=0) for k, s in sessions.items()}
+    ttft = interleaved({k: (lambda s=s, f=prefill[k]: s.run(["logits"], f)) for k, s in sessions.items()}, repeats,
+                       warmup=0, progress=progress)
+    del prefill
+    gc.collect()
+    step = {k: _inputs(sessions[k], t, dims, case.dtype, t.seq_len, seed=2) for k in ("raw", "mix")}
+    decode = interleaved({k: (lambda s=sessions[k], f=step[k]: s.run(None, f)) for k in ("raw", "mix")}, decode_repeats,
+                         progress=progress)
+    process_peak = peak_rss_mb()
+    del sessions, step
+    gc.collect()
+    mem = {}
+    if memory:
+        for k, p in paths.items():
+            mem[k] = measure_in_child("blindsight.bench.model", {"case": _case_args(case), "path": str(p), "threads": threads,
+                                                                 "provider": provider, "native": native, "raw": k == "raw"})["peak_rss_mb"]
+            tick()
+    fl = count_flops(dims, layers_of(dims, "mix"), t.spans, t.seq_len, logit_positions=t.seq_len).to_dict()
+    speedup = ttft["dense"] / ttft["mix"]
+    return {
+        "model": dims.name, "num_layers": dims.num_layers, "vocab_size": dims.vocab_size, "dtype": SHORT_DTYPES[case.dtype],
+        "provider": provider, "N": case.num_images, "L": case.image_len, "seq_len": t.seq_len,
+        "attention": route, "weights_bytes": _external_bytes(paths["raw"]),
+        "ttft_s": ttft, "speedup": speedup, "flop_bound": fl["prefill_bound"], "efficiency": speedup / fl["prefill_bound"],
+        "vs_raw_export": ttft["raw"] / ttft["mix"], "dense_vs_raw_export": ttft["raw"] / ttft["dense"],
+        "attention_flop_bound": fl["attention_bound"], "dense_vs_raw_max_abs_logit_diff": dense_vs_raw,
+        "decode_s": decode, "raw_tokens_per_s": 1 / decode["raw"], "compiled_tokens_per_s": 1 / decode["mix"],
+        "decode_ratio": decode["raw"] / decode["mix"],
+        "peak_rss_mb": mem or None, "process_peak_rss_mb": process_peak,
+        "session_config": SESSION_CONFIG, "repeats": repeats, "decode_repeats": decode_repeats,
+    }
+
+
+def _external_bytes(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return sum((path.parent / f).stat().st_size for f in files)
+
+
+def _case_args(case: ModelCase) -> dict:
+    return {"config": case.config, "num_images": case.num_images, "image_len": case.image_len, "dtype": case.dtype,
+            "overrides": case.overrides}
+
+
+def render(rec: dict) -> str:
+    from blindsight.tables import fmt_table
+
+    mem = rec.get("peak_rss_mb") or {}
+    t = rec["ttft_s"]
+
+    def mb(k):
+        return f"{mem[k]:.0f}" if k in mem else ""
+
+    rows = [["raw export", f"{t['raw']:.2f}", "", "", "", mb("raw")],
+            ["compiled all-dense", f"{t['dense']:.2f}", f"{rec['dense_vs_raw_export']:.2f}x vs raw", "", "", mb("dense")],
+            ["compiled profile mix", f"{t['mix']:.2f}", f"{rec['speedup']:.2f}x vs dense", f"{rec['flop_bound']:.2f}x",
+             f"{rec['efficiency']:.2f}", mb("mix")]]
+    d = rec["decode_s"]
+    head = (f"\nmodel level: {rec['model']} ({rec['num_layers']} layers, vocab {rec['vocab_size']}, {rec['dtype']}, "
+            f"{rec['weights_bytes'] / 2**30:.1f} GiB of weights), {rec['N']} images x {rec['L']} tokens = {rec['seq_len']} tokens; "
+            f"attention on {rec['attention']}; time to first token (mix vs raw export: {rec['vs_raw_export']:.2f}x; "
+            f"attention FLOP bound {rec['attention_flop_bound']:.2f}x; all-dense vs raw logits max |diff| "
+            f"{rec['dense_vs_raw_max_abs_logit_diff']:.1e})")
+    dec = fmt_table(["graph", "ms per token", "tokens/s", "vs raw"],
+                    [["raw export", f"{1000 * d['raw']:.1f}", f"{rec['raw_tokens_per_s']:.2f}", ""],
+                     ["compiled profile mix", f"{1000 * d['mix']:.1f}", f"{rec['compiled_tokens_per_s']:.2f}", f"{rec['decode_ratio']:.2f}x"]])
+    return "\n".join([head, fmt_table(["graph", "TTFT s", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows),
+                      f"\ndecode: one token after the {rec['seq_len']}-token prompt (medians of {rec['decode_repeats']})", dec])
+
+
+def _child() -> None:
+    """Peak RSS of one variant's prefill in a fresh process (timing.measure_in_child)."""
+    import sys
+
+    from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
+
+    args = json.loads(sys.stdin.read())
+    case = ModelCase(**args["case"])
+    native = False if args["raw"] else args["native"]
+    sess = session(args["path"], args["threads"], args["provider"], arena=False, native=native, config=SESSION_CONFIG)
+    feeds = _inputs(sess, case.template, case.dims(), case.dtype, 0, seed=0)
+    reset_peak_rss()
+    sess.run(["logits"], feeds)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    _child()

@@ -1,0 +1,74 @@
+"""bs-bench --level model (issue 13): the whole KV-cache language model of a
+full-size configuration, timed raw vs compiled all-dense vs compiled with the
+profile mix. Shrunk here (the same code path as the full-size runs); timings
+are not checked, what was timed is."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+# Qwen2-VL-2B's configuration, 2 layers and small widths (M-RoPE sections resized to head_dim 32)
+SMALL = {"text_config": {"num_hidden_layers": 2, "vocab_size": 700, "hidden_size": 128, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "intermediate_size": 96,
+                         "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
+         "vision_config": {"depth": 1, "hidden_size": 128, "embed_dim": 32, "num_heads": 2}}
+
+
+def test_model_level_times_one_model_three_ways(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from blindsight.bench.model import ModelCase, render, run
+    from blindsight.flops import Template
+
+    case = ModelCase("qwen2-vl-2b", 2, 24, "fp32", SMALL)
+    rec = run(case, tmp_path, threads=1, repeats=1, decode_repeats=2, native=False, memory=True)
+    t = Template(2, 24)
+    assert (rec["seq_len"], rec["num_layers"], rec["vocab_size"]) == (t.seq_len, 2, 700)
+    assert set(rec["ttft_s"]) == {"raw", "dense", "mix"} and set(rec["decode_s"]) == {"raw", "mix"}
+    assert rec["speedup"] == pytest.approx(rec["ttft_s"]["dense"] / rec["ttft_s"]["mix"])
+    assert rec["decode_ratio"] == pytest.approx(rec["decode_s"]["raw"] / rec["decode_s"]["mix"])
+    assert rec["attention"] == "function bodies (native kernel off)"
+    assert set(rec["peak_rss_mb"]) == {"raw", "dense", "mix"} and rec["flop_bound"] > 1
+    json.dumps(rec)
+    assert "model level: qwen2-vl-2b (shrunk)" in render(rec)
+
+    # the three graphs read one external-data file: the compiles kept the export's references
+    files = sorted(p.name for p in tmp_path.iterdir())
+    data = [f for f in files if f.endswith(".data")]
+    assert len(data) == 1 and rec["weights_bytes"] == (tmp_path / data[0]).stat().st_size
+    graphs = {v: tmp_path / f"{case.key()}{v}.onnx" for v in ("", ".dense", ".mix")}
+    for g in graphs.values():
+        proto = onnx.load(str(g), load_external_data=False)
+        assert {e.value for i in proto.graph.initializer for e in i.external_data if e.key == "location"} == set(data)
+
+    # what was timed is the same model: all-dense == raw, the mix is the profile (not the raw graph)
+    S, rng = t.seq_len, np.random.default_rng(0)
+    feeds = {"inputs_embeds": rng.standard_normal((1, S, 128), dtype=np.float32),
+             "position_ids": np.broadcast_to(np.arange(S), (3, 1, S)).copy(), "attention_mask": np.ones((1, S), np.int64),
+             **{f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")}}
+    logits = {}
+    for v, g in graphs.items():
+        s = ort.InferenceSession(str(g))
+        extra = {"image_spans": t.spans} if v else {}
+        logits[v] = s.run(["logits"], {**feeds, **extra})[0]
+    assert np.abs(logits[""]).max() > 0.1
+    np.testing.assert_allclose(logits[".dense"], logits[""], atol=1e-5)
+    assert rec["dense_vs_raw_max_abs_logit_diff"] < 1e-5
+    assert np.abs(logits[".mix"] - logits[""]).max() > 1e-4
+
+
+def test_model_level_bad_input_is_one_line():
+    import subprocess
+    import sys
+
+    code = "import sys; from blindsight.bench.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))"
+    for args, msg in ((["--model-images", "0"], "--model-images"), (["--image-blocks"], "op-level option"),
+                      (["--model-config", "qwen2-vl-72b"], "invalid choice")):
+        r = subprocess.run([sys.executable, "-c", code, "--level", "model", *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -125,11 +125,39 @@ def vlm_path(args, out: Path, table: Table, record: dict):
               "", same_sparse)
     table.add(part, "time to first token, compiled (ms)", 1000 * a["fast"].ttft_s,
               f"{a['fast'].tokens_per_s:.0f} tokens/s decoding; answer tokens {a['fast'].token_ids} (random weights)")
+    ttft = tiny_ttft(exp, paths, prompt, args)
+    body = ttft["export"] / ttft["fast_bodies"]
+    slower = "SLOWER: at 4 heads of 16 the per-node fixed costs outweigh the work saved; " if ttft["ratio"] < 1 else ""
+    table.add(part, "time to first token, compiled mix vs dense export", f"{ttft['ratio']:.2f}x",
+              f"{slower}compiled on {ttft['attention']}; on the function bodies {body:.2f}x; "
+              f"medians of {args.repeats}, whole pipeline (vision, embedding, prefill)")
+    record["vlm_ttft"] = ttft
     record["vlm"] = {"template": {k: template[k] for k in ("family", "num_layers", "num_heads", "num_kv_heads")},
                      "answers": {k: v.to_dict() for k, v in answers.items()},
                      "parity_dense": same_dense, "parity_sparse": same_sparse,
                      "profile_counts": profile.counts()}
     return template, paths, profile, same_dense and same_sparse
+
+
+def tiny_ttft(exp: Path, paths: dict, prompt: str, args) -> dict:
+    """Median time to first token of the tiny VLM's pipeline: the dense export, the
+    compiled mix on its default route (the native kernel when built) and on its
+    function bodies, interleaved after a warm-up round."""
+    from blindsight.runtime.pipeline import Pipeline
+
+    pipes = {"export": Pipeline(exp, compiled=paths["export"], threads=args.threads),
+             "fast": Pipeline(exp, compiled=paths["fast"], threads=args.threads),
+             "fast_bodies": Pipeline(exp, compiled=paths["fast"], threads=args.threads, native=False)}
+    images = _images(3)
+    times = {k: [] for k in pipes}
+    for rep in range(args.repeats + 1):
+        for k, pipe in pipes.items():
+            t = pipe.generate(images, prompt, 1).ttft_s
+            if rep:
+                times[k].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_s": med, "ratio": med["export"] / med["fast"], "export": med["export"], "fast": med["fast"],
+            "fast_bodies": med["fast_bodies"], "attention": pipes["fast"].attention}
 
 
 def time_prefills(paths: dict, feeds: dict, repeats: int, threads: int) -> dict:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from blindsight.flops import Template
 from blindsight.profile import load, mixed_layer
@@ -27,6 +28,12 @@ def test_bs_demo_runs_the_flow_and_reports_parity(tmp_path):
     assert answers["fast"]["token_ids"] == answers["reference"]["token_ids"]
     assert len(answers["fast"]["image_spans"]) == 3
     assert rec["real_weights"] == {"skipped": "--no-real-weights"}
+    # the tiny VLM's time to first token: the compiled mix on the kernel (when built) and on its function bodies
+    from blindsight import native
+
+    ttft = rec["vlm_ttft"]
+    assert ttft["attention"].startswith("native kernel" if native.available() else "function bodies")
+    assert ttft["ratio"] == pytest.approx(ttft["export"] / ttft["fast"]) and ttft["fast_bodies"] > 0
     assert load(out / "export" / "profile.json").num_layers == 2
     # the timing runs on Qwen2-VL-2B's attention dimensions (12 query / 2 KV heads of 128), not the tiny VLM's
     speed = rec["speed_qwen2_vl_2b_dims"]

@@ -64,7 +64,7 @@ def _check(args):
         raise BlindSightError(
             f"bs-eval runs the exportable built-in weights (gemma3-270m); got {args.model!r}"
         )
-    dims = model_dims(pretrained.hf_dir(args.model))
+    dims = model_dims(pretrained.config(args.model))  # no weights converted before the profile is known to fit
     if (prof.num_layers, prof.num_heads) != (dims.num_layers, dims.num_heads):
         raise BlindSightError(
             f"profile {args.profile} has {prof.num_layers} layers x {prof.num_heads} heads; {args.model} has "

@@ -113,6 +113,18 @@ def hf_dir(name: str, cache: Path | None = None) -> Path:
     return out
 
 
+def config(name: str, cache: Path | None = None):
+    """The transformers config of a short name, read without converting its weights
+    (from the converted directory when it exists, else from the GGUF metadata)."""
+    from transformers import AutoConfig
+
+    out = (cache or cache_root()) / f"{name}-f32"
+    if (out / "config.json").is_file():
+        return AutoConfig.from_pretrained(out, local_files_only=True)
+    gguf = gguf_path(name)
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """A causal LM ready for calibration or evaluation, with how to build its prompts."""

@@ -146,7 +146,7 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
     mem = {}
     if memory:
         for k, p in paths.items():
-            mem[k] = measure_in_child("blindsight.bench.model", {"case": _case_args(case), "path": str(p), "threads": threads,
+            mem[k] = measure_in_child("blindsight.bench.model", {"case": vars(case), "path": str(p), "threads": threads,
                                                                  "provider": provider, "native": native, "raw": k == "raw"})["peak_rss_mb"]
             tick()
     fl = count_flops(dims, layers_of(dims, "mix"), t.spans, t.seq_len, logit_positions=t.seq_len).to_dict()
@@ -171,11 +171,6 @@ def _external_bytes(path: Path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
     return sum((path.parent / f).stat().st_size for f in files)
-
-
-def _case_args(case: ModelCase) -> dict:
-    return {"config": case.config, "num_images": case.num_images, "image_len": case.image_len, "dtype": case.dtype,
-            "overrides": case.overrides}
 
 
 def render(rec: dict) -> str:

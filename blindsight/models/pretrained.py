@@ -92,9 +92,13 @@ def gguf_path(name: str) -> Path:
     return Path(importlib.import_module(p.package).assemble())
 
 
+def _f32_dir(name: str, cache: Path | None) -> Path:
+    return (cache or cache_root()) / f"{name}-f32"
+
+
 def hf_dir(name: str, cache: Path | None = None) -> Path:
     """A float32 Hugging Face directory (config, safetensors, tokenizer) of a short name, made once."""
-    out = (cache or cache_root()) / f"{name}-f32"
+    out = _f32_dir(name, cache)
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,7 +122,7 @@ def config(name: str, cache: Path | None = None):
     (from the converted directory when it exists, else from the GGUF metadata)."""
     from transformers import AutoConfig
 
-    out = (cache or cache_root()) / f"{name}-f32"
+    out = _f32_dir(name, cache)
     if (out / "config.json").is_file():
         return AutoConfig.from_pretrained(out, local_files_only=True)
     gguf = gguf_path(name)

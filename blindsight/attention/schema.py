@@ -217,8 +217,8 @@ class AttentionConfig:
         elif tuple(int(b) for b in stored) != cfg.key_clauses:
             bad = next(h for h in range(max(len(stored), cfg.num_heads))
                        if h >= len(stored) or h >= cfg.num_heads or int(stored[h]) != cfg.key_clauses[h])
-            said = f"{int(stored[bad])} ({', '.join(clause_names(int(stored[bad]))) or 'none'})" if bad < len(stored) else "nothing"
-            want = f"{cfg.key_clauses[bad]} ({', '.join(clause_names(cfg.key_clauses[bad])) or 'none'})" if bad < cfg.num_heads else "nothing"
+            said = _bits(int(stored[bad])) if bad < len(stored) else "nothing"
+            want = _bits(cfg.key_clauses[bad]) if bad < cfg.num_heads else "nothing"
             raise KeyClausesError(
                 f"{where}: key_clauses {list(stored)} disagree with categories {list(cfg.categories)}: head {bad} "
                 f"says {said}, its category gives {want} (a rule table other than this one's, or an edited node); "
@@ -227,6 +227,11 @@ class AttentionConfig:
 
 
 KEY_CLAUSES = "key_clauses"
+
+
+def _bits(bits: int) -> str:
+    return f"{bits} ({', '.join(clause_names(bits)) or 'no clause'})"
+
 _BOOL = 9  # onnx.TensorProto.BOOL
 _DTYPE_OF_ELEM = {1: "float32", 10: "float16", 16: "bfloat16"}  # onnx.TensorProto element types
 

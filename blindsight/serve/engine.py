@@ -101,8 +101,10 @@ class FlopCounter:
         from blindsight.attention.schema import proto_configs
 
         graph = onnx.load(str(model_path), load_external_data=False).graph
-        nodes = [(cfg.layer, cfg.categories, cfg.sink_tokens, cfg.local_window_size if cfg.local_window_size > 0 else None,
-                  bool(cfg.image_blocks)) for cfg in proto_configs(graph)]  # (layer, categories, sink_tokens, window, image_blocks)
+        nodes = []  # (layer, categories, sink_tokens, window, image_blocks)
+        for cfg in proto_configs(graph):
+            window = cfg.local_window_size if cfg.local_window_size > 0 else None
+            nodes.append((cfg.layer, cfg.categories, cfg.sink_tokens, window, bool(cfg.image_blocks)))
         nodes.sort(key=lambda n: n[0])
         self.heads = [n[1:] for n in nodes]
         self.head_dim = head_dim

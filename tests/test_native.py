@@ -478,3 +478,224 @@ def test_unpack_without_dpkg(tmp_path, monkeypatch):
     monkeypatch.setattr(nb.shutil, "which", lambda name: None)
     nb.unpack(deb, tmp_path / "out")
     assert nb.api_version(tmp_path / "out" / "usr" / "include" / "onnxruntime") == 21
+
+
+# ------------------------------------------------------------------ key clauses: the kernel reads the rule table
+
+KEY_CLAUSE_TOYS = {
+    "sinks_only": ("SINK",),  # image queries see the sinks of every image, no text
+    "own_image_only": ("SAME_IMAGE",),
+    "own_image_and_sinks": ("SAME_IMAGE", "SINK"),
+    "text_only": ("TEXT",),
+}
+
+
+@pytest.fixture
+def toy_rules(monkeypatch):
+    """Categories defined only in the rule table, for this test: new combinations of its clauses."""
+    from blindsight.attention import semantics
+
+    for name, parts in KEY_CLAUSE_TOYS.items():
+        monkeypatch.setitem(semantics.RULES, name, tuple(getattr(semantics, p) for p in parts))
+    return tuple(KEY_CLAUSE_TOYS)
+
+
+def test_the_library_reads_the_clause_bits_of_the_table():
+    from blindsight.attention.semantics import CLAUSE_BITS
+
+    assert native.kernel_clauses() == {c.name: bit for c, bit in CLAUSE_BITS.items()}
+    assert native.readable_bits() == sum(CLAUSE_BITS.values())
+
+
+@pytest.mark.parametrize("spans,seq", EDGE_TEMPLATES + [([(1, 5), (5, 6), (8, 14)], 17)], ids=EDGE_IDS + ["three"])
+@pytest.mark.parametrize("fmt", ["BNSH", "BSD"])
+def test_a_category_only_the_rule_table_knows_runs_on_the_kernel(toy_rules, spans, seq, fmt):
+    """Toy categories (added to RULES here, nowhere else) give the kernel bit sets it
+    never saw in the built-in categories; it equals the numpy reference and the function body."""
+    cats = toy_rules + ("intra", "dense")
+    cfg = AttentionConfig(6, 2, 8, 0.3, cats, sink_tokens=2, mask_type="bool", qkv_format=fmt)
+    assert native.unsupported(cfg) is None
+    check(cfg, spans, seq, 2, 5, mask=causal_mask(2, 0, seq, pad_keys=min(2, seq - 1)))
+
+
+def test_toy_categories_on_the_kernel_with_a_cache_and_long_rows(toy_rules):
+    cfg = AttentionConfig(8, 2, 32, 0.2, toy_rules * 2, sink_tokens=3, mask_type="none")
+    check(cfg, [(3, 80), (90, 91), (100, 198)], 1, 1, 2, past=199, d=32)
+    check(cfg, [(3, 80), (90, 91), (100, 198)], 200, 1, 3, d=32)
+
+
+def test_a_clause_the_kernel_does_not_read_stays_on_the_function_bodies(monkeypatch):
+    from blindsight.attention import semantics
+
+    odd = semantics.Clause("query_is_sink", lambda q, k, ops: q.sink, key_only=False)
+    monkeypatch.setitem(semantics.RULES, "odd", (semantics.TEXT, odd))
+    cfg = AttentionConfig(2, 1, 8, 0.3, ("odd", "dense"))
+    assert cfg.key_clauses == (semantics.OTHER_CLAUSE | 2, 1)
+    assert "does not read every key clause of odd" in native.unsupported(cfg)
+    model = single_node_model(cfg, "reference")
+    assert not make_session(model, threads=1).blindsight_native
+    with pytest.raises(BlindSightError, match="native kernel cannot run this model.*odd"):
+        make_session(model, threads=1, native=True)
+
+
+def _without_key_clauses(model):
+    for node in model.graph.node:
+        keep = [a for a in node.attribute if a.name != "key_clauses"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+    return model
+
+
+def _with_key_clauses(model, bits):
+    from onnx import helper
+
+    _without_key_clauses(model)
+    for node in model.graph.node:
+        node.attribute.append(helper.make_attribute("key_clauses", list(bits)))
+    return model
+
+
+def _raw_session(model):
+    """The library registered by hand, no blindsight check before ONNX Runtime loads the model."""
+    opts = ort.SessionOptions()
+    native.register(opts)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def test_a_node_without_key_clauses_runs_on_its_function_body_only():
+    """An older bs-compile's node: the kernel refuses it; the default falls back, with the reason."""
+    cfg = AttentionConfig(4, 2, 8, 0.3, ("sink", "intra", "intra_sink", "dense"))
+    model = _without_key_clauses(single_node_model(cfg, "reference"))
+    with pytest.raises(BlindSightError, match="compiled before the kernel read key clauses: recompile with bs-compile"):
+        make_session(model, threads=1, native=True)
+    sess = make_session(model, threads=1)
+    assert not sess.blindsight_native and native.STALE in sess.blindsight_attention
+    spans = np.array([[1, 5], [6, 9]], np.int64)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, h, 10, 8)).astype(np.float32) for h in (4, 2, 2))
+    got = sess.run(None, dict(query=q, key=k, value=v, image_spans=spans))[0]
+    want = reference_attention(q, k, v, spans, cfg.categories, scale=0.3)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(Exception, match="no 'key_clauses' attribute: it was compiled by an older bs-compile; "
+                                        r"recompile it, or run it on its function bodies \(native=False\)"):
+        _raw_session(model)
+
+
+def test_key_clauses_that_disagree_with_the_categories_are_an_error():
+    from blindsight.attention.schema import KeyClausesError, proto_configs
+
+    cfg = AttentionConfig(4, 2, 8, 0.3, ("sink", "intra", "intra_sink", "dense"))
+    model = _with_key_clauses(single_node_model(cfg, "reference"), [6, 14, 14, 1])
+    words = r"key_clauses \[6, 14, 14, 1\] disagree with categories .*head 1 says 14 \(text, sink, same_image\), " \
+            r"its category gives 10 \(text, same_image\).*recompile"
+    for native_arg in (None, True):
+        with pytest.raises(KeyClausesError, match=words):
+            make_session(model, threads=1, native=native_arg)
+    with pytest.raises(KeyClausesError, match=words):
+        proto_configs(model.graph)
+    import onnx_ir as ir
+
+    with pytest.raises(KeyClausesError, match=words):
+        AttentionConfig.from_node(next(iter(ir.serde.deserialize_model(model).graph)))
+    short = _with_key_clauses(single_node_model(cfg, "reference"), [6, 10, 14])
+    with pytest.raises(KeyClausesError, match="head 3 says nothing"):
+        proto_configs(short.graph)
+    # the kernel itself refuses bits it does not read
+    odd = _with_key_clauses(single_node_model(cfg, "reference"), [6, 10, 14, 1 | 64])
+    with pytest.raises(Exception, match="head 3 of layer 0 has key_clauses 65, with bits this kernel does not read"):
+        _raw_session(odd)
+
+
+def test_key_clauses_are_derived_never_given():
+    import onnx_ir as ir
+
+    from blindsight.attention.schema import write_attributes
+
+    cfg = AttentionConfig(2, 1, 8, 0.3, ("intra", "dense"))
+    assert cfg.key_clauses == (10, 1) and cfg.attributes()["key_clauses"] == [10, 1]
+    with pytest.raises(TypeError):
+        AttentionConfig(2, 1, 8, 0.3, ("intra", "dense"), key_clauses=(1, 1))
+    node = next(iter(ir.serde.deserialize_model(single_node_model(cfg, "reference")).graph))
+    with pytest.raises(ValueError, match="key_clauses cannot be written: derived from categories"):
+        write_attributes(node, key_clauses=[1, 1])
+    write_attributes(node, categories=["sink", "intra_sink"])
+    assert list(node.attributes["key_clauses"].value) == [6, 14]
+    assert AttentionConfig.from_node(node).categories == ("sink", "intra_sink")
+
+
+def _node_io_model(path):
+    """A compiled model with every BlindSightAttention node's Q/K/V/mask and output as graph outputs,
+    and per node (categories, sink_tokens, scale, input names, output name)."""
+    import onnx_ir as ir
+
+    from blindsight.attention.schema import is_blindsight
+
+    model = ir.load(path)
+    nodes = []
+    for node in model.graph:
+        if is_blindsight(node):
+            values = [v for v in node.inputs[:4] if v is not None] + [node.outputs[0]]
+            for v in values:
+                if v not in model.graph.outputs and not v.is_graph_input():
+                    model.graph.outputs.append(v)
+            cfg = AttentionConfig.from_node(node, require_key_clauses=True)
+            nodes.append((cfg, [v.name for v in node.inputs[:4] if v is not None], node.outputs[0].name))
+    return ir.serde.serialize_model(model).SerializeToString(), nodes
+
+
+def test_two_profiles_of_one_source_share_one_session_options(exported, tmp_path):
+    """ONNX Runtime's usual idiom: one SessionOptions with the library registered, two
+    sessions from it, over two compilations of one source with different profiles (their
+    layer 0 nodes carry different categories). Each equals its own function bodies, and each
+    node's output the numpy reference on that node's inputs."""
+    import onnx
+
+    from blindsight.compiler.pipeline import compile_model
+    from blindsight.models.configs import tiny_config
+    from blindsight.models.export import example_inputs, text_dims
+    from blindsight.profile import Profile
+
+    family = "qwen2_vl"
+    src = exported(family, "attention_op")
+    dims = text_dims(family, tiny_config(family))
+    L, H, kv = dims["num_layers"], dims["num_heads"], dims["num_kv_heads"]
+    order = ("dense", "sink", "intra", "intra_sink")
+    models = []
+    for shift, sinks in ((0, 1), (1, 2)):
+        profile = Profile([[order[(h + layer + shift) % 4] for h in range(H)] for layer in range(L)],
+                          num_kv_heads=kv, sink_tokens=sinks)
+        out = tmp_path / f"profile{shift}.onnx"
+        compile_model(src, profile, out, "fast")
+        models.append(_node_io_model(out))
+    assert models[0][1][0][0].categories != models[1][1][0][0].categories
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    native.register(opts)
+    shared = [ort.InferenceSession(m, opts, providers=["CPUExecutionProvider"]) for m, _ in models]
+
+    spans = [(2, 9), (9, 12), (15, 27)]
+    feeds = example_inputs(family, tiny_config(family), 1, 30, 3)
+    feeds["image_spans"] = np.asarray(spans, dtype=np.int64)
+    def outputs(sess):
+        names = {i.name for i in sess.get_inputs()}
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v for k, v in feeds.items() if k in names})))
+
+    logits = []
+    for sess, (model, nodes) in zip(shared, models):
+        assert native.plan(onnx.load_from_string(model)).native
+        got, want = outputs(sess), outputs(make_session(model, threads=2, native=False))
+        names = list(got)
+        for name in names:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=name)
+        for cfg, inputs, output in nodes:
+            q, k, v = (got[n] for n in inputs[:3])
+            mask = None
+            if len(inputs) > 3:
+                m = got[inputs[3]]
+                mask = m if m.dtype == bool else m > np.finfo(m.dtype).min / 2
+            ref = reference_attention(q, k, v, spans, cfg.categories, sink_tokens=cfg.sink_tokens, scale=cfg.scale,
+                                      model_mask=mask, causal=bool(cfg.is_causal))
+            np.testing.assert_allclose(got[output], ref, atol=1e-4, err_msg=f"layer {cfg.layer}")
+        logits.append(got["logits"])
+    assert np.abs(logits[0] - logits[1]).max() > 1e-3  # the two profiles do differ

@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 from typing import Any
 
-from blindsight.attention.semantics import RULES
+from blindsight.attention.semantics import CLAUSE_BITS, RULES, clause_names, key_clauses
 from blindsight.errors import ModelError
 
 DOMAIN = "ai.blindsight"
@@ -36,9 +36,10 @@ SHORT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 @dataclasses.dataclass(frozen=True)
 class Attribute:
     name: str
-    type: str  # "int", "float", "string", "strings" (the ONNX attribute type)
+    type: str  # "int", "float", "string", "strings", "ints" (the ONNX attribute type)
     default: Any  # None: required
     meaning: str
+    derived: bool = False  # written from other attributes; a reader checks that it agrees with them
 
 
 ATTRIBUTES = (
@@ -46,6 +47,13 @@ ATTRIBUTES = (
     Attribute("kv_num_heads", "int", None, "number of key/value heads; divides H (head h reads KV head h / (H / kv_num_heads))"),
     Attribute("scale", "float", None, "scale of Q K^T (1/sqrt(head_size) in most models)"),
     Attribute("categories", "strings", None, "H category names, one per query head (SPEC §2)"),
+    Attribute("key_clauses", "ints", None,
+              "H bit sets, one per query head, derived from categories: the key clauses of the head's row of the "
+              "rule table that an image query may see, ORed together (" +
+              ", ".join(f"{bit} {c.name}" for c, bit in CLAUSE_BITS.items()) +
+              "; 1 << 30: a clause outside these); text queries see every key whatever the bits. The native kernel "
+              "reads these, not the category names; a node without them runs on its function body only",
+              derived=True),
     Attribute("sink_tokens", "int", 1, "leading tokens of every image span that count as sinks"),
     Attribute("layer", "int", 0, "index of this attention core in topological order (the profile's layer)"),
     Attribute("is_causal", "int", 1, "1: apply causality in addition to attn_mask; 0: attn_mask carries it"),
@@ -79,6 +87,9 @@ class AttentionConfig:
     qkv_format: str = "BNSH"
     mask_type: str = "none"  # "none", "bool" (True keeps) or "float" (additive, in ``dtype``)
     dtype: str = "float32"  # of Q/K/V, a float mask and the output
+    #: per head, the bit set of its category's key clauses (:func:`~blindsight.attention.semantics.key_clauses`):
+    #: derived from ``categories``, never given (so it is left out of repr, equality and :meth:`overload`)
+    key_clauses: tuple[int, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.num_heads % self.kv_num_heads:
@@ -96,6 +107,7 @@ class AttentionConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.image_blocks not in (0, 1):
             raise ValueError(f"image_blocks must be 0 or 1, got {self.image_blocks!r}")
+        object.__setattr__(self, "key_clauses", tuple(key_clauses(c) for c in self.categories))
 
     @classmethod
     def placeholder(cls, num_heads: int, kv_num_heads: int, scale: float, **attrs) -> "AttentionConfig":
@@ -132,9 +144,10 @@ class AttentionConfig:
         return out
 
     @classmethod
-    def from_node(cls, node) -> "AttentionConfig":
-        """Read an onnx-ir node: attributes through the schema, the rest off its inputs."""
-        attrs = {a.name: read_attribute(node, a.name) for a in ATTRIBUTES}
+    def from_node(cls, node, *, require_key_clauses: bool = False) -> "AttentionConfig":
+        """Read an onnx-ir node: attributes through the schema, the rest off its inputs.
+        ``require_key_clauses``: a node without ``key_clauses`` (an older bs-compile's)
+        raises :class:`MissingKeyClauses`; without it such a node reads as if it had them."""
         dtype = dtype_of(node)
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         mask_type = "none"
@@ -147,12 +160,109 @@ class AttentionConfig:
             if mask_type == "float" and _dtype_name(mask.dtype) != dtype:
                 raise DTypeError(f"{node.name}: an additive mask of {_dtype_name(mask.dtype)} on {dtype} attention; "
                                  "export the model with the mask in the attention's dtype")
+        attrs = node.attributes
+        get = lambda name: attrs[name].value if name in attrs else None  # noqa: E731
+        fmt, heads = get("qkv_format") or "BNSH", get("num_heads")
         q_shape = node.inputs[0].shape
         head_size = 0
-        if q_shape is not None and isinstance(q_shape[-1], int):
-            head_size = q_shape[-1] if attrs["qkv_format"] == "BNSH" else q_shape[-1] // attrs["num_heads"]
+        if q_shape is not None and isinstance(q_shape[-1], int) and heads:
+            head_size = q_shape[-1] if fmt == "BNSH" else q_shape[-1] // heads
+        return cls._read(get, node.name, require_key_clauses, head_size=head_size, mask_type=mask_type, dtype=dtype)
+
+    @classmethod
+    def from_proto(cls, node, types: dict | None = None, *, default_dtype: str = "float32",
+                   require_key_clauses: bool = False) -> "AttentionConfig":
+        """Read an onnx NodeProto, as :meth:`from_node` reads an onnx-ir node. ``types``: the
+        element types of the graph's values (:func:`graph_types`); where the query's is unknown
+        the dtype is ``default_dtype``. The head size is left 0."""
+        from onnx import helper
+
+        types = types or {}
+        attrs = {a.name: a for a in node.attribute}
+
+        def get(name):
+            if name not in attrs:
+                return None
+            value = helper.get_attribute_value(attrs[name])
+            if isinstance(value, bytes):
+                return value.decode()
+            if isinstance(value, list):
+                return [v.decode() if isinstance(v, bytes) else v for v in value]
+            return value
+
+        dtype = _DTYPE_OF_ELEM.get(types.get(node.input[0]), default_dtype) if node.input else default_dtype
+        mask = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        mask_type = "none" if mask is None else ("bool" if types.get(mask) == _BOOL else "float")
+        return cls._read(get, node.name, require_key_clauses, head_size=0, mask_type=mask_type, dtype=dtype)
+
+    @classmethod
+    def _read(cls, get, where: str, require_key_clauses: bool, **rest) -> "AttentionConfig":
+        """The one parse of a node's attributes; ``get(name)``: the attribute's Python value or None."""
+        attrs = {}
+        for a in ATTRIBUTES:
+            if a.derived:
+                continue
+            value = get(a.name)
+            if value is None:
+                if a.default is None:
+                    raise ValueError(f"{where}: BlindSightAttention needs the attribute {a.name!r}")
+                value = a.default
+            attrs[a.name] = _PY[a.type](value)
         attrs["categories"] = tuple(attrs["categories"])
-        return cls(head_size=head_size, mask_type=mask_type, dtype=dtype, **attrs)
+        cfg = cls(**attrs, **rest)
+        stored = get(KEY_CLAUSES)
+        if stored is None:
+            if require_key_clauses:
+                raise MissingKeyClauses(f"{where}: no {KEY_CLAUSES!r} attribute: compiled by an older bs-compile")
+        elif tuple(int(b) for b in stored) != cfg.key_clauses:
+            bad = next(h for h in range(max(len(stored), cfg.num_heads))
+                       if h >= len(stored) or h >= cfg.num_heads or int(stored[h]) != cfg.key_clauses[h])
+            said = _bits(int(stored[bad])) if bad < len(stored) else "nothing"
+            want = _bits(cfg.key_clauses[bad]) if bad < cfg.num_heads else "nothing"
+            raise KeyClausesError(
+                f"{where}: key_clauses {list(stored)} disagree with categories {list(cfg.categories)}: head {bad} "
+                f"says {said}, its category gives {want} (a rule table other than this one's, or an edited node); "
+                "recompile the model with bs-compile")
+        return cfg
+
+
+KEY_CLAUSES = "key_clauses"
+
+
+def _bits(bits: int) -> str:
+    return f"{bits} ({', '.join(clause_names(bits)) or 'no clause'})"
+
+_BOOL = 9  # onnx.TensorProto.BOOL
+_DTYPE_OF_ELEM = {1: "float32", 10: "float16", 16: "bfloat16"}  # onnx.TensorProto element types
+
+
+class KeyClausesError(ModelError):
+    """A node whose ``key_clauses`` disagree with its ``categories``."""
+
+
+class MissingKeyClauses(KeyClausesError):
+    """A node without ``key_clauses`` where they are required (the native kernel reads them)."""
+
+
+def graph_types(graph) -> dict[str, int]:
+    """The element type of each typed value of an onnx GraphProto, by name."""
+    types = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def proto_configs(graph, *, require_key_clauses: bool = False) -> list[AttentionConfig]:
+    """The AttentionConfig of every BlindSightAttention node of an onnx GraphProto (dtype read off
+    the graph's typed values; where a node's is unknown, the graph's one float type, else float32)."""
+    types = graph_types(graph)
+    floats = {_DTYPE_OF_ELEM[t] for t in types.values() if t in _DTYPE_OF_ELEM}
+    fallback = next(iter(floats)) if len(floats) == 1 else "float32"
+    return [AttentionConfig.from_proto(n, types, default_dtype=fallback, require_key_clauses=require_key_clauses)
+            for n in graph.node if is_blindsight(n)]
 
 
 def elem_type_of(dtype: str) -> int:
@@ -190,7 +300,7 @@ def dtype_of(node) -> str:
     return name
 
 
-_PY = {"int": int, "float": float, "string": str, "strings": list}
+_PY = {"int": int, "float": float, "string": str, "strings": list, "ints": lambda v: [int(x) for x in v]}
 
 
 def _attribute(name: str) -> Attribute:
@@ -216,7 +326,12 @@ def write_attributes(node, **values) -> None:
     import onnx_ir as ir
 
     kinds = {"int": ir.AttributeType.INT, "float": ir.AttributeType.FLOAT,
-             "string": ir.AttributeType.STRING, "strings": ir.AttributeType.STRINGS}
+             "string": ir.AttributeType.STRING, "strings": ir.AttributeType.STRINGS, "ints": ir.AttributeType.INTS}
+    derived = [name for name in values if _attribute(name).derived]
+    if derived:
+        raise ValueError(f"{', '.join(derived)} cannot be written: derived from categories, written with them")
+    if "categories" in values:
+        values = {**values, KEY_CLAUSES: [key_clauses(c) for c in values["categories"]]}
     for name, value in values.items():
         a = _attribute(name)
         node.attributes[name] = ir.Attr(name, kinds[a.type], _PY[a.type](value))

@@ -135,6 +135,14 @@ RULES: dict[str, tuple[Clause, ...]] = {
 
 CATEGORIES = tuple(RULES)
 
+#: Each clause's bit in a node's ``key_clauses`` attribute, the per-head form of
+#: this table that compiled nodes carry (the native kernel reads these bits, not
+#: category names). A clause without a bit here is written as OTHER_CLAUSE.
+CLAUSE_BITS: dict[Clause, int] = {ANY: 1, TEXT: 2, SINK: 4, SAME_IMAGE: 8}
+#: the bit of a head whose category holds a clause outside CLAUSE_BITS (only the
+#: function bodies run such a head)
+OTHER_CLAUSE = 1 << 30
+
 # Denser categories first; the profiler falls back along this order.
 DENSITY_ORDER = ("dense", "intra_sink", "intra", "sink")
 
@@ -175,3 +183,18 @@ def key_only_mask(category: str) -> MaskFn | None:
 
 def sees_own_image(category: str) -> bool:
     return SAME_IMAGE in clauses(category)
+
+
+def key_clauses(category: str) -> int:
+    """The bit set of ``category``'s key clauses (:data:`CLAUSE_BITS`), read off the rule table."""
+    bits = 0
+    for c in clauses(category):
+        bits |= CLAUSE_BITS.get(c, OTHER_CLAUSE)
+    return bits
+
+
+def clause_names(bits: int) -> list[str]:
+    """The clauses of a ``key_clauses`` bit set, by name; unknown bits as numbers."""
+    names = [c.name for c, bit in CLAUSE_BITS.items() if bits & bit]
+    rest = bits & ~sum(CLAUSE_BITS.values())
+    return names + ([f"bits {rest:#x}"] if rest else [])

@@ -7,6 +7,18 @@
 model-local function, so the compiled graph is the same either way. Without the
 library everything runs on the function bodies.
 
+The kernel knows no category names. Each node carries ``key_clauses`` (INTS,
+one per query head), the bit set of the key clauses of the head's row of the
+rule table (:data:`blindsight.attention.semantics.CLAUSE_BITS`: any key, text
+keys, the sinks of every image, the query's own image), which bs-compile
+derives from ``categories``; the kernel reads them from the node itself and
+builds each image query's key intervals from its bits (text queries see every
+key). A new category made of known clauses thus needs nothing here; a new
+clause needs its intervals in ``src/op.cc`` (and :func:`unsupported` keeps
+models that use it on their function bodies until then). A node compiled
+before ``key_clauses`` existed is refused by the kernel (:data:`STALE`): such a
+model runs on its function bodies, or is recompiled.
+
 The C++ code (``src/``) plans work as tiles of query rows that share their key
 intervals (``attention.h``: no ONNX Runtime type in it), so a CUDA kernel can
 take the same plan; only the CPU provider has one today.
@@ -20,7 +32,8 @@ import json
 import os
 from pathlib import Path
 
-from blindsight.attention.schema import DOMAIN, FORMATS, OP_TYPE, AttentionConfig
+from blindsight.attention.schema import FORMATS, AttentionConfig, KeyClausesError, MissingKeyClauses, proto_configs
+from blindsight.attention.semantics import CLAUSE_BITS, clause_names, key_clauses
 from blindsight.native.build import API_VERSION, BUILD, HEADER_VERSION, LIBRARY_NAME
 
 #: set to a path to load another build of the library
@@ -29,8 +42,6 @@ LIBRARY_ENV = "BLINDSIGHT_NATIVE_LIB"
 PROVIDERS = ("cpu",)
 DTYPES = ("float32", "float16")
 NO_NODE = "no BlindSightAttention node"
-#: the categories whose key intervals src/op.cc knows (a new row of RULES needs its intervals there)
-CATEGORIES = ("dense", "sink", "intra", "intra_sink")
 
 
 def library_path() -> Path | None:
@@ -79,6 +90,29 @@ def summary() -> str | None:
     return f"{path.name}, {isa()}, headers onnxruntime {info.get('header_version') or HEADER_VERSION} (API {info.get('ort_api_version', API_VERSION)})"
 
 
+def kernel_clauses() -> dict[str, int]:
+    """The key clauses the built library reads, by name, with their bits (empty when not built)."""
+    path = library_path()
+    if path is None:
+        return {}
+    lib = ctypes.CDLL(str(path))
+    if not hasattr(lib, "blindsight_native_clauses"):
+        return {}  # a build from before key clauses: it reads none
+    lib.blindsight_native_clauses.restype = ctypes.c_char_p
+    pairs = (item.split("=") for item in lib.blindsight_native_clauses().decode().split(",") if item)
+    return {name: int(bit) for name, bit in pairs}
+
+
+def readable_bits() -> int:
+    """The ``key_clauses`` bits that the built library reads as the rule table means them."""
+    table = {c.name: bit for c, bit in CLAUSE_BITS.items()}
+    bits = 0
+    for name, bit in kernel_clauses().items():
+        if table.get(name) == bit:
+            bits |= bit
+    return bits
+
+
 def unsupported(cfg: AttentionConfig, provider: str = "cpu") -> str | None:
     """Why the native kernel cannot run this node (None: it can). The runtime then
     keeps the whole model on its function bodies."""
@@ -86,9 +120,11 @@ def unsupported(cfg: AttentionConfig, provider: str = "cpu") -> str | None:
         return f"the native kernel runs on the CPU provider only, not {provider!r}"
     if cfg.dtype not in DTYPES:
         return f"layer {cfg.layer}: {cfg.dtype} attention (the native kernel takes {', '.join(DTYPES)})"
-    unknown = sorted(set(cfg.categories) - set(CATEGORIES))
-    if unknown:
-        return f"layer {cfg.layer}: the native kernel has no key intervals for {', '.join(unknown)}"
+    known = readable_bits()
+    odd = sorted({c for c, bits in zip(cfg.categories, cfg.key_clauses) if bits & ~known})
+    if odd:
+        return (f"layer {cfg.layer}: the native kernel does not read every key clause of {', '.join(odd)} "
+                f"({'; '.join(f'{c}: ' + ', '.join(clause_names(key_clauses(c))) for c in odd)})")
     if cfg.qkv_format not in FORMATS:
         return f"layer {cfg.layer}: qkv_format {cfg.qkv_format!r}"
     return None
@@ -106,56 +142,31 @@ class Plan:
         return f"native kernel ({self.reason})" if self.native else f"function bodies ({self.reason})"
 
 
-def node_configs(model) -> list[AttentionConfig]:
-    """The AttentionConfig of every BlindSightAttention node of an onnx ModelProto's
-    main graph (dtype read off the graph's typed values; float32 where unknown)."""
-    from onnx import helper
-
-    g = model.graph
-    types = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in g.initializer:
-        types[init.name] = init.data_type
-    names = {1: "float32", 10: "float16", 16: "bfloat16"}
-    floats = {names[t] for t in types.values() if t in names}
-    fallback = next(iter(floats)) if len(floats) == 1 else "float32"
-    out = []
-    for node in g.node:
-        if not (node.domain == DOMAIN and node.op_type == OP_TYPE):
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-        cats = tuple(c.decode() if isinstance(c, bytes) else c for c in attrs.pop("categories", ()))
-        dtype = names.get(types.get(node.input[0]), fallback)
-        mask = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        mask_type = "none" if mask is None else ("bool" if types.get(mask) == 9 else "float")
-        known = {k: attrs[k] for k in ("num_heads", "kv_num_heads", "scale", "sink_tokens", "layer", "is_causal",
-                                       "local_window_size", "image_blocks", "qkv_format") if k in attrs}
-        out.append(AttentionConfig(head_size=0, categories=cats, mask_type=mask_type, dtype=dtype, **known))
-    return out
+#: the reason a model compiled before nodes carried ``key_clauses`` runs on its function bodies
+STALE = "compiled before the kernel read key clauses: recompile with bs-compile to use the native kernel"
 
 
 def plan(model, provider: str = "cpu") -> Plan:
     """Whether the native kernel can run every BlindSightAttention node of ``model``
-    (an onnx ModelProto), and why not."""
+    (an onnx ModelProto), and why not. Nodes whose ``key_clauses`` disagree with their
+    categories raise :class:`~blindsight.attention.schema.KeyClausesError`."""
     path = library_path()
     if path is None:
         return Plan(False, "native kernel not built: python -m blindsight.native build")
     try:
-        cfgs = node_configs(model)
+        cfgs = proto_configs(model.graph, require_key_clauses=True)
+    except MissingKeyClauses:
+        return Plan(False, STALE)
+    except KeyClausesError:
+        raise
     except (ValueError, TypeError) as exc:
         return Plan(False, f"a BlindSightAttention node the native kernel cannot read: {exc}")
     if not cfgs:
         return Plan(False, NO_NODE)
-    by_layer: dict[int, tuple] = {}
     for cfg in cfgs:
         why = unsupported(cfg, provider)
         if why:
             return Plan(False, why)
-        if by_layer.setdefault(cfg.layer, cfg.categories) != cfg.categories:
-            return Plan(False, f"two nodes of layer {cfg.layer} have different categories (the kernel keys nodes by layer)")
     return Plan(True, f"{path.name}, {isa()}")
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from blindsight.attention import validate_spans
-from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT, is_blindsight
+from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT, AttentionConfig, is_blindsight
 from blindsight.attention.spans import chunk_token_types
 from blindsight.errors import BlindSightError, ModelError, SpanError
 from blindsight.tables import fmt_table
@@ -145,7 +145,7 @@ def _read_graph(path) -> tuple[dict[str, InputSpec], list[str], list[tuple]]:
             raise ModelError(f"{path}: input {v.name!r} has type {v.dtype}, which numpy cannot feed") from None
         dims = tuple(d if isinstance(d, int) else (d.value or "") for d in v.shape) if v.shape is not None else ()
         inputs[v.name] = InputSpec(v.name, dtype, dims)
-    cats = [tuple(n.attributes["categories"].value) for n in model.graph if is_blindsight(n) and "categories" in n.attributes]
+    cats = [AttentionConfig.from_node(n).categories for n in model.graph if is_blindsight(n) and "categories" in n.attributes]
     return inputs, [v.name for v in model.graph.outputs], cats
 
 

@@ -97,20 +97,14 @@ class FlopCounter:
 
     def __init__(self, model_path, head_dim: int, out_dir=None):
         import onnx
-        from onnx import helper
 
-        from blindsight.attention.schema import DOMAIN, OP_TYPE
+        from blindsight.attention.schema import proto_configs
 
-        nodes = []  # (layer, categories, sink_tokens, window, image_blocks)
         graph = onnx.load(str(model_path), load_external_data=False).graph
-        for node in graph.node:
-            if node.domain != DOMAIN or node.op_type != OP_TYPE:
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            cats = tuple(c.decode() if isinstance(c, bytes) else c for c in attrs["categories"])
-            window = int(attrs.get("local_window_size", -1))
-            nodes.append((int(attrs.get("layer", len(nodes))), cats, int(attrs.get("sink_tokens", 1)),
-                          window if window > 0 else None, bool(attrs.get("image_blocks", 0))))
+        nodes = []  # (layer, categories, sink_tokens, window, image_blocks)
+        for cfg in proto_configs(graph):
+            window = cfg.local_window_size if cfg.local_window_size > 0 else None
+            nodes.append((cfg.layer, cfg.categories, cfg.sink_tokens, window, bool(cfg.image_blocks)))
         nodes.sort(key=lambda n: n[0])
         self.heads = [n[1:] for n in nodes]
         self.head_dim = head_dim

@@ -45,7 +45,7 @@ struct Tile {
   int b = 0, kvh = 0, nrows = 0;
   const int32_t* heads = nullptr;  // query head per row
   const int32_t* rows = nullptr;   // query index per row
-  const Interval* iv = nullptr;    // sorted, disjoint key intervals the rows' category allows
+  const Interval* iv = nullptr;    // sorted, disjoint key intervals the rows' key clauses allow
   int niv = 0;
 };
 

@@ -5,10 +5,15 @@
 // the headers of ONNX Runtime 1.21 (ORT_API_VERSION 21), so it loads into any
 // onnxruntime >= 1.21.
 //
-// The C API reads no STRINGS attribute from an OrtKernelInfo, but the shape
-// inference callback sees every attribute: it records each node's `categories`
-// by its `layer` in the state of this registration (one per session options),
-// and the kernel created for that node takes them from there.
+// The kernel knows no category names. Every node carries `key_clauses` (INTS,
+// one per query head, written by bs-compile from the rule table RULES of
+// blindsight/attention/semantics.py): the bit set of the key clauses an image
+// query of that head may see, with the bits of CLAUSE_BITS there (any key 1,
+// text keys 2, the first sink_tokens of every image 4, the query's own image 8).
+// create_kernel reads them from the node's own attributes; compute builds each
+// image query's key intervals from its head's bits (text queries see every
+// key). A node without `key_clauses` (an older bs-compile's) or with a bit
+// outside these is refused when the session is created.
 #include <onnxruntime_c_api.h>
 
 #include <algorithm>
@@ -17,7 +22,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -81,48 +85,15 @@ const Isa& isa() {
 
 // ------------------------------------------------------------------ attributes
 
-enum Cat { DENSE = 0, SINK = 1, INTRA = 2, INTRA_SINK = 3 };
-
-int parse_category(const std::string& s) {
-  if (s == "dense") return DENSE;
-  if (s == "sink") return SINK;
-  if (s == "intra") return INTRA;
-  if (s == "intra_sink") return INTRA_SINK;
-  throw Error("BlindSightAttention: unknown category '" + s + "'; expected dense, sink, intra or intra_sink");
-}
-
-struct State {  // one per RegisterCustomOps call (one per session options)
-  std::mutex mu;
-  std::map<int64_t, std::vector<std::string>> categories;  // by `layer`
-  std::map<int64_t, bool> conflict;
-};
+// the bits of `key_clauses` (CLAUSE_BITS of blindsight/attention/semantics.py)
+constexpr int64_t CLAUSE_ANY = 1, CLAUSE_TEXT = 2, CLAUSE_SINK = 4, CLAUSE_SAME_IMAGE = 8;
+constexpr int64_t CLAUSES_KNOWN = CLAUSE_ANY | CLAUSE_TEXT | CLAUSE_SINK | CLAUSE_SAME_IMAGE;
+// what blindsight_native_clauses() reports (the Python side checks it against CLAUSE_BITS)
+constexpr const char* CLAUSE_TABLE = "any=1,text=2,sink=4,same_image=8";
 
 struct Op : OrtCustomOp {
   ONNXTensorElementDataType type;
-  std::shared_ptr<State> state;
 };
-
-std::vector<std::string> read_strings(const OrtOpAttr* attr) {
-  char c = 0;
-  size_t need = 0;
-  OrtStatus* st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_STRINGS, &c, sizeof(char), &need);
-  std::vector<char> buf;
-  if (st) {
-    g_api->ReleaseStatus(st);
-    buf.assign(need, '\0');
-    check(g_api->ReadOpAttr(attr, ORT_OP_ATTR_STRINGS, buf.data(), need, &need));
-  } else {
-    buf.assign(&c, &c + need);
-  }
-  std::vector<std::string> out;
-  size_t i = 0;
-  while (i < need) {
-    std::string s(buf.data() + i);
-    i += s.size() + 1;
-    out.push_back(s);
-  }
-  return out;
-}
 
 bool shape_attr_int(OrtShapeInferContext* ctx, const char* name, int64_t* out) {
   const OrtOpAttr* attr = nullptr;
@@ -140,26 +111,12 @@ bool shape_attr_int(OrtShapeInferContext* ctx, const char* name, int64_t* out) {
   return true;
 }
 
-OrtStatus* infer_shape(const OrtCustomOp* base, OrtShapeInferContext* ctx) {
-  const Op* op = static_cast<const Op*>(base);
+// The output's type and shape (ONNX Runtime's graph needs them for the values after the node).
+OrtStatus* infer_shape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   try {
-    int64_t layer = 0, heads = 0, kv_heads = 0;
-    shape_attr_int(ctx, "layer", &layer);
+    int64_t heads = 0, kv_heads = 0;
     shape_attr_int(ctx, "num_heads", &heads);
     shape_attr_int(ctx, "kv_num_heads", &kv_heads);
-    const OrtOpAttr* cats = nullptr;
-    OrtStatus* st = g_api->ShapeInferContext_GetAttribute(ctx, "categories", &cats);
-    if (st) {
-      g_api->ReleaseStatus(st);
-      cats = nullptr;
-    }
-    if (cats) {
-      std::vector<std::string> names = read_strings(cats);
-      std::lock_guard<std::mutex> lock(op->state->mu);
-      auto it = op->state->categories.find(layer);
-      if (it != op->state->categories.end() && it->second != names) op->state->conflict[layer] = true;
-      op->state->categories[layer] = names;
-    }
     // output: the query's type, its shape with the value's head size
     OrtTensorTypeAndShapeInfo* qi = nullptr;
     check(g_api->ShapeInferContext_GetInputTypeShape(ctx, 0, &qi));
@@ -231,11 +188,27 @@ struct Kernel {
   int64_t H, Hkv, sink_tokens, layer, is_causal, window, image_blocks;
   float scale;
   bool bsd;
-  std::vector<int> cats;
+  std::vector<int64_t> clause_sets;  // the distinct key clause bit sets of the heads without CLAUSE_ANY
+  std::vector<int> head_set;         // per query head: its index in clause_sets, -1 for CLAUSE_ANY (every key)
 };
 
+std::vector<int64_t> info_ints(const OrtKernelInfo* info, const char* name, bool* found) {
+  size_t n = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    *found = false;
+    return {};
+  }
+  *found = true;
+  std::vector<int64_t> out(n);
+  if (n) check(g_api->KernelInfoGetAttributeArray_int64(info, name, out.data(), &n));
+  out.resize(n);
+  return out;
+}
+
 OrtStatus* create_kernel(const OrtCustomOp* base, const OrtApi*, const OrtKernelInfo* info, void** out) {
-  const Op* op = static_cast<const Op*>(base);
+  const Op* op = static_cast<const Op*>(base);  // (its type only)
   try {
     auto k = std::make_unique<Kernel>();
     k->type = op->type;
@@ -268,20 +241,28 @@ OrtStatus* create_kernel(const OrtCustomOp* base, const OrtApi*, const OrtKernel
     if (k->H <= 0 || k->Hkv <= 0 || k->H % k->Hkv)
       throw Error("BlindSightAttention: num_heads must be a positive multiple of kv_num_heads");
     if (k->image_blocks != 0 && k->image_blocks != 1) throw Error("BlindSightAttention: image_blocks must be 0 or 1");
-    {
-      std::lock_guard<std::mutex> lock(op->state->mu);
-      auto it = op->state->categories.find(k->layer);
-      if (it == op->state->categories.end())
-        throw Error("BlindSightAttention (native): no 'categories' seen for layer " + std::to_string(k->layer) +
-                    " during shape inference");
-      if (op->state->conflict.count(k->layer))
-        throw Error("BlindSightAttention (native): two nodes with layer " + std::to_string(k->layer) +
-                    " carry different categories; the native kernel tells nodes apart by their layer");
-      for (const auto& s : it->second) k->cats.push_back(parse_category(s));
+    bool found = false;
+    const std::vector<int64_t> bits = info_ints(info, "key_clauses", &found);
+    if (!found)
+      throw Error("BlindSightAttention (native): this node has no 'key_clauses' attribute: it was compiled by an "
+                  "older bs-compile; recompile it, or run it on its function bodies (native=False)");
+    if ((int64_t)bits.size() != k->H)
+      throw Error("BlindSightAttention (native): " + std::to_string(bits.size()) + " key_clauses for " +
+                  std::to_string(k->H) + " heads (one per query head)");
+    for (size_t h = 0; h < bits.size(); ++h) {
+      const int64_t b = bits[h];
+      if (b < 0 || (b & ~CLAUSES_KNOWN))
+        throw Error("BlindSightAttention (native): head " + std::to_string(h) + " of layer " + std::to_string(k->layer) +
+                    " has key_clauses " + std::to_string(b) + ", with bits this kernel does not read (it reads " +
+                    CLAUSE_TABLE + "); run the model on its function bodies (native=False)");
+      if (b & CLAUSE_ANY) {
+        k->head_set.push_back(-1);
+        continue;
+      }
+      auto it = std::find(k->clause_sets.begin(), k->clause_sets.end(), b);
+      k->head_set.push_back((int)(it - k->clause_sets.begin()));
+      if (it == k->clause_sets.end()) k->clause_sets.push_back(b);
     }
-    if ((int64_t)k->cats.size() != k->H)
-      throw Error("BlindSightAttention: " + std::to_string(k->cats.size()) + " categories for " +
-                  std::to_string(k->H) + " heads");
     *out = k.release();
     return nullptr;
   } catch (const std::exception& e) {
@@ -508,7 +489,9 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
     p.msB = strides[0], p.msH = strides[1], p.msQ = strides[2], p.msK = strides[3];
   }
 
-  // plan: per KV head, the query rows grouped by the key intervals they may see
+  // plan: per KV head, the query rows grouped by the key intervals they may see:
+  // group 0 every key (text queries, heads with CLAUSE_ANY), then one group per
+  // (clause set, image) for image queries
   const int G = p.H / p.Hkv, R = isa().tile_rows();
   std::vector<int32_t> heads_buf, rows_buf;
   struct Group {
@@ -516,12 +499,18 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
   };
   std::vector<Interval> iv_buf;
   std::vector<std::pair<size_t, size_t>> group_iv;  // per group key: (offset, count) in iv_buf
-  const int nkeys = 1 + 3 * N;
+  std::vector<bool> have_iv;
+  const int nsets = (int)K.clause_sets.size();
+  const int nkeys = 1 + nsets * N;
   group_iv.assign(nkeys, {0, 0});
+  have_iv.assign(nkeys, false);
   iv_buf.push_back({0, (int32_t)Skv});
   group_iv[0] = {0, 1};
-  auto intervals = [&](int cat, int img) {
-    const bool own = cat == INTRA || cat == INTRA_SINK, sinks = cat == SINK || cat == INTRA_SINK;
+  have_iv[0] = true;
+  // an image query's keys under a clause set: the text runs (CLAUSE_TEXT), its own
+  // image (CLAUSE_SAME_IMAGE), the first sink_tokens of every image (CLAUSE_SINK)
+  auto intervals = [&](int64_t bits, int img) {
+    const bool text = bits & CLAUSE_TEXT, own = bits & CLAUSE_SAME_IMAGE, sinks = bits & CLAUSE_SINK;
     const size_t off = iv_buf.size();
     auto add = [&](int32_t a, int32_t e) {
       if (e <= a) return;
@@ -532,14 +521,14 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
     };
     int32_t prev = 0;
     for (int j = 0; j < N; ++j) {
-      add(prev, st[j]);
+      if (text) add(prev, st[j]);
       if (j == img && own)
         add(st[j], en[j]);
       else if (sinks)
         add(st[j], (int32_t)std::min<int64_t>((int64_t)st[j] + std::max<int64_t>(K.sink_tokens, 0), en[j]));
       prev = std::max(prev, en[j]);
     }
-    add(prev, (int32_t)Skv);
+    if (text) add(prev, (int32_t)Skv);
     return std::make_pair(off, iv_buf.size() - off);
   };
   std::vector<Group> groups(nkeys);
@@ -551,8 +540,8 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
     for (int i = 0; i < Sq; ++i) {
       const int img = image_of[past + i];
       for (int h = g * G; h < (g + 1) * G; ++h) {
-        const int c = K.cats[h];
-        const int key = (img < 0 || c == DENSE) ? 0 : 1 + (c - 1) * N + img;
+        const int set = K.head_set[h];
+        const int key = (img < 0 || set < 0) ? 0 : 1 + set * N + img;
         groups[key].heads.push_back(h);
         groups[key].rows.push_back(i);
       }
@@ -560,7 +549,10 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
     for (int key = 0; key < nkeys; ++key) {
       Group& gr = groups[key];
       if (gr.rows.empty()) continue;
-      if (key && group_iv[key].second == 0) group_iv[key] = intervals(1 + (key - 1) / N, (key - 1) % N);
+      if (!have_iv[key]) {
+        group_iv[key] = intervals(K.clause_sets[(key - 1) / N], (key - 1) % N);
+        have_iv[key] = true;
+      }
       for (size_t r0 = 0; r0 < gr.rows.size(); r0 += R) {
         const size_t n = std::min<size_t>(R, gr.rows.size() - r0);
         Tile t;
@@ -610,11 +602,10 @@ OrtStatus* kernel_compute(void* kernel, OrtKernelContext* ctx) {
 
 // ------------------------------------------------------------------ registration
 
-Op* make_op(ONNXTensorElementDataType type, std::shared_ptr<State> state) {
+Op* make_op(ONNXTensorElementDataType type) {
   Op* op = new Op();
   std::memset(static_cast<OrtCustomOp*>(op), 0, sizeof(OrtCustomOp));
   op->type = type;
-  op->state = std::move(state);
   op->version = ORT_API_VERSION;
   op->GetName = [](const OrtCustomOp*) { return "BlindSightAttention"; };
   op->GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
@@ -657,12 +648,11 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (!api) return nullptr;  // cannot even report: the runtime is older than the headers (1.21)
   g_api = api;
   try {
-    auto state = std::make_shared<State>();
     OrtCustomOpDomain* domain = nullptr;
     check(api->CreateCustomOpDomain("ai.blindsight", &domain));
     std::lock_guard<std::mutex> lock(g_keep_mu);
     for (auto type : {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16}) {
-      g_keep.emplace_back(make_op(type, state));
+      g_keep.emplace_back(make_op(type));
       check(api->CustomOpDomain_Add(domain, g_keep.back().get()));
     }
     check(api->AddCustomOpDomain(options, domain));  // the options own the domain from here
@@ -675,4 +665,6 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
 // Which compute object this process runs (baseline, avx2, avx512), and the header API version.
 __attribute__((visibility("default"))) const char* blindsight_native_isa() { return isa().name; }
 __attribute__((visibility("default"))) int blindsight_native_api_version() { return ORT_API_VERSION; }
+// The key clauses this kernel reads, as name=bit pairs (blindsight.native checks them against CLAUSE_BITS).
+__attribute__((visibility("default"))) const char* blindsight_native_clauses() { return CLAUSE_TABLE; }
 }

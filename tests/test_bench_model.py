@@ -12,8 +12,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-# Qwen2-VL-2B's configuration, 2 layers and small widths (M-RoPE sections resized to head_dim 32)
-SMALL = {"text_config": {"num_hidden_layers": 2, "vocab_size": 700, "hidden_size": 128, "num_attention_heads": 4,
+# Qwen2-VL-2B's configuration, 3 layers and small widths (M-RoPE sections resized to head_dim 32); three
+# layers so that the profile reaches the last position's logits: layer 0 is dense, layer 1 changes image
+# tokens' outputs, layer 2's text queries read them
+SMALL = {"text_config": {"num_hidden_layers": 3, "vocab_size": 700, "hidden_size": 128, "num_attention_heads": 4,
                          "num_key_value_heads": 2, "intermediate_size": 96,
                          "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
          "vision_config": {"depth": 1, "hidden_size": 128, "embed_dim": 32, "num_heads": 2}}
@@ -29,7 +31,7 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     case = ModelCase("qwen2-vl-2b", 2, 24, "fp32", SMALL)
     rec = run(case, tmp_path, threads=1, repeats=1, decode_repeats=2, native=False, memory=True)
     t = Template(2, 24)
-    assert (rec["seq_len"], rec["num_layers"], rec["vocab_size"]) == (t.seq_len, 2, 700)
+    assert (rec["seq_len"], rec["num_layers"], rec["vocab_size"]) == (t.seq_len, 3, 700)
     assert set(rec["ttft_s"]) == {"raw", "dense", "mix"} and set(rec["decode_s"]) == {"raw", "mix"}
     assert rec["speedup"] == pytest.approx(rec["ttft_s"]["dense"] / rec["ttft_s"]["mix"])
     assert rec["decode_ratio"] == pytest.approx(rec["decode_s"]["raw"] / rec["decode_s"]["mix"])
@@ -51,16 +53,21 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     S, rng = t.seq_len, np.random.default_rng(0)
     feeds = {"inputs_embeds": rng.standard_normal((1, S, 128), dtype=np.float32),
              "position_ids": np.broadcast_to(np.arange(S), (3, 1, S)).copy(), "attention_mask": np.ones((1, S), np.int64),
-             **{f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")}}
-    logits = {}
+             **{f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for i in range(3) for kv in ("key", "value")}}
+    logits, last_values = {}, {}
     for v, g in graphs.items():
         s = ort.InferenceSession(str(g))
         extra = {"image_spans": t.spans} if v else {}
-        logits[v] = s.run(["logits"], {**feeds, **extra})[0]
+        logits[v], last_values[v] = s.run(["logits", "present.2.value"], {**feeds, **extra})
     assert np.abs(logits[""]).max() > 0.1
+    assert logits[""].shape == (1, 1, 700)  # the last position only, as bs-export writes it by default
     np.testing.assert_allclose(logits[".dense"], logits[""], atol=1e-5)
     assert rec["dense_vs_raw_max_abs_logit_diff"] < 1e-5
-    assert np.abs(logits[".mix"] - logits[""]).max() > 1e-4
+    # the profile changes image tokens' outputs from layer 1 on: layer 2's cache at the image positions,
+    # and through layer 2's text queries the last position's logits (by less: two norms and the LM head later)
+    np.testing.assert_allclose(last_values[".dense"], last_values[""], atol=1e-5)
+    assert np.abs(last_values[".mix"] - last_values[""]).max() > 1e-3
+    assert np.abs(logits[".mix"] - logits[""]).max() > 1e-5
 
 
 def test_model_level_bad_input_is_one_line():

@@ -36,7 +36,7 @@ def _export(tmp_path_factory, family, dtype):
 
     root = tmp_path_factory.mktemp(f"{dtype}_{family}")
     ckpt = make_tiny_checkpoint(family, root / "checkpoint", seed=3)
-    return ckpt, export_vlm(ckpt, root / "export", dtype=dtype).out_dir
+    return ckpt, export_vlm(ckpt, root / "export", dtype=dtype, logits="all").out_dir  # top-1 over every position
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

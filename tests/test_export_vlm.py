@@ -22,16 +22,17 @@ DECODE_STEPS = 3
 _CACHE = {}
 
 
-def _export(family, tmp_path_factory):
-    if family not in _CACHE:
+def _export(family, tmp_path_factory, logits="all"):
+    """Most tests compare every position with transformers: logits="all"."""
+    if (family, logits) not in _CACHE:
         from blindsight.models.checkpoints import make_tiny_checkpoint
         from blindsight.models.export_vlm import export_vlm
 
-        root = tmp_path_factory.mktemp(f"vlm_{family}")
+        root = tmp_path_factory.mktemp(f"vlm_{family}_{logits}")
         ckpt = make_tiny_checkpoint(family, root / "checkpoint", seed=3)
-        out = export_vlm(ckpt, root / "export").out_dir
-        _CACHE[family] = (ckpt, out)
-    return _CACHE[family]
+        out = export_vlm(ckpt, root / "export", logits=logits).out_dir
+        _CACHE[family, logits] = (ckpt, out)
+    return _CACHE[family, logits]
 
 
 @pytest.fixture(params=FAMILIES)
@@ -39,6 +40,26 @@ def vlm(request, tmp_path_factory):
     family = request.param
     ckpt, out = _export(family, tmp_path_factory)
     return family, ckpt, out
+
+
+def test_default_export_computes_the_last_positions_logits_of_the_full_graph(vlm, tmp_path_factory):
+    """bs-export's default runs the LM head on each chunk's last position only:
+    prefill and decode logits equal the last column of the every-position graph,
+    and the KV cache is the same."""
+    family, _, full = vlm
+    _, last = _export(family, tmp_path_factory, logits="last")
+    template = json.loads((last / "template.json").read_text())
+    assert template["logits"] == "last" and json.loads((full / "template.json").read_text())["logits"] == "all"
+    embeds = _embeds(template, seed=4)
+    want, want_presents = _generate(session(str(full / "language_model.onnx")), template, embeds)
+    got_steps, got_presents = _generate(session(str(last / "language_model.onnx")), template, embeds, split=True)
+    # one logits row per call: the prefill's last position, then each decode step's
+    assert [g.shape[1] for g in got_steps] == [1] * (1 + DECODE_STEPS)
+    np.testing.assert_allclose(got_steps[0], want[:, PREFILL - 1:PREFILL], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(got_steps[1:], axis=1), want[:, PREFILL:], atol=1e-5, rtol=0)
+    for step_got, step_want in zip(got_presents, want_presents):
+        for g, w in zip(step_got, step_want):
+            np.testing.assert_allclose(g, w, atol=1e-6, rtol=0)
 
 
 def _torch_model(ckpt):
@@ -83,9 +104,10 @@ def _lm_feeds(template, embeds, past_len, presents=None):
     return feeds
 
 
-def _generate(sess, template, embeds, spans=None):
+def _generate(sess, template, embeds, spans=None, split=False):
     """Prefill embeds[:, :PREFILL], then one decode step per remaining token;
-    returns the logits of every step and the presents after each step."""
+    returns the logits of every step (concatenated, or one array per call with
+    ``split``) and the presents after each step."""
     logits, presents_per_step, presents = [], [], None
     steps = [(0, PREFILL)] + [(PREFILL + i, PREFILL + i + 1) for i in range(embeds.shape[1] - PREFILL)]
     for start, end in steps:
@@ -96,7 +118,7 @@ def _generate(sess, template, embeds, spans=None):
         logits.append(out[0])
         presents = out[1:]
         presents_per_step.append(presents)
-    return np.concatenate(logits, axis=1), presents_per_step
+    return (logits if split else np.concatenate(logits, axis=1)), presents_per_step
 
 
 def _embeds(template, seed=0):

@@ -28,7 +28,7 @@ class Tiny:
     def __init__(self, family, root):
         self.family = family
         self.checkpoint = make_tiny_checkpoint(family, root / "checkpoint")
-        self.out = export_vlm(self.checkpoint, root / "export").out_dir
+        self.out = export_vlm(self.checkpoint, root / "export", logits="all").out_dir  # some tests read every position
         lm = self.out / "language_model.onnx"
         kv = json.loads((self.out / "template.json").read_text())["num_kv_heads"]
         self.dense_path = compile_model(lm, Profile.uniform("dense", 2, 4, num_kv_heads=kv), self.out / "lm.dense.onnx").output
@@ -84,6 +84,29 @@ def test_compiled_all_dense_pipeline_equals_transformers_generate(tiny, prompt, 
     assert len(got.image_spans) == n
     assert got.token_ids == tiny.hf_generate(built, pipe.template, NEW_TOKENS)
     assert got.ttft_s > 0 and got.prefill_tokens == built.input_ids.size
+
+
+def test_vision_runs_once_per_image_and_equals_one_call_over_all_images(tiny):
+    """Features of three images of different sizes, one vision call each, equal the
+    vision graph run once over all three (whose mask keeps images apart), and
+    transformers' own image features."""
+    pipe = Pipeline(tiny.out, compiled=False, threads=2)
+    built = pipe.prompts.build(_images(3, seed=5), "<image><image><image>which differ?")
+    calls = []
+    run = pipe.vision.run
+    pipe.vision.run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    got = pipe.image_features(built)
+    pipe.vision.run = run
+    assert len(calls) == 3
+    whole = pipe._encode(built.pixel_values, built.image_grid_thw)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=1e-5)
+    kw = {"pixel_values": torch.as_tensor(built.pixel_values)}
+    if built.image_grid_thw is not None:
+        kw["image_grid_thw"] = torch.as_tensor(built.image_grid_thw)
+    with torch.no_grad():
+        out = tiny.hf.model.get_image_features(**kw).pooler_output
+    want = (torch.cat(out) if isinstance(out, (list, tuple)) else out).reshape(-1, got.shape[-1]).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 def test_images_change_the_answer(tiny):

@@ -4,9 +4,10 @@ vs compiled all-dense vs compiled with the profile mix. Time to first token is
 one prefill of a multi-image prompt (empty cache); decode is one token after
 that context (SPEC §6: interleaved, medians).
 
-Unlike the prefill level nothing is cut: every layer, the real vocabulary (the
-graph computes logits at every prompt position, as bs-export writes it; the
-FLOP accounting counts them).
+Unlike the prefill level nothing is cut: every layer, the real vocabulary. The
+graph computes the logits of the last position only, as bs-export writes it
+by default (``ModelCase.logits = "all"``: every position; the FLOP accounting
+counts what the graph computes).
 
 The three graphs share one external-data file (bs-compile keeps the export's
 references). Their sessions run without MatMul pre-packing, so ONNX Runtime
@@ -41,6 +42,7 @@ class ModelCase:
     image_len: int = 1024
     dtype: str = "fp32"  # bs-export's names
     overrides: dict | None = field(default=None, hash=False)  # shrinks the configuration (tests)
+    logits: str = "last"  # bs-export's --logits: the positions the LM head runs on
 
     @property
     def template(self) -> Template:
@@ -56,7 +58,7 @@ class ModelCase:
 
     def key(self) -> str:
         tag = "" if not self.overrides else "_" + hashlib.sha256(json.dumps(self.overrides, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{self.config}{tag}_{self.dtype}_kv"
+        return f"{self.config}{tag}_{self.dtype}_kv" + ("" if self.logits == "all" else f"_{self.logits}")
 
 
 def layers_of(dims, name: str) -> list[list[str]]:
@@ -74,7 +76,8 @@ def build(case: ModelCase, work_dir: Path, progress: bool = True) -> dict[str, P
     work_dir.mkdir(parents=True, exist_ok=True)
     raw = work_dir / f"{case.key()}.onnx"
     if not raw.is_file():
-        export_language_model_structure(case.config, raw, dtype=case.dtype, overrides=case.overrides, progress=progress)
+        export_language_model_structure(case.config, raw, dtype=case.dtype, overrides=case.overrides, progress=progress,
+                                        logits=case.logits)
     paths = {"raw": raw}
     for name in ("dense", "mix"):
         out = work_dir / f"{case.key()}.{name}.onnx"
@@ -149,7 +152,7 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
             mem[k] = measure_in_child("blindsight.bench.model", {"case": vars(case), "path": str(p), "threads": threads,
                                                                  "provider": provider, "native": native, "raw": k == "raw"})["peak_rss_mb"]
             tick()
-    fl = count_flops(dims, layers_of(dims, "mix"), t.spans, t.seq_len, logit_positions=t.seq_len).to_dict()
+    fl = count_flops(dims, layers_of(dims, "mix"), t.spans, t.seq_len, logit_positions=t.seq_len if case.logits == "all" else 1).to_dict()
     speedup = ttft["dense"] / ttft["mix"]
     return {
         "model": dims.name, "num_layers": dims.num_layers, "vocab_size": dims.vocab_size, "dtype": SHORT_DTYPES[case.dtype],

@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="export directory to create")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="float type of the weights and of every float input and output (default fp32)")
+    p.add_argument("--logits", choices=("last", "all"), default="last",
+                   help="positions the language model's LM head runs on: 'last' (default: the chunk's last "
+                   "position, all that generation reads; at long prompts every position's logits would cost "
+                   "S x vocabulary memory) or 'all' (every position, e.g. to score a prompt)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--json", action="store_true", help="print template.json as JSON instead of a summary line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -39,7 +43,8 @@ def main(argv=None) -> int:
     from blindsight.models.export_vlm import export_vlm
 
     code, result = run_cli(
-        "bs-export", lambda: export_vlm(args.model_dir, args.output, progress=not args.quiet, overwrite=args.overwrite, dtype=args.dtype), args.debug
+        "bs-export", lambda: export_vlm(args.model_dir, args.output, progress=not args.quiet, overwrite=args.overwrite, dtype=args.dtype,
+                                      logits=args.logits), args.debug
     )
     if code:
         return code

@@ -7,12 +7,17 @@ Graph interface (names as in the export-directory contract, docs/export-contract
     attention_mask                int64 [B, past + S]  (1 = keep, 0 = padding)
     past_key_values.{i}.key/value float [B, num_kv_heads, past, head_dim]
     token_type_ids                int64 [B, S]  (gemma3 only: 1 on the chunk's image soft tokens)
-    -> logits                     float [B, S, vocab]
+    -> logits                     float [B, 1, vocab] (``logits="last"``, the default: the chunk's
+                                  last position) or [B, S, vocab] (``logits="all"``)
     -> present.{i}.key/value      float [B, num_kv_heads, past + S, head_dim]
 
 "float" is the dtype of the model's weights (float32 unless it was cast).
 
-A prefill is a call with past = 0. Attention is exported in eager form
+A prefill is a call with past = 0. Generation needs the logits of the last
+position only: with ``logits="last"`` the LM head runs on that position alone
+(at 32K tokens and a 152K vocabulary, every position's logits would be 19 GB
+in fp32 and a tenth of the prefill's FLOPs). For right-padded batches, whose
+rows end at different positions, export with ``logits="all"``. Attention is exported in eager form
 (MatMul, Mul(scale), Add(mask), Softmax, MatMul), which bs-compile rewrites
 with K and V = Concat(past, new) as they are.
 """
@@ -29,6 +34,15 @@ from blindsight import families
 from .dtype import cast_floats
 from .export import _logit_softcapping, _quiet, _save, _text_config, _uses_3d_positions
 from .image_blocks import TOKEN_TYPE_INPUT, mask_mapping
+
+#: which positions the LM head runs on: the chunk's last one, or every one
+LOGITS = ("last", "all")
+
+
+def check_logits(logits: str) -> str:
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
+    return logits
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -48,8 +62,10 @@ class LanguageModelWithCache(nn.Module):
     present tensors always hold the whole sequence (what the runtime feeds back).
     """
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module, num_layers: int, final_logit_softcapping=None):
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, num_layers: int, final_logit_softcapping=None,
+                 logits: str = "last"):
         super().__init__()
+        self.logits = check_logits(logits)
         self.decoder = decoder
         self.lm_head = lm_head
         self.num_layers = num_layers
@@ -71,7 +87,10 @@ class LanguageModelWithCache(nn.Module):
             past_key_values=cache,
             use_cache=True,
         )
-        logits = self.lm_head(out.last_hidden_state)
+        hidden = out.last_hidden_state
+        if self.logits == "last":  # every op after the decoder is per position: slicing first changes no value
+            hidden = hidden[:, -1:]
+        logits = self.lm_head(hidden)
         if self.final_logit_softcapping is not None:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
@@ -81,13 +100,13 @@ class LanguageModelWithCache(nn.Module):
         return (logits, *presents)
 
 
-def language_model_with_cache(family: str, model: nn.Module) -> LanguageModelWithCache:
+def language_model_with_cache(family: str, model: nn.Module, logits: str = "last") -> LanguageModelWithCache:
     """Wrap the text decoder and LM head of a loaded ``*ForConditionalGeneration`` model."""
     inner = model.model
     decoder = getattr(inner, "language_model", inner)
     text_cfg = _text_config(model.config)
     cap = _logit_softcapping(family, text_cfg)
-    return LanguageModelWithCache(decoder, model.lm_head, text_cfg.num_hidden_layers, cap).eval()
+    return LanguageModelWithCache(decoder, model.lm_head, text_cfg.num_hidden_layers, cap, logits).eval()
 
 
 def example_kv_inputs(family: str, text_cfg, batch=1, seq_len=5, past_len=3, seed=0):
@@ -105,19 +124,25 @@ def example_kv_inputs(family: str, text_cfg, batch=1, seq_len=5, past_len=3, see
     return embeds, pos.contiguous(), mask, past
 
 
-def export_language_model_with_cache(family: str, model: nn.Module, out_path) -> Path:
+def export_language_model_with_cache(family: str, model: nn.Module, out_path, logits: str = "last") -> Path:
     """Trace ``model`` (a loaded VLM, eager attention) and write ``out_path``;
     float inputs and outputs take the dtype of the model's weights."""
     path = Path(out_path)
-    _save(trace_language_model_with_cache(family, model), path, image_blocks=families.get(family).image_blocks)
+    program = trace_language_model_with_cache(family, model, logits=logits)
+    program.model.metadata_props[LOGITS_METADATA] = logits
+    _save(program, path, image_blocks=families.get(family).image_blocks)
     return path
 
 
-def trace_language_model_with_cache(family: str, model: nn.Module, optimize: bool = True):
+#: metadata of the KV-cache graph: which positions its logits cover (:data:`LOGITS`)
+LOGITS_METADATA = "blindsight.logits"
+
+
+def trace_language_model_with_cache(family: str, model: nn.Module, optimize: bool = True, logits: str = "last"):
     """The ONNX program of the KV-cache language model; a model on the meta
     device traces with meta example inputs (its initializers hold no data,
     ``optimize`` must then be off: folding needs values)."""
-    wrapper = language_model_with_cache(family, model)
+    wrapper = language_model_with_cache(family, model, logits)
     text_cfg = wrapper.decoder.config
     n = wrapper.num_layers
     device = next(model.parameters()).device

@@ -172,29 +172,35 @@ def copy_processor_files(model_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = False, dtype: str = "fp32") -> ExportResult:
+def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = False, dtype: str = "fp32",
+               logits: str = "last") -> ExportResult:
     """Export the checkpoint at ``model_dir`` into ``out_dir``.
 
     ``dtype`` (fp32, fp16, bf16): the weights are loaded in it, and every float
     input and output of the three graphs has it (template.json: ``"dtype"``).
+    ``logits``: ``"last"`` (the language model's LM head runs on the chunk's last
+    position only: what generation reads) or ``"all"`` (every position; template.json:
+    ``"logits"``).
 
     The directory is assembled in a temporary sibling and renamed into place:
     a failure never leaves a half-written export.
     """
     from tqdm import tqdm
 
-    from .export_kv import export_language_model_with_cache
+    from .export_kv import check_logits, export_language_model_with_cache
     from .export_vision import export_embed, export_vision
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     family, config = detect_family(model_dir)
     check_dtype(dtype)
+    check_logits(logits)
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite or choose another -o")
     if out_dir.resolve() == model_dir.resolve():
         raise ExportError("the output directory is the checkpoint directory; choose another -o")
     template = build_template(family, config, model_dir)
     template["dtype"] = DTYPE_NAMES[dtype]
+    template["logits"] = logits
 
     with staged_dir(out_dir) as tmp, tqdm(total=5, desc="bs-export", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("loading weights")
@@ -205,7 +211,7 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
         # the language model is exported first: the vision export switches the
         # vision tower's attention implementation
         bar.set_postfix_str("language model (KV cache)")
-        export_language_model_with_cache(family, model, tmp / FILES["language_model"])
+        export_language_model_with_cache(family, model, tmp / FILES["language_model"], logits)
         bar.update()
         bar.set_postfix_str("embedding")
         export_embed(model, tmp / FILES["embed"])

@@ -205,7 +205,7 @@ def _fold_weight_transposes(graph) -> dict:
 
 
 def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16", seed: int = 0, overrides: dict | None = None,
-                                    progress: bool = True, weights=None) -> Path:
+                                    progress: bool = True, weights=None, logits: str = "last") -> Path:
     """The KV-cache language model of full-size ``name`` (the graph bs-export
     writes as language_model.onnx) without ever holding its weights: traced on
     the meta device, every initializer then drawn at random (``weights(name) ->
@@ -217,6 +217,8 @@ def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16",
     fold it at load into a private in-memory copy, where an untouched external
     initializer stays a read-only file mapping that sessions share.
 
+    ``logits`` as bs-export's (``"last"``: the LM head runs on the last position).
+
     For checkpoints whose export does not fit in memory (7B in 24 GB)."""
     import numpy as np
     import onnx_ir as ir
@@ -227,7 +229,7 @@ def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16",
     from blindsight.attention.schema import IMAGE_BLOCKS_METADATA
     from blindsight.models.dtype import cast_mixed_norms, torch_dtype
     from blindsight.models.export import MAX_IR_VERSION
-    from blindsight.models.export_kv import trace_language_model_with_cache
+    from blindsight.models.export_kv import LOGITS_METADATA, trace_language_model_with_cache
 
     spec = _spec(name)
     family = spec["family"]
@@ -235,7 +237,7 @@ def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16",
     tdtype = torch_dtype(dtype)
     with torch.device("meta"):
         model = model_class._from_config(config, dtype=tdtype).eval()
-    program = trace_language_model_with_cache(family, model, optimize=False)
+    program = trace_language_model_with_cache(family, model, optimize=False, logits=logits)
     buffers = _twin_buffers(family, config, model_class, tdtype)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,6 +287,7 @@ def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16",
         cast_mixed_norms(program.model)
         if families.get(family).image_blocks:
             program.model.metadata_props[IMAGE_BLOCKS_METADATA] = "1"
+        program.model.metadata_props[LOGITS_METADATA] = logits
         program.model.metadata_props["blindsight.random_weights"] = json.dumps({"config": name, "dtype": dtype, "seed": seed})
         program.model.ir_version = min(program.model.ir_version, MAX_IR_VERSION)
         ir.save(program.model, tmp_model)

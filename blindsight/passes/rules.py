@@ -249,6 +249,111 @@ class MicrosoftGroupQueryAttention(pattern.RewriteRuleClassBase):
         )
 
 
+def _const_ints(op, values):
+    return op.Constant(value_ints=list(values))
+
+
+class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
+    """``com.microsoft.GroupQueryAttention`` with a KV cache, as
+    onnxruntime-genai's model builder emits it: separate 3-D Q/K/V after rotary
+    (``do_rotary`` 0), ``past_key``/``past_value`` [B, kv, L, D] and the
+    ``present_*`` outputs, ``seqlens_k`` [B] (the last valid key index per row)
+    and ``total_sequence_length``.
+
+    The rewrite keeps the node's interface. The cache update is an explicit
+    subgraph that writes the new keys/values as GroupQueryAttention does: at
+    position 0 in a first prompt (Sq == total), else at ``seqlens_k[b] + 1 - Sq``
+    of row b, into the past buffer grown to ``max(L, total)`` (with
+    ``past_present_share_buffer`` the buffer keeps its length L and the present
+    is that buffer with the new tokens written; without it, the present is past
+    followed by the new tokens). BlindSightAttention then reads the first
+    ``total`` positions of the present (BNSH), keys k <= seqlens_k[b] of row b,
+    causal with queries at total - Sq ... total - 1. That equals
+    GroupQueryAttention whenever a row's queries sit at total - Sq: every first
+    prompt (right padding included) and every decode step (Sq = 1); a chunked
+    prompt (1 < Sq < total) of a batch whose rows have different lengths
+    would place the shorter rows' queries differently.
+    """
+
+    def __init__(self):
+        super().__init__("MicrosoftGroupQueryAttentionKV")
+
+    def pattern(self, op, query, key, value, past_key, past_value, seqlens_k, total):
+        return op.GroupQueryAttention(
+            query, key, value, past_key, past_value, seqlens_k, total,
+            _domain=_MS, _allow_other_inputs=True, _allow_other_attributes=True,
+            _outputs=["out", "present_key", "present_value"],
+        )
+
+    def check(self, context, query, key, value, past_key, past_value, out, **_):
+        node = out.producer()
+        extra = [i for i, v in enumerate(node.inputs) if v is not None and i > 6]
+        if extra:
+            raise MatchFailureError(f"GroupQueryAttention inputs {extra} (rotary caches, position ids, bias, sinks) are not supported")
+        attrs = node.attributes
+        for name in ("do_rotary", "softcap", "smooth_softmax"):
+            if name in attrs and attrs[name].value:
+                raise MatchFailureError(f"GroupQueryAttention with {name} is not supported")
+        if key is None or value is None or _rank(query) != 3 or _rank(key) != 3:
+            raise MatchFailureError("GroupQueryAttention with packed QKV")
+        if _rank(past_key) != 4 or _rank(past_value) != 4:
+            raise MatchFailureError("past_key/past_value must be [B, kv, L, D]")
+        return True
+
+    def rewrite(self, op, query, key, value, past_key, past_value, seqlens_k, total, out, **_):
+        node = out.producer()
+        attrs = node.attributes
+        heads, kv_heads = attrs["num_heads"].value, attrs["kv_num_heads"].value
+        head_size = _static_dim(query, 2, "query") // heads
+        window = attrs.get("local_window_size")
+        i64 = ir.DataType.INT64
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        seq = op.Gather(op.Shape(query), one, axis=0)  # Sq, a scalar
+        total64 = op.Cast(total, to=i64)
+        last = op.Cast(seqlens_k, to=i64)  # [B]
+        # where row b's new tokens go: 0 in a first prompt, else seqlens_k[b] + 1 - Sq
+        start = op.Where(op.Equal(seq, total64), op.Mul(last, zero), op.Sub(op.Add(last, one), seq))
+        rows = op.Add(op.Unsqueeze(start, _const_ints(op, [1])), op.Range(zero, seq, one))  # [B, Sq]
+        index = op.Unsqueeze(rows, _const_ints(op, [1, 3]))  # [B, 1, Sq, 1]
+
+        def bnsh(x, n):
+            return op.Transpose(op.Reshape(x, _const_ints(op, [0, 0, n, head_size])), perm=[0, 2, 1, 3])
+
+        def update(past, new):
+            # grow the buffer to max(L, total) (zeros), then write the new tokens at their rows
+            length = op.Gather(op.Shape(past), op.Constant(value_int=2), axis=0)
+            grow = op.Max(op.Sub(total64, length), zero)
+            pads = op.Concat(_const_ints(op, [0, 0, 0, 0, 0, 0]), op.Unsqueeze(grow, _const_ints(op, [0])),
+                             _const_ints(op, [0]), axis=0)
+            buffer = op.Pad(past, pads)
+            return op.ScatterElements(buffer, op.Expand(index, op.Shape(new)), new, axis=2)
+
+        new_k, new_v = bnsh(key, kv_heads), bnsh(value, kv_heads)
+        present_k, present_v = update(past_key, new_k), update(past_value, new_v)
+        ends = op.Unsqueeze(total64, _const_ints(op, [0]))
+        k_valid = op.Slice(present_k, _const_ints(op, [0]), ends, _const_ints(op, [2]))
+        v_valid = op.Slice(present_v, _const_ints(op, [0]), ends, _const_ints(op, [2]))
+        q = bnsh(query, heads)
+        batch = query.shape[0] if query.shape is not None else None
+        q.shape = ir.Shape([batch, heads, query.shape[1], head_size])
+        q.dtype = query.dtype
+        for v_, n in ((k_valid, kv_heads), (v_valid, kv_heads)):
+            v_.shape = ir.Shape([batch, n, None, head_size])
+            v_.dtype = query.dtype
+        positions = op.Range(zero, total64, one)
+        mask = op.LessOrEqual(positions, op.Unsqueeze(last, _const_ints(op, [1, 2, 3])))  # [B, 1, 1, total]
+        mask.dtype = ir.DataType.BOOL
+        attn = _emit(
+            op, q, k_valid, v_valid, mask,
+            num_heads=heads, kv_num_heads=kv_heads, scale=_scale(node, head_size),
+            is_causal=1, window=window.value if window and window.value > 0 else -1,
+        )
+        attn.shape = ir.Shape([batch, heads, query.shape[1], head_size])
+        attn.dtype = query.dtype
+        output = op.Reshape(op.Transpose(attn, perm=[0, 2, 1, 3]), _const_ints(op, [0, 0, heads * head_size]))
+        return output, present_k, present_v
+
+
 def attention_rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet(
         [
@@ -257,6 +362,7 @@ def attention_rules() -> pattern.RewriteRuleSet:
             DecomposedAttention.rule(),
             MicrosoftMultiHeadAttention.rule(),
             MicrosoftGroupQueryAttention.rule(),
+            MicrosoftGroupQueryAttentionKV.rule(),
         ],
         commute=True,
     )

@@ -1,0 +1,243 @@
+"""Decoders that onnxruntime-genai's model builder writes (tests/fixtures/genai,
+a tiny random Qwen2.5-VL text decoder: com.microsoft GroupQueryAttention with
+a KV cache whose past and present share one buffer).
+
+Compiled all-dense, the decoder equals the builder's own graph in ONNX Runtime
+(logits and the valid part of every present) over a prompt and decode steps;
+with a sparse profile every BlindSightAttention node equals the numpy
+reference (docs/specification.md §2) on the Q/K/V it receives, and those are
+the decoder's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from _util import run, session
+from blindsight.attention import reference_attention
+from blindsight.compiler.pipeline import compile_model
+from blindsight.profile import Profile
+
+FIXTURE = Path(__file__).parent / "fixtures" / "genai"
+LAYERS, HEADS, KV_HEADS, HEAD_SIZE, SCALE = 2, 4, 2, 16, 0.25
+SPANS = np.array([[2, 7], [8, 14]], dtype=np.int64)  # two "images" inside a 16-token prompt
+SPARSE = [["dense", "sink", "intra", "intra_sink"], ["intra", "intra_sink", "sink", "intra"]]
+
+
+def _copy_fixture(dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(FIXTURE / name, dst / name)
+    return dst / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{(profile name, lowering): compiled path}, and the source under key "source"."""
+    root = tmp_path_factory.mktemp("genai")
+    source = _copy_fixture(root)
+    out = {"source": source}
+    for name, profile in (("dense", Profile.uniform("dense", LAYERS, HEADS)), ("sparse", Profile(SPARSE))):
+        for lowering in ("fast", "reference"):
+            out[name, lowering] = compile_model(source, profile, root / f"{name}_{lowering}.onnx", lowering).output
+    return out
+
+
+def _past_names(sess):
+    return [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+
+
+def _next_past(sess, outputs):
+    return {o.name.replace("present", "past_key_values"): x for o, x in zip(sess.get_outputs(), outputs) if o.name.startswith("present")}
+
+
+class Steps:
+    """A prompt (possibly in chunks) then decode steps, fed the way onnxruntime-genai
+    feeds the decoder: attention_mask over all tokens so far, position_ids [3, B, S],
+    a past buffer of ``buffer`` positions (share buffer) or of the past's length."""
+
+    def __init__(self, lengths, chunks, decode, buffer, seed=0):
+        rng = np.random.default_rng(seed)
+        self.lengths, self.buffer = list(lengths), buffer
+        self.prompt = max(lengths)
+        self.ids = rng.integers(0, 256, (len(lengths), self.prompt + decode))
+        self.chunks = list(chunks) + [1] * decode
+        self.garbage = rng.standard_normal((len(lengths), KV_HEADS, buffer or 1, HEAD_SIZE)).astype(np.float32) * 50
+
+    def __iter__(self):
+        batch, done = len(self.lengths), 0
+        for n in self.chunks:
+            if done < self.prompt:
+                tok = self.ids[:, done:done + n]
+                mask = np.zeros((batch, done + n), np.int64)
+                for b, length in enumerate(self.lengths):
+                    mask[b, :length] = 1  # right padding in the prompt
+                pos = np.broadcast_to(np.arange(done, done + n), (3, batch, n))
+            else:  # a decode step: one new token per row, right after its last valid one
+                k = done - self.prompt
+                tok = self.ids[:, done:done + 1]
+                mask = np.concatenate([np.arange(self.prompt)[None] < np.array(self.lengths)[:, None],
+                                       np.ones((batch, k + 1), bool)], axis=1).astype(np.int64)
+                pos = np.broadcast_to((np.array(self.lengths) + k)[None, :, None], (3, batch, 1))
+            done += n
+            yield tok, mask, np.ascontiguousarray(pos, dtype=np.int64)
+
+    def first_past(self, sess):
+        if self.buffer:
+            return {name: self.garbage.copy() for name in _past_names(sess)}
+        return {name: np.zeros((len(self.lengths), KV_HEADS, 0, HEAD_SIZE), np.float32) for name in _past_names(sess)}
+
+    def valid(self, mask, b):
+        """Key positions of row b that GroupQueryAttention wrote: 0 .. seqlens_k[b]."""
+        return int(mask[b].sum())
+
+
+def spans_so_far(total: int) -> np.ndarray:
+    """The spans clipped to the tokens the model has seen (a chunked prompt's first
+    chunk sees part of the images): the fast lowering wants spans inside [0, total)."""
+    clipped = np.minimum(SPANS, total)
+    return clipped[clipped[:, 0] < clipped[:, 1]].reshape(-1, 2)
+
+
+def _drive(path, steps: Steps):
+    """Run every step; yields (the step's attention_mask, outputs by name)."""
+    sess = session(str(path))
+    past = steps.first_past(sess)
+    names = [o.name for o in sess.get_outputs()]
+    for tok, mask, pos in steps:
+        spans = spans_so_far(mask.shape[1])
+        outs = run(sess, dict(input_ids=tok, attention_mask=mask, position_ids=pos, image_spans=spans, **past))
+        yield mask, dict(zip(names, outs))
+        past = _next_past(sess, outs)
+
+
+CASES = {
+    "prompt+decode, share buffer": dict(lengths=[16], chunks=[16], decode=3, buffer=24),
+    "prompt+decode, no share buffer": dict(lengths=[16], chunks=[16], decode=3, buffer=0),
+    "chunked prompt, share buffer": dict(lengths=[16], chunks=[9, 7], decode=2, buffer=24),
+    "batch of 2, right padded": dict(lengths=[16, 11], chunks=[16], decode=3, buffer=24),
+}
+
+
+def test_fixture_is_the_builders_decoder():
+    model = onnx.load(str(FIXTURE / "model.onnx"), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == LAYERS
+    for layer, node in enumerate(gqa):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["do_rotary"] == 0 and attrs["num_heads"] == HEADS and attrs["kv_num_heads"] == KV_HEADS
+        assert node.input[3:5] == [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
+        assert node.output[1:] == [f"present.{layer}.key", f"present.{layer}.value"]
+    config = json.loads((FIXTURE / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+
+
+def test_compiled_keeps_the_decoders_interface(compiled):
+    src = onnx.load(str(compiled["source"]), load_external_data=False)
+    out = onnx.load(str(compiled["sparse", "fast"]), load_external_data=False)
+    assert [i.name for i in out.graph.input] == [i.name for i in src.graph.input] + ["image_spans"]
+    assert [o.name for o in out.graph.output] == [o.name for o in src.graph.output]
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("BlindSightAttention") == LAYERS and "GroupQueryAttention" not in ops
+
+
+@pytest.mark.parametrize("lowering", ["fast", "reference"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_all_dense_equals_the_decoder(compiled, case, lowering):
+    steps = Steps(**CASES[case])
+    pairs = zip(_drive(compiled["source"], steps), _drive(compiled["dense", lowering], steps))
+    for step, ((mask, want), (_, got)) in enumerate(pairs):
+        for b, length in enumerate(steps.lengths):
+            rows = slice(0, length - sum(steps.chunks[:step])) if step < len(CASES[case]["chunks"]) else slice(None)
+            if rows.stop is not None and rows.stop <= 0:
+                continue
+            diff = np.abs(got["logits"][b, rows] - want["logits"][b, rows]).max()
+            assert diff <= 1e-4, (case, step, b, diff)  # padded query rows are unspecified
+            valid = steps.valid(mask, b)
+            for name in want:
+                if name.startswith("present"):
+                    assert got[name].shape == want[name].shape
+                    diff = np.abs(got[name][b, :, :valid] - want[name][b, :, :valid]).max()
+                    assert diff <= 1e-5, (case, step, b, name, diff)
+
+
+def _probe(path: Path, dst: Path) -> Path:
+    """A copy of a compiled model whose graph also outputs every BlindSightAttention node's inputs and output."""
+    model = onnx.load(str(path), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type != "BlindSightAttention":
+            continue
+        layer = int(node.name.rsplit("_", 1)[1])
+        for role, name in zip(("q", "k", "v", "mask", "out"), list(node.input[:4]) + [node.output[0]]):
+            alias = f"probe.{layer}.{role}"
+            elem = onnx.TensorProto.BOOL if role == "mask" else onnx.TensorProto.FLOAT
+            model.graph.node.append(helper.make_node("Identity", [name], [alias]))
+            model.graph.output.append(helper.make_tensor_value_info(alias, elem, None))
+        assert not known & {f"probe.{layer}.{r}" for r in ("q", "k", "v", "mask", "out")}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path.parent / "model.onnx.data", dst.parent / "model.onnx.data")
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _gqa_inputs(path: Path, dst: Path) -> Path:
+    """A copy of the builder's decoder that also outputs layer 0's query (after rotary)."""
+    model = onnx.load(str(path), load_external_data=False)
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    model.graph.output.append(helper.make_tensor_value_info(gqa.input[0], onnx.TensorProto.FLOAT, None))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path.parent / "model.onnx.data", dst.parent / "model.onnx.data")
+    onnx.save(model, str(dst))
+    return dst, gqa.input[0]
+
+
+@pytest.mark.parametrize("lowering", ["fast", "reference"])
+@pytest.mark.parametrize("case", ["prompt+decode, share buffer", "chunked prompt, share buffer", "batch of 2, right padded"])
+def test_sparse_profile_equals_numpy_on_the_decoders_qkv(compiled, case, lowering, tmp_path):
+    steps = Steps(**CASES[case])
+    probe = _probe(compiled["sparse", lowering], tmp_path / "probe" / "model.onnx")
+    source, q_name = _gqa_inputs(compiled["source"], tmp_path / "source" / "model.onnx")
+    dense = _drive(compiled["dense", lowering], steps)
+    moved = 0.0
+    for step, ((mask, got), (_, want), (_, dense_out)) in enumerate(zip(_drive(probe, steps), _drive(source, steps), dense)):
+        sq = got["logits"].shape[1]
+        for layer in range(LAYERS):
+            q, k, v = (got[f"probe.{layer}.{r}"] for r in ("q", "k", "v"))
+            key_mask = got[f"probe.{layer}.mask"]  # [B, 1, 1, total]: keys 0..seqlens_k[b]
+            assert k.shape[2] == mask.shape[1]  # the valid prefix of the present: total keys
+            ref = reference_attention(q, k, v, spans_so_far(mask.shape[1]), SPARSE[layer], scale=SCALE, model_mask=key_mask)
+            for b, length in enumerate(steps.lengths):
+                rows = slice(None)
+                if step == 0 and length < sq:
+                    rows = slice(0, length)  # right padding: padded query rows are unspecified
+                diff = np.abs(got[f"probe.{layer}.out"][b, :, rows] - ref[b, :, rows]).max()
+                assert diff <= 1e-4, (case, step, layer, b, diff)
+        # layer 0's Q and K are the decoder's own (before any attention they are unchanged)
+        q_bsd = got["probe.0.q"].transpose(0, 2, 1, 3).reshape(want[q_name].shape)
+        assert np.abs(q_bsd - want[q_name]).max() <= 1e-5
+        for b in range(len(steps.lengths)):
+            valid = steps.valid(mask, b)
+            assert np.abs(got["present.0.key"][b, :, :valid] - want["present.0.key"][b, :, :valid]).max() <= 1e-5
+        moved = max(moved, float(np.abs(got["logits"] - dense_out["logits"]).max()))
+    assert moved > 1e-3  # the profile changed what the prompt's image tokens saw
+
+
+GENAI_PYTHON = os.environ.get("BLINDSIGHT_GENAI_PYTHON")
+
+
+@pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
+def test_the_builder_still_writes_the_fixture(tmp_path):
+    """The fixture is what `python -m blindsight.models.genai` makes today, byte for byte."""
+    from blindsight.models.genai import make_tiny_decoder
+
+    out = make_tiny_decoder("qwen2_5_vl", tmp_path / "genai", python=GENAI_PYTHON)
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (FIXTURE / name).read_bytes(), name

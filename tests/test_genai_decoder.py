@@ -241,3 +241,41 @@ def test_the_builder_still_writes_the_fixture(tmp_path):
     out = make_tiny_decoder("qwen2_5_vl", tmp_path / "genai", python=GENAI_PYTHON)
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
         assert (out / name).read_bytes() == (FIXTURE / name).read_bytes(), name
+
+
+def _profiles():
+    sparse = Profile([[("sink", "intra", "intra_sink", "dense")[(h + layer) % 4] for h in range(HEADS)] for layer in range(LAYERS)])
+    return {"dense": (Profile.uniform("dense", LAYERS, HEADS), "fast"), "sparse": (sparse, "fast"),
+            "sparse_reference": (sparse, "reference")}
+
+
+def test_compiled_folder_greedy_decoding_in_onnxruntime(tmp_path):
+    """compile_for_genai's folder, decoded greedily the way genai feeds it (one
+    shared past/present buffer): all-dense gives the builder's decoder's tokens;
+    the sparse profile's tokens are the same under both lowerings."""
+    from blindsight.models.genai import DEMO_PROMPT, DEMO_SPANS, compile_for_genai, ort_greedy
+
+    folder = shutil.copytree(FIXTURE, tmp_path / "decoder")
+    want = ort_greedy(folder / "model.onnx", DEMO_PROMPT, 28)
+    tokens = {}
+    for name, (profile, lowering) in _profiles().items():
+        out = compile_for_genai(folder, profile, lowering, name)
+        decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+        assert decoder == "model.blindsight.onnx"
+        tokens[name] = ort_greedy(out / decoder, DEMO_PROMPT, 28, DEMO_SPANS)
+    assert len(want) == 12 and tokens["dense"] == want
+    assert tokens["sparse"] == tokens["sparse_reference"] != want
+
+
+@pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
+def test_onnxruntime_genai_runs_the_compiled_decoder(tmp_path):
+    """onnxruntime-genai itself (image_spans through Generator.set_model_input):
+    its greedy tokens equal onnxruntime's loop, and all-dense equals the source."""
+    from blindsight.models.genai import DEMO_PROMPT, DEMO_SPANS, greedy_parity
+
+    folder = shutil.copytree(FIXTURE, tmp_path / "decoder")
+    result = greedy_parity(GENAI_PYTHON, folder, _profiles(), DEMO_PROMPT, DEMO_SPANS, max_length=28)
+    for name, runs in result.items():
+        assert runs["genai"] == runs["ort"], name
+    assert result["dense"]["genai"] == result["source"]["genai"]
+    assert result["sparse"]["genai"] == result["sparse_reference"]["genai"] != result["source"]["genai"]

@@ -92,10 +92,29 @@ def shrink_context(checkpoint, context_length: int) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def flatten_rope(checkpoint) -> None:
+    """Gemma 3 under transformers 5 nests ``rope_parameters`` per layer type; the
+    builder (0.18.0) reads ``rope_parameters["rope_type"]`` and
+    ``config.rope_local_base_freq`` (KeyError 'rope_type' otherwise). Give it the
+    full-attention layers' parameters flat and the sliding layers' theta apart."""
+    path = Path(checkpoint) / "config.json"
+    config = json.loads(path.read_text())
+    text = config.get("text_config") or config
+    rope = text.get("rope_parameters") or {}
+    if "full_attention" in rope:
+        text["rope_parameters"] = dict(rope["full_attention"])
+        local = rope.get("sliding_attention", {}).get("rope_theta")
+        if local is not None:
+            text["rope_local_base_freq"] = config["rope_local_base_freq"] = local
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def make_tiny_decoder(family: str, out_dir, *, python, seed: int = 0, num_layers: int = 2, num_kv_heads: int = 2,
-                      context_length: int | None = 256) -> Path:
+                      context_length: int | None = 256, extra_options: dict | None = None) -> Path:
     """A tiny random checkpoint of ``family`` through the builder: ``out_dir`` gets
-    model.onnx, model.onnx.data, genai_config.json and the tokenizer files."""
+    model.onnx, model.onnx.data, genai_config.json and the tokenizer files.
+    ``extra_options``: the builder's (e.g. ``{"windowed_kv_cache": "false"}``:
+    sliding layers keep full-length caches rather than window-sized ones)."""
     from blindsight.models.checkpoints import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="genai-ckpt-") as tmp:
@@ -103,7 +122,8 @@ def make_tiny_decoder(family: str, out_dir, *, python, seed: int = 0, num_layers
                                     num_kv_heads=num_kv_heads)
         if context_length:
             shrink_context(ckpt, context_length)
-        return build_decoder(python, ckpt, out_dir)
+        flatten_rope(ckpt)
+        return build_decoder(python, ckpt, out_dir, extra_options=extra_options)
 
 
 #: run in the builder's environment: argv = model folder, JSON {"prompt": [...], "max_length": n, "spans": [[s, e], ...] | null}
@@ -139,7 +159,7 @@ def genai_greedy(python, folder, prompt, max_length: int, spans=None) -> list[in
 
 def ort_greedy(model_path, prompt, max_length: int, spans=None, *, buffer: int | None = None) -> list[int]:
     """The same greedy loop in this environment's onnxruntime, fed as genai feeds
-    the builder's decoder: text positions in all three rows of position_ids, an
+    the builder's decoder (stopping after an eos_token_id of its genai_config.json): text positions in all three rows of position_ids, an
     attention mask over every token so far, and past/present sharing one buffer
     of ``buffer`` positions (default ``max_length``)."""
     import numpy as np
@@ -149,7 +169,10 @@ def ort_greedy(model_path, prompt, max_length: int, spans=None, *, buffer: int |
     inputs = {i.name: i for i in sess.get_inputs()}
     names = [o.name for o in sess.get_outputs()]
     buffer = buffer or max_length
-    decoder = json.loads((Path(model_path).parent / "genai_config.json").read_text())["model"]["decoder"]
+    model = json.loads((Path(model_path).parent / "genai_config.json").read_text())["model"]
+    decoder = model["decoder"]
+    eos = model.get("eos_token_id", [])
+    eos = set(eos if isinstance(eos, list) else [eos])
     shape = (1, decoder["num_key_value_heads"], buffer, decoder["head_size"])
     past = {name: np.zeros(shape, np.float32) for name in inputs if name.startswith("past_key_values.")}
     tokens, out = [int(t) for t in prompt], []
@@ -158,6 +181,8 @@ def ort_greedy(model_path, prompt, max_length: int, spans=None, *, buffer: int |
         feeds = dict(input_ids=np.array([new], np.int64), attention_mask=np.ones((1, len(tokens)), np.int64),
                      position_ids=np.broadcast_to(np.arange(len(tokens) - len(new), len(tokens)), (3, 1, len(new))).astype(np.int64),
                      **past)
+        if "position_ids" not in inputs:  # Gemma 3: the rotary inside GroupQueryAttention takes positions from the mask
+            del feeds["position_ids"]
         if "image_spans" in inputs:
             feeds["image_spans"] = np.array(spans if spans is not None else [], np.int64).reshape(-1, 2)
         result = dict(zip(names, sess.run(None, feeds)))
@@ -166,6 +191,8 @@ def ort_greedy(model_path, prompt, max_length: int, spans=None, *, buffer: int |
         out.append(nxt)
         tokens.append(nxt)
         new = [nxt]
+        if nxt in eos:  # genai stops after an end-of-sequence token
+            break
     return out
 
 
@@ -218,10 +245,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--context-length", type=int, default=256)
+    ap.add_argument("--extra-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="the builder's --extra_options, e.g. windowed_kv_cache=false")
     ap.add_argument("--greedy", action="store_true", help="then compile it and compare greedy tokens (genai and onnxruntime)")
     args = ap.parse_args(argv)
     out = make_tiny_decoder(args.family, args.out, python=args.python, seed=args.seed, num_layers=args.layers,
-                            num_kv_heads=args.kv_heads, context_length=args.context_length)
+                            num_kv_heads=args.kv_heads, context_length=args.context_length,
+                            extra_options=dict(o.split("=", 1) for o in args.extra_option) or None)
     print(f"wrote {out / 'model.onnx'}")
     if args.greedy:
         from blindsight.models.configs import TINY_HEADS

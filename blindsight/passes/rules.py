@@ -256,7 +256,10 @@ def _const_ints(op, values):
 class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
     """``com.microsoft.GroupQueryAttention`` with a KV cache, as
     onnxruntime-genai's model builder emits it: separate 3-D Q/K/V after rotary
-    (``do_rotary`` 0), ``past_key``/``past_value`` [B, kv, L, D] and the
+    (``do_rotary`` 0) or with ``cos_cache``/``sin_cache`` (``do_rotary`` 1: the
+    rewrite applies com.microsoft RotaryEmbedding at the positions the tokens
+    are written to, as GroupQueryAttention does), ``past_key``/``past_value``
+    [B, kv, L, D] (not ``sliding_window_cache``'s window-sized buffers) and the
     ``present_*`` outputs, ``seqlens_k`` [B] (the last valid key index per row)
     and ``total_sequence_length``.
 
@@ -287,12 +290,16 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
 
     def check(self, context, query, key, value, past_key, past_value, out, **_):
         node = out.producer()
-        extra = [i for i, v in enumerate(node.inputs) if v is not None and i > 6]
-        if extra:
-            raise MatchFailureError(f"GroupQueryAttention inputs {extra} (rotary caches, position ids, bias, sinks) are not supported")
         attrs = node.attributes
-        for name in ("do_rotary", "softcap", "smooth_softmax"):
-            if name in attrs and attrs[name].value:
+        rotary = bool("do_rotary" in attrs and attrs["do_rotary"].value)
+        allowed = 9 if rotary else 7  # cos_cache, sin_cache with do_rotary
+        extra = [i for i, v in enumerate(node.inputs) if v is not None and i >= allowed]
+        if extra:
+            raise MatchFailureError(f"GroupQueryAttention inputs {extra} (position ids, bias, sinks) are not supported")
+        if rotary and (len(node.inputs) < 9 or node.inputs[7] is None or node.inputs[8] is None):
+            raise MatchFailureError("do_rotary without cos/sin caches")
+        for name in ("softcap", "smooth_softmax", "sliding_window_cache", "k_quant_type", "v_quant_type"):
+            if name in attrs and attrs[name].value not in (0, 0.0, "NONE", "none", ""):
                 raise MatchFailureError(f"GroupQueryAttention with {name} is not supported")
         if key is None or value is None or _rank(query) != 3 or _rank(key) != 3:
             raise MatchFailureError("GroupQueryAttention with packed QKV")
@@ -328,6 +335,17 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
             buffer = op.Pad(past, pads)
             return op.ScatterElements(buffer, op.Expand(index, op.Shape(new)), new, axis=2)
 
+        if "do_rotary" in attrs and attrs["do_rotary"].value:
+            # the rotary GroupQueryAttention applies: at the positions the new tokens are written to
+            cos, sin = node.inputs[7], node.inputs[8]
+            interleaved = attrs["rotary_interleaved"].value if "rotary_interleaved" in attrs else 0
+            rot = {}
+            half = cos.shape[1] if cos.shape is not None and len(cos.shape) == 2 else None
+            if isinstance(half, int) and 2 * half != head_size:
+                rot["rotary_embedding_dim"] = 2 * half
+            query = op.RotaryEmbedding(query, rows, cos, sin, _domain=_MS, interleaved=interleaved, num_heads=heads, **rot)
+            key = op.RotaryEmbedding(key, rows, cos, sin, _domain=_MS, interleaved=interleaved, num_heads=kv_heads, **rot)
+            query.shape, query.dtype = node.inputs[0].shape, node.inputs[0].dtype
         new_k, new_v = bnsh(key, kv_heads), bnsh(value, kv_heads)
         present_k, present_v = update(past_key, new_k), update(past_value, new_v)
         ends = op.Unsqueeze(total64, _const_ints(op, [0]))

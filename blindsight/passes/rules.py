@@ -272,10 +272,13 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
     followed by the new tokens). BlindSightAttention then reads the first
     ``total`` positions of the present (BNSH), keys k <= seqlens_k[b] of row b,
     causal with queries at total - Sq ... total - 1. That equals
-    GroupQueryAttention whenever a row's queries sit at total - Sq: every first
-    prompt (right padding included) and every decode step (Sq = 1); a chunked
-    prompt (1 < Sq < total) of a batch whose rows have different lengths
-    would place the shorter rows' queries differently.
+    GroupQueryAttention whenever a row's queries sit at total - Sq: every row
+    of a batch without padding, and a first prompt with right padding. A
+    shorter row's decode step (Sq = 1, its query at seqlens_k[b]) is exact
+    too without a sliding window (its keys are 0..seqlens_k[b] either way),
+    but a ``local_window_size`` counts from total - 1, not from the row's own
+    position; a chunked prompt (1 < Sq < total) of rows of different lengths
+    places the shorter rows' queries differently.
     """
 
     def __init__(self):

@@ -173,8 +173,15 @@ def ort_greedy(model_path, prompt, max_length: int, spans=None, *, buffer: int |
     decoder = model["decoder"]
     eos = model.get("eos_token_id", [])
     eos = set(eos if isinstance(eos, list) else [eos])
-    shape = (1, decoder["num_key_value_heads"], buffer, decoder["head_size"])
-    past = {name: np.zeros(shape, np.float32) for name in inputs if name.startswith("past_key_values.")}
+    sliding = decoder.get("sliding_window") or {}
+    windowed = set(sliding.get("layers", [])) if sliding else set()
+    past = {}
+    for name in inputs:
+        if name.startswith("past_key_values."):
+            layer = int(name.split(".")[1])
+            # a windowed layer's cache (sliding_window_cache) holds window_size + cache_slack positions
+            length = sliding["window_size"] + sliding.get("cache_slack", 0) if layer in windowed else buffer
+            past[name] = np.zeros((1, decoder["num_key_value_heads"], length, decoder["head_size"]), np.float32)
     tokens, out = [int(t) for t in prompt], []
     new = tokens
     while len(tokens) < max_length:

@@ -253,13 +253,19 @@ def _const_ints(op, values):
     return op.Constant(value_ints=list(values))
 
 
+def _sliding_cache(node: ir.Node) -> bool:
+    attr = node.attributes.get("sliding_window_cache")
+    return bool(attr is not None and attr.value)
+
+
 class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
     """``com.microsoft.GroupQueryAttention`` with a KV cache, as
     onnxruntime-genai's model builder emits it: separate 3-D Q/K/V after rotary
     (``do_rotary`` 0) or with ``cos_cache``/``sin_cache`` (``do_rotary`` 1: the
     rewrite applies com.microsoft RotaryEmbedding at the positions the tokens
     are written to, as GroupQueryAttention does), ``past_key``/``past_value``
-    [B, kv, L, D] (not ``sliding_window_cache``'s window-sized buffers) and the
+    [B, kv, L, D] (or, with ``sliding_window_cache``, window-sized buffers that
+    keep the last C positions; exact for rows without padding) and the
     ``present_*`` outputs, ``seqlens_k`` [B] (the last valid key index per row)
     and ``total_sequence_length``.
 
@@ -301,9 +307,11 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
             raise MatchFailureError(f"GroupQueryAttention inputs {extra} (position ids, bias, sinks) are not supported")
         if rotary and (len(node.inputs) < 9 or node.inputs[7] is None or node.inputs[8] is None):
             raise MatchFailureError("do_rotary without cos/sin caches")
-        for name in ("softcap", "smooth_softmax", "sliding_window_cache", "k_quant_type", "v_quant_type"):
+        for name in ("softcap", "smooth_softmax", "k_quant_type", "v_quant_type"):
             if name in attrs and attrs[name].value not in (0, 0.0, "NONE", "none", ""):
                 raise MatchFailureError(f"GroupQueryAttention with {name} is not supported")
+        if _sliding_cache(node) and not (attrs.get("local_window_size") and attrs["local_window_size"].value > 0):
+            raise MatchFailureError("sliding_window_cache without a local_window_size")
         if key is None or value is None or _rank(query) != 3 or _rank(key) != 3:
             raise MatchFailureError("GroupQueryAttention with packed QKV")
         if _rank(past_key) != 4 or _rank(past_value) != 4:
@@ -350,10 +358,44 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
             key = op.RotaryEmbedding(key, rows, cos, sin, _domain=_MS, interleaved=interleaved, num_heads=kv_heads, **rot)
             query.shape, query.dtype = node.inputs[0].shape, node.inputs[0].dtype
         new_k, new_v = bnsh(key, kv_heads), bnsh(value, kv_heads)
-        present_k, present_v = update(past_key, new_k), update(past_value, new_v)
-        ends = op.Unsqueeze(total64, _const_ints(op, [0]))
-        k_valid = op.Slice(present_k, _const_ints(op, [0]), ends, _const_ints(op, [2]))
-        v_valid = op.Slice(present_v, _const_ints(op, [0]), ends, _const_ints(op, [2]))
+        positions = op.Range(zero, total64, one)
+        keep = op.LessOrEqual(positions, op.Unsqueeze(last, _const_ints(op, [1, 2, 3])))  # [B, 1, 1, total]
+        if _sliding_cache(node):
+            # a buffer of capacity C >= W (the window) holds, left-aligned, the last
+            # held(n) of n tokens: n while n <= C, else W + (n - W) mod (C - W + 1)
+            # (GroupQueryAttention evicts down to the window when full; measured on
+            # onnxruntime 1.31, C = W gives min(n, C)). The present keeps the last
+            # held(total) of past + new, zero-filled behind (GroupQueryAttention leaves
+            # older values there). The node reads the logical keys 0..total-1 with
+            # zeros before the first held position (masked, and outside the window).
+            cap = op.Gather(op.Shape(past_key), op.Constant(value_int=2), axis=0)
+            w = op.Constant(value_int=window.value)
+
+            def held_of(n):
+                return op.Where(op.LessOrEqual(n, cap), n, op.Add(w, op.Mod(op.Sub(n, w), op.Add(op.Sub(cap, w), one))))
+
+            past_len = op.Sub(total64, seq)
+            held = held_of(past_len)
+            first = op.Sub(past_len, held)  # position of the buffer's slot 0
+            as_1d = lambda x: op.Unsqueeze(x, _const_ints(op, [0]))  # noqa: E731
+            length = op.Add(held, seq)
+            drop = op.Sub(length, held_of(total64))
+
+            def window_update(past, new):
+                joined = op.Concat(op.Slice(past, _const_ints(op, [0]), as_1d(held), _const_ints(op, [2])), new, axis=2)
+                tail = op.Slice(joined, as_1d(drop), _const_ints(op, [2**62]), _const_ints(op, [2]))
+                behind = op.Sub(cap, op.Sub(length, drop))
+                present = op.Pad(tail, op.Concat(_const_ints(op, [0, 0, 0, 0, 0, 0]), as_1d(behind), _const_ints(op, [0]), axis=0))
+                logical = op.Pad(joined, op.Concat(_const_ints(op, [0, 0]), as_1d(first), _const_ints(op, [0, 0, 0, 0, 0]), axis=0))
+                return present, logical
+
+            (present_k, k_valid), (present_v, v_valid) = window_update(past_key, new_k), window_update(past_value, new_v)
+            keep = op.And(keep, op.GreaterOrEqual(positions, first))
+        else:
+            present_k, present_v = update(past_key, new_k), update(past_value, new_v)
+            ends = op.Unsqueeze(total64, _const_ints(op, [0]))
+            k_valid = op.Slice(present_k, _const_ints(op, [0]), ends, _const_ints(op, [2]))
+            v_valid = op.Slice(present_v, _const_ints(op, [0]), ends, _const_ints(op, [2]))
         q = bnsh(query, heads)
         batch = query.shape[0] if query.shape is not None else None
         q.shape = ir.Shape([batch, heads, query.shape[1], head_size])
@@ -361,11 +403,9 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
         for v_, n in ((k_valid, kv_heads), (v_valid, kv_heads)):
             v_.shape = ir.Shape([batch, n, None, head_size])
             v_.dtype = query.dtype
-        positions = op.Range(zero, total64, one)
-        mask = op.LessOrEqual(positions, op.Unsqueeze(last, _const_ints(op, [1, 2, 3])))  # [B, 1, 1, total]
-        mask.dtype = ir.DataType.BOOL
+        keep.dtype = ir.DataType.BOOL
         attn = _emit(
-            op, q, k_valid, v_valid, mask,
+            op, q, k_valid, v_valid, keep,
             num_heads=heads, kv_num_heads=kv_heads, scale=_scale(node, head_size),
             is_causal=1, window=window.value if window and window.value > 0 else -1,
         )

@@ -249,6 +249,172 @@ class MicrosoftGroupQueryAttention(pattern.RewriteRuleClassBase):
         )
 
 
+def _const_ints(op, values):
+    return op.Constant(value_ints=list(values))
+
+
+def _sliding_cache(node: ir.Node) -> bool:
+    attr = node.attributes.get("sliding_window_cache")
+    return bool(attr is not None and attr.value)
+
+
+class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
+    """``com.microsoft.GroupQueryAttention`` with a KV cache, as
+    onnxruntime-genai's model builder emits it: separate 3-D Q/K/V after rotary
+    (``do_rotary`` 0) or with ``cos_cache``/``sin_cache`` (``do_rotary`` 1: the
+    rewrite applies com.microsoft RotaryEmbedding at the positions the tokens
+    are written to, as GroupQueryAttention does), ``past_key``/``past_value``
+    [B, kv, L, D] (or, with ``sliding_window_cache``, window-sized buffers that
+    keep the last C positions; exact for rows without padding) and the
+    ``present_*`` outputs, ``seqlens_k`` [B] (the last valid key index per row)
+    and ``total_sequence_length``.
+
+    The rewrite keeps the node's interface. The cache update is an explicit
+    subgraph that writes the new keys/values as GroupQueryAttention does: at
+    position 0 in a first prompt (Sq == total), else at ``seqlens_k[b] + 1 - Sq``
+    of row b, into the past buffer grown to ``max(L, total)`` (with
+    ``past_present_share_buffer`` the buffer keeps its length L and the present
+    is that buffer with the new tokens written; without it, the present is past
+    followed by the new tokens). BlindSightAttention then reads the first
+    ``total`` positions of the present (BNSH), keys k <= seqlens_k[b] of row b,
+    causal with queries at total - Sq ... total - 1. That equals
+    GroupQueryAttention whenever a row's queries sit at total - Sq: every row
+    of a batch without padding, and a first prompt with right padding. A
+    shorter row's decode step (Sq = 1, its query at seqlens_k[b]) is exact
+    too without a sliding window (its keys are 0..seqlens_k[b] either way),
+    but a ``local_window_size`` counts from total - 1, not from the row's own
+    position; a chunked prompt (1 < Sq < total) of rows of different lengths
+    places the shorter rows' queries differently.
+    """
+
+    def __init__(self):
+        super().__init__("MicrosoftGroupQueryAttentionKV")
+
+    def pattern(self, op, query, key, value, past_key, past_value, seqlens_k, total):
+        return op.GroupQueryAttention(
+            query, key, value, past_key, past_value, seqlens_k, total,
+            _domain=_MS, _allow_other_inputs=True, _allow_other_attributes=True,
+            _outputs=["out", "present_key", "present_value"],
+        )
+
+    def check(self, context, query, key, value, past_key, past_value, out, **_):
+        node = out.producer()
+        attrs = node.attributes
+        rotary = bool("do_rotary" in attrs and attrs["do_rotary"].value)
+        allowed = 9 if rotary else 7  # cos_cache, sin_cache with do_rotary
+        extra = [i for i, v in enumerate(node.inputs) if v is not None and i >= allowed]
+        if extra:
+            raise MatchFailureError(f"GroupQueryAttention inputs {extra} (position ids, bias, sinks) are not supported")
+        if rotary and (len(node.inputs) < 9 or node.inputs[7] is None or node.inputs[8] is None):
+            raise MatchFailureError("do_rotary without cos/sin caches")
+        for name in ("softcap", "smooth_softmax", "k_quant_type", "v_quant_type"):
+            if name in attrs and attrs[name].value not in (0, 0.0, "NONE", "none", ""):
+                raise MatchFailureError(f"GroupQueryAttention with {name} is not supported")
+        if _sliding_cache(node) and not (attrs.get("local_window_size") and attrs["local_window_size"].value > 0):
+            raise MatchFailureError("sliding_window_cache without a local_window_size")
+        if key is None or value is None or _rank(query) != 3 or _rank(key) != 3:
+            raise MatchFailureError("GroupQueryAttention with packed QKV")
+        if _rank(past_key) != 4 or _rank(past_value) != 4:
+            raise MatchFailureError("past_key/past_value must be [B, kv, L, D]")
+        return True
+
+    def rewrite(self, op, query, key, value, past_key, past_value, seqlens_k, total, out, **_):
+        node = out.producer()
+        attrs = node.attributes
+        heads, kv_heads = attrs["num_heads"].value, attrs["kv_num_heads"].value
+        head_size = _static_dim(query, 2, "query") // heads
+        window = attrs.get("local_window_size")
+        i64 = ir.DataType.INT64
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        seq = op.Gather(op.Shape(query), one, axis=0)  # Sq, a scalar
+        total64 = op.Cast(total, to=i64)
+        last = op.Cast(seqlens_k, to=i64)  # [B]
+        # where row b's new tokens go: 0 in a first prompt, else seqlens_k[b] + 1 - Sq
+        start = op.Where(op.Equal(seq, total64), op.Mul(last, zero), op.Sub(op.Add(last, one), seq))
+        rows = op.Add(op.Unsqueeze(start, _const_ints(op, [1])), op.Range(zero, seq, one))  # [B, Sq]
+        index = op.Unsqueeze(rows, _const_ints(op, [1, 3]))  # [B, 1, Sq, 1]
+
+        def bnsh(x, n):
+            return op.Transpose(op.Reshape(x, _const_ints(op, [0, 0, n, head_size])), perm=[0, 2, 1, 3])
+
+        def update(past, new):
+            # grow the buffer to max(L, total) (zeros), then write the new tokens at their rows
+            length = op.Gather(op.Shape(past), op.Constant(value_int=2), axis=0)
+            grow = op.Max(op.Sub(total64, length), zero)
+            pads = op.Concat(_const_ints(op, [0, 0, 0, 0, 0, 0]), op.Unsqueeze(grow, _const_ints(op, [0])),
+                             _const_ints(op, [0]), axis=0)
+            buffer = op.Pad(past, pads)
+            return op.ScatterElements(buffer, op.Expand(index, op.Shape(new)), new, axis=2)
+
+        if "do_rotary" in attrs and attrs["do_rotary"].value:
+            # the rotary GroupQueryAttention applies: at the positions the new tokens are written to
+            cos, sin = node.inputs[7], node.inputs[8]
+            interleaved = attrs["rotary_interleaved"].value if "rotary_interleaved" in attrs else 0
+            rot = {}
+            half = cos.shape[1] if cos.shape is not None and len(cos.shape) == 2 else None
+            if isinstance(half, int) and 2 * half != head_size:
+                rot["rotary_embedding_dim"] = 2 * half
+            query = op.RotaryEmbedding(query, rows, cos, sin, _domain=_MS, interleaved=interleaved, num_heads=heads, **rot)
+            key = op.RotaryEmbedding(key, rows, cos, sin, _domain=_MS, interleaved=interleaved, num_heads=kv_heads, **rot)
+            query.shape, query.dtype = node.inputs[0].shape, node.inputs[0].dtype
+        new_k, new_v = bnsh(key, kv_heads), bnsh(value, kv_heads)
+        positions = op.Range(zero, total64, one)
+        keep = op.LessOrEqual(positions, op.Unsqueeze(last, _const_ints(op, [1, 2, 3])))  # [B, 1, 1, total]
+        if _sliding_cache(node):
+            # a buffer of capacity C >= W (the window) holds, left-aligned, the last
+            # held(n) of n tokens: n while n <= C, else W + (n - W) mod (C - W + 1)
+            # (GroupQueryAttention evicts down to the window when full; measured on
+            # onnxruntime 1.31, C = W gives min(n, C)). The present keeps the last
+            # held(total) of past + new, zero-filled behind (GroupQueryAttention leaves
+            # older values there). The node reads the logical keys 0..total-1 with
+            # zeros before the first held position (masked, and outside the window).
+            cap = op.Gather(op.Shape(past_key), op.Constant(value_int=2), axis=0)
+            w = op.Constant(value_int=window.value)
+
+            def held_of(n):
+                return op.Where(op.LessOrEqual(n, cap), n, op.Add(w, op.Mod(op.Sub(n, w), op.Add(op.Sub(cap, w), one))))
+
+            past_len = op.Sub(total64, seq)
+            held = held_of(past_len)
+            first = op.Sub(past_len, held)  # position of the buffer's slot 0
+            as_1d = lambda x: op.Unsqueeze(x, _const_ints(op, [0]))  # noqa: E731
+            length = op.Add(held, seq)
+            drop = op.Sub(length, held_of(total64))
+
+            def window_update(past, new):
+                joined = op.Concat(op.Slice(past, _const_ints(op, [0]), as_1d(held), _const_ints(op, [2])), new, axis=2)
+                tail = op.Slice(joined, as_1d(drop), _const_ints(op, [2**62]), _const_ints(op, [2]))
+                behind = op.Sub(cap, op.Sub(length, drop))
+                present = op.Pad(tail, op.Concat(_const_ints(op, [0, 0, 0, 0, 0, 0]), as_1d(behind), _const_ints(op, [0]), axis=0))
+                logical = op.Pad(joined, op.Concat(_const_ints(op, [0, 0]), as_1d(first), _const_ints(op, [0, 0, 0, 0, 0]), axis=0))
+                return present, logical
+
+            (present_k, k_valid), (present_v, v_valid) = window_update(past_key, new_k), window_update(past_value, new_v)
+            keep = op.And(keep, op.GreaterOrEqual(positions, first))
+        else:
+            present_k, present_v = update(past_key, new_k), update(past_value, new_v)
+            ends = op.Unsqueeze(total64, _const_ints(op, [0]))
+            k_valid = op.Slice(present_k, _const_ints(op, [0]), ends, _const_ints(op, [2]))
+            v_valid = op.Slice(present_v, _const_ints(op, [0]), ends, _const_ints(op, [2]))
+        q = bnsh(query, heads)
+        batch = query.shape[0] if query.shape is not None else None
+        q.shape = ir.Shape([batch, heads, query.shape[1], head_size])
+        q.dtype = query.dtype
+        for v_, n in ((k_valid, kv_heads), (v_valid, kv_heads)):
+            v_.shape = ir.Shape([batch, n, None, head_size])
+            v_.dtype = query.dtype
+        keep.dtype = ir.DataType.BOOL
+        attn = _emit(
+            op, q, k_valid, v_valid, keep,
+            num_heads=heads, kv_num_heads=kv_heads, scale=_scale(node, head_size),
+            is_causal=1, window=window.value if window and window.value > 0 else -1,
+        )
+        attn.shape = ir.Shape([batch, heads, query.shape[1], head_size])
+        attn.dtype = query.dtype
+        output = op.Reshape(op.Transpose(attn, perm=[0, 2, 1, 3]), _const_ints(op, [0, 0, heads * head_size]))
+        return output, present_k, present_v
+
+
 def attention_rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet(
         [
@@ -257,6 +423,7 @@ def attention_rules() -> pattern.RewriteRuleSet:
             DecomposedAttention.rule(),
             MicrosoftMultiHeadAttention.rule(),
             MicrosoftGroupQueryAttention.rule(),
+            MicrosoftGroupQueryAttentionKV.rule(),
         ],
         commute=True,
     )

@@ -1,0 +1,359 @@
+"""Decoders that onnxruntime-genai's model builder writes (tests/fixtures/genai:
+tiny random Qwen2.5-VL and Gemma 3 text decoders, com.microsoft
+GroupQueryAttention with a KV cache whose past and present share one buffer;
+Qwen's rotary comes before it, Gemma 3's inside it, with a sliding window on
+its first layer).
+
+Compiled all-dense, the decoder equals the builder's own graph in ONNX Runtime
+(logits and the valid part of every present) over a prompt and decode steps;
+with a sparse profile every BlindSightAttention node equals the numpy
+reference (docs/specification.md §2) on the Q/K/V it receives, and those are
+the decoder's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from _util import run, session
+from blindsight.attention import reference_attention
+from blindsight.compiler.pipeline import compile_model
+from blindsight.profile import Profile
+
+FIXTURES = Path(__file__).parent / "fixtures" / "genai"
+FAMILIES = ("qwen2_5_vl", "gemma3")
+#: graphs compiled here: (fixture folder, graph file, its genai_config); gemma3_windowed is the
+#: builder's default Gemma 3 build (sliding_window_cache on layer 0; same weights file)
+VARIANTS = {
+    "qwen2_5_vl": ("qwen2_5_vl", "model.onnx", "genai_config.json"),
+    "gemma3": ("gemma3", "model.onnx", "genai_config.json"),
+    "gemma3_windowed": ("gemma3", "model.windowed.onnx", "genai_config.windowed.json"),
+}
+WINDOW = 8  # Gemma 3's tiny sliding window#: the builder's extra options per variant (gemma3: full-length caches on its sliding layers)
+EXTRA_OPTIONS = {"qwen2_5_vl": None, "gemma3": {"windowed_kv_cache": "false"}, "gemma3_windowed": None}
+LAYERS, HEADS, KV_HEADS, HEAD_SIZE, SCALE = 2, 4, 2, 16, 0.25
+SPANS = np.array([[2, 7], [8, 14]], dtype=np.int64)  # two "images" inside a 16-token prompt
+SPARSE = [["dense", "sink", "intra", "intra_sink"], ["intra", "intra_sink", "sink", "intra"]]
+
+
+def _copy_fixture(variant: str, dst: Path) -> Path:
+    """The variant's folder as genai reads it: model.onnx, its weights, genai_config.json and the tokenizer."""
+    folder, graph, config = VARIANTS[variant]
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (FIXTURES / folder).iterdir():
+        if name.name not in ("model.onnx", "model.windowed.onnx", "genai_config.json", "genai_config.windowed.json"):
+            shutil.copy(name, dst / name.name)
+    shutil.copy(FIXTURES / folder / graph, dst / "model.onnx")
+    shutil.copy(FIXTURES / folder / config, dst / "genai_config.json")
+    return dst / "model.onnx"
+
+
+def held(n: int, capacity: int) -> int:
+    """Positions a window-sized cache of ``capacity`` holds after n tokens (measured on GroupQueryAttention)."""
+    return n if n <= capacity else WINDOW + (n - WINDOW) % (capacity - WINDOW + 1)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def compiled(request, tmp_path_factory):
+    """{(profile name, lowering): compiled path}, the source under key "source", the family under "family"."""
+    root = tmp_path_factory.mktemp(f"genai_{request.param}")
+    source = _copy_fixture(request.param, root)
+    out = {"source": source, "family": request.param}
+    for name, profile in (("dense", Profile.uniform("dense", LAYERS, HEADS)), ("sparse", Profile(SPARSE))):
+        for lowering in ("fast", "reference"):
+            out[name, lowering] = compile_model(source, profile, root / f"{name}_{lowering}.onnx", lowering).output
+    return out
+
+
+def _past_names(sess):
+    return [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+
+
+def _next_past(sess, outputs):
+    return {o.name.replace("present", "past_key_values"): x for o, x in zip(sess.get_outputs(), outputs) if o.name.startswith("present")}
+
+
+class Steps:
+    """A prompt (possibly in chunks) then decode steps, fed the way onnxruntime-genai
+    feeds the decoder: attention_mask over all tokens so far, position_ids [3, B, S],
+    a past buffer of ``buffer`` positions (share buffer) or of the past's length."""
+
+    def __init__(self, lengths, chunks, decode, buffer, capacity=WINDOW, seed=0):
+        rng = np.random.default_rng(seed)
+        self.lengths, self.buffer, self.capacity = list(lengths), buffer, capacity
+        self.prompt = max(lengths)
+        self.ids = rng.integers(0, 256, (len(lengths), self.prompt + decode))
+        self.chunks = list(chunks) + [1] * decode
+        self.garbage = rng.standard_normal((len(lengths), KV_HEADS, buffer or 1, HEAD_SIZE)).astype(np.float32) * 50
+
+    def __iter__(self):
+        batch, done = len(self.lengths), 0
+        for n in self.chunks:
+            if done < self.prompt:
+                tok = self.ids[:, done:done + n]
+                mask = np.zeros((batch, done + n), np.int64)
+                for b, length in enumerate(self.lengths):
+                    mask[b, :length] = 1  # right padding in the prompt
+                pos = np.broadcast_to(np.arange(done, done + n), (3, batch, n))
+            else:  # a decode step: one new token per row, right after its last valid one
+                k = done - self.prompt
+                tok = self.ids[:, done:done + 1]
+                mask = np.concatenate([np.arange(self.prompt)[None] < np.array(self.lengths)[:, None],
+                                       np.ones((batch, k + 1), bool)], axis=1).astype(np.int64)
+                pos = np.broadcast_to((np.array(self.lengths) + k)[None, :, None], (3, batch, 1))
+            done += n
+            yield tok, mask, np.ascontiguousarray(pos, dtype=np.int64)
+
+    def first_past(self, sess):
+        past = {}
+        for info in sess.get_inputs():
+            if not info.name.startswith("past_key_values."):
+                continue
+            if info.shape[2] == "past_sliding_length":  # a window-sized cache
+                past[info.name] = np.zeros((len(self.lengths), KV_HEADS, self.capacity, HEAD_SIZE), np.float32)
+            elif self.buffer:
+                past[info.name] = self.garbage.copy()
+            else:
+                past[info.name] = np.zeros((len(self.lengths), KV_HEADS, 0, HEAD_SIZE), np.float32)
+        return past
+
+    def valid(self, mask, b, name=None):
+        """Slots of row b's present that hold keys: 0 .. seqlens_k[b] (the last held(total)
+        of a window-sized cache)."""
+        n = int(mask[b].sum())
+        if name is not None and name.replace("present", "past_key_values") in self.sliding:
+            return held(n, self.capacity)
+        return n
+
+    sliding: set = set()
+
+
+def spans_so_far(total: int) -> np.ndarray:
+    """The spans clipped to the tokens the model has seen (a chunked prompt's first
+    chunk sees part of the images): the fast lowering wants spans inside [0, total)."""
+    clipped = np.minimum(SPANS, total)
+    return clipped[clipped[:, 0] < clipped[:, 1]].reshape(-1, 2)
+
+
+def _drive(path, steps: Steps):
+    """Run every step; yields (the step's attention_mask, outputs by name)."""
+    sess = session(str(path))
+    steps.sliding = {i.name for i in sess.get_inputs() if i.name.startswith("past") and i.shape[2] == "past_sliding_length"}
+    past = steps.first_past(sess)
+    names = [o.name for o in sess.get_outputs()]
+    for tok, mask, pos in steps:
+        spans = spans_so_far(mask.shape[1])
+        outs = run(sess, dict(input_ids=tok, attention_mask=mask, position_ids=pos, image_spans=spans, **past))
+        yield mask, dict(zip(names, outs))
+        past = _next_past(sess, outs)
+
+
+CASES = {
+    "prompt+decode, share buffer": dict(lengths=[16], chunks=[16], decode=3, buffer=24),
+    "prompt+decode, no share buffer": dict(lengths=[16], chunks=[16], decode=3, buffer=0),
+    "chunked prompt, share buffer": dict(lengths=[16], chunks=[9, 7], decode=2, buffer=24),
+    "batch of 2, right padded": dict(lengths=[16, 11], chunks=[16], decode=3, buffer=24),
+    "chunked prompt, window cache with slack": dict(lengths=[16], chunks=[6, 10], decode=6, buffer=24, capacity=10),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fixture_is_the_builders_decoder(family):
+    model = onnx.load(str(FIXTURES / family / "model.onnx"), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == LAYERS
+    for layer, node in enumerate(gqa):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["num_heads"] == HEADS and attrs["kv_num_heads"] == KV_HEADS
+        if family == "gemma3":  # rotary inside the op, the first layer slides
+            assert attrs["do_rotary"] == 1 and node.input[7:9] == (["cos_cache_local", "sin_cache_local"] if layer == 0
+                                                                  else ["cos_cache_global", "sin_cache_global"])
+            assert attrs["local_window_size"] == (8 if layer == 0 else -1) and "sliding_window_cache" not in attrs
+        else:
+            assert attrs["do_rotary"] == 0 and attrs["local_window_size"] == -1
+        assert node.input[3:5] == [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
+        assert node.output[1:] == [f"present.{layer}.key", f"present.{layer}.value"]
+    config = json.loads((FIXTURES / family / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+
+
+def test_windowed_fixture_is_the_default_gemma3_build():
+    """The builder's default Gemma 3 graph: layer 0 keeps a window-sized cache."""
+    model = onnx.load(str(FIXTURES / "gemma3" / "model.windowed.onnx"), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in gqa]
+    assert [a.get("sliding_window_cache", 0) for a in attrs] == [1, 0]
+    dims = {i.name: i.type.tensor_type.shape.dim[2].dim_param for i in model.graph.input if i.name.startswith("past")}
+    assert dims["past_key_values.0.key"] == "past_sliding_length" and dims["past_key_values.1.key"] == "past_sequence_length"
+    config = json.loads((FIXTURES / "gemma3" / "genai_config.windowed.json").read_text())
+    assert config["model"]["decoder"]["sliding_window"]["window_size"] == WINDOW
+
+
+def test_compiled_keeps_the_decoders_interface(compiled):
+    src = onnx.load(str(compiled["source"]), load_external_data=False)
+    out = onnx.load(str(compiled["sparse", "fast"]), load_external_data=False)
+    assert [i.name for i in out.graph.input] == [i.name for i in src.graph.input] + ["image_spans"]
+    assert [o.name for o in out.graph.output] == [o.name for o in src.graph.output]
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("BlindSightAttention") == LAYERS and "GroupQueryAttention" not in ops
+
+
+@pytest.mark.parametrize("lowering", ["fast", "reference"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_all_dense_equals_the_decoder(compiled, case, lowering):
+    if compiled["family"].startswith("gemma3") and case == "batch of 2, right padded":
+        # measured: with the window removed from the decoder the padded decode steps match
+        pytest.xfail("a padded row's decode step under a sliding window: the node counts the window from total - 1, "
+                     "GroupQueryAttention from the row's own position (not yet matched)")
+    steps = Steps(**CASES[case])
+    pairs = zip(_drive(compiled["source"], steps), _drive(compiled["dense", lowering], steps))
+    for step, ((mask, want), (_, got)) in enumerate(pairs):
+        for b, length in enumerate(steps.lengths):
+            rows = slice(0, length - sum(steps.chunks[:step])) if step < len(CASES[case]["chunks"]) else slice(None)
+            if rows.stop is not None and rows.stop <= 0:
+                continue
+            diff = np.abs(got["logits"][b, rows] - want["logits"][b, rows]).max()
+            assert diff <= 1e-4, (case, step, b, diff)  # padded query rows are unspecified
+            for name in want:
+                if name.startswith("present"):
+                    assert got[name].shape == want[name].shape
+                    valid = steps.valid(mask, b, name)
+                    diff = np.abs(got[name][b, :, :valid] - want[name][b, :, :valid]).max()
+                    assert diff <= 1e-5, (case, step, b, name, diff)
+
+
+def _probe(path: Path, dst: Path) -> tuple[Path, dict[int, int]]:
+    """A copy of a compiled model whose graph also outputs every BlindSightAttention
+    node's inputs and output; and each layer's sliding window."""
+    model = onnx.load(str(path), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    windows = {}
+    for node in model.graph.node:
+        if node.op_type != "BlindSightAttention":
+            continue
+        layer = int(node.name.rsplit("_", 1)[1])
+        windows[layer] = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "local_window_size")
+        for role, name in zip(("q", "k", "v", "mask", "out"), list(node.input[:4]) + [node.output[0]]):
+            alias = f"probe.{layer}.{role}"
+            elem = onnx.TensorProto.BOOL if role == "mask" else onnx.TensorProto.FLOAT
+            model.graph.node.append(helper.make_node("Identity", [name], [alias]))
+            model.graph.output.append(helper.make_tensor_value_info(alias, elem, None))
+        assert not known & {f"probe.{layer}.{r}" for r in ("q", "k", "v", "mask", "out")}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path.parent / "model.onnx.data", dst.parent / "model.onnx.data")
+    onnx.save(model, str(dst))
+    return dst, windows
+
+
+def _gqa_inputs(path: Path, dst: Path) -> Path:
+    """A copy of the builder's decoder that also outputs layer 0's query (after
+    rotary where the rotary comes before GroupQueryAttention)."""
+    model = onnx.load(str(path), load_external_data=False)
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    model.graph.output.append(helper.make_tensor_value_info(gqa.input[0], onnx.TensorProto.FLOAT, None))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path.parent / "model.onnx.data", dst.parent / "model.onnx.data")
+    onnx.save(model, str(dst))
+    return dst, gqa.input[0]
+
+
+@pytest.mark.parametrize("lowering", ["fast", "reference"])
+@pytest.mark.parametrize("case", ["prompt+decode, share buffer", "chunked prompt, share buffer", "batch of 2, right padded",
+                                  "chunked prompt, window cache with slack"])
+def test_sparse_profile_equals_numpy_on_the_decoders_qkv(compiled, case, lowering, tmp_path):
+    steps = Steps(**CASES[case])
+    if compiled["family"].startswith("gemma3") and case == "batch of 2, right padded":
+        pytest.skip("padded rows under a sliding window: see test_all_dense_equals_the_decoder")
+    probe, windows = _probe(compiled["sparse", lowering], tmp_path / "probe" / "model.onnx")
+    source, q_name = _gqa_inputs(compiled["source"], tmp_path / "source" / "model.onnx")
+    dense = _drive(compiled["dense", lowering], steps)
+    moved = 0.0
+    for step, ((mask, got), (_, want), (_, dense_out)) in enumerate(zip(_drive(probe, steps), _drive(source, steps), dense)):
+        sq = got["logits"].shape[1]
+        for layer in range(LAYERS):
+            q, k, v = (got[f"probe.{layer}.{r}"] for r in ("q", "k", "v"))
+            key_mask = got[f"probe.{layer}.mask"]  # [B, 1, 1, total]: keys 0..seqlens_k[b]
+            assert k.shape[2] == mask.shape[1]  # the valid prefix of the present: total keys
+            ref = reference_attention(q, k, v, spans_so_far(mask.shape[1]), SPARSE[layer], scale=SCALE,
+                                      model_mask=key_mask, window=windows[layer])
+            for b, length in enumerate(steps.lengths):
+                rows = slice(None)
+                if step == 0 and length < sq:
+                    rows = slice(0, length)  # right padding: padded query rows are unspecified
+                diff = np.abs(got[f"probe.{layer}.out"][b, :, rows] - ref[b, :, rows]).max()
+                assert diff <= 1e-4, (case, step, layer, b, diff)
+        # layer 0's Q and K are the decoder's own (before any attention they are unchanged);
+        # Gemma 3's query enters GroupQueryAttention before its rotary: its keys (stored after) tell
+        if not compiled["family"].startswith("gemma3"):
+            q_bsd = got["probe.0.q"].transpose(0, 2, 1, 3).reshape(want[q_name].shape)
+            assert np.abs(q_bsd - want[q_name]).max() <= 1e-5
+        for b in range(len(steps.lengths)):
+            valid = steps.valid(mask, b, "present.0.key")
+            assert np.abs(got["present.0.key"][b, :, :valid] - want["present.0.key"][b, :, :valid]).max() <= 1e-5
+        moved = max(moved, float(np.abs(got["logits"] - dense_out["logits"]).max()))
+    assert moved > 1e-3  # the profile changed what the prompt's image tokens saw
+
+
+GENAI_PYTHON = os.environ.get("BLINDSIGHT_GENAI_PYTHON")
+
+
+@pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_builder_still_writes_the_fixture(variant, tmp_path):
+    """The fixture is what `python -m blindsight.models.genai` makes today, byte for byte."""
+    from blindsight.models.genai import make_tiny_decoder
+
+    folder, graph, config = VARIANTS[variant]
+    out = make_tiny_decoder(folder, tmp_path / "genai", python=GENAI_PYTHON, extra_options=EXTRA_OPTIONS[variant])
+    for name, fixture in (("model.onnx", graph), ("model.onnx.data", "model.onnx.data"), ("genai_config.json", config),
+                          ("tokenizer.json", "tokenizer.json")):
+        assert (out / name).read_bytes() == (FIXTURES / folder / fixture).read_bytes(), name
+
+
+def _profiles():
+    sparse = Profile([[("sink", "intra", "intra_sink", "dense")[(h + layer) % 4] for h in range(HEADS)] for layer in range(LAYERS)])
+    return {"dense": (Profile.uniform("dense", LAYERS, HEADS), "fast"), "sparse": (sparse, "fast"),
+            "sparse_reference": (sparse, "reference")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_folder_greedy_decoding_in_onnxruntime(variant, tmp_path):
+    """compile_for_genai's folder, decoded greedily the way genai feeds it (one
+    shared past/present buffer): all-dense gives the builder's decoder's tokens;
+    the sparse profile's tokens are the same under both lowerings."""
+    from blindsight.models.genai import DEMO_PROMPT, DEMO_SPANS, compile_for_genai, ort_greedy
+
+    folder = _copy_fixture(variant, tmp_path / "decoder").parent
+    want = ort_greedy(folder / "model.onnx", DEMO_PROMPT, 28)
+    tokens = {}
+    for name, (profile, lowering) in _profiles().items():
+        out = compile_for_genai(folder, profile, lowering, name)
+        decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+        assert decoder == "model.blindsight.onnx"
+        tokens[name] = ort_greedy(out / decoder, DEMO_PROMPT, 28, DEMO_SPANS)
+    assert len(want) >= 8 and tokens["dense"] == want
+    assert tokens["sparse"] == tokens["sparse_reference"]
+    if variant == "qwen2_5_vl":  # (Gemma 3's tiny decoder happens to keep its tokens under this profile)
+        assert tokens["sparse"] != want
+
+
+@pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_onnxruntime_genai_runs_the_compiled_decoder(variant, tmp_path):
+    """onnxruntime-genai itself (image_spans through Generator.set_model_input):
+    its greedy tokens equal onnxruntime's loop, and all-dense equals the source."""
+    from blindsight.models.genai import DEMO_PROMPT, DEMO_SPANS, greedy_parity
+
+    folder = _copy_fixture(variant, tmp_path / "decoder").parent
+    result = greedy_parity(GENAI_PYTHON, folder, _profiles(), DEMO_PROMPT, DEMO_SPANS, max_length=28)
+    for name, runs in result.items():
+        assert runs["genai"] == runs["ort"], name
+    assert result["dense"]["genai"] == result["source"]["genai"]
+    assert result["sparse"]["genai"] == result["sparse_reference"]["genai"]

@@ -4,6 +4,7 @@ import importlib.util
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from blindsight import families
@@ -81,3 +82,13 @@ def test_qwen_families_share_the_released_delimiters():
     # <|vision_start|> / <|vision_end|> of the Qwen2-VL and Qwen2.5-VL tokenizers (not installable here)
     assert families.get("qwen2_vl").delimiters == families.get("qwen2_5_vl").delimiters
     assert (families.get("qwen2_vl").delimiters.start, families.get("qwen2_vl").delimiters.end) == (151652, 151653)
+
+
+@pytest.mark.parametrize("family,start,pad,end", [("qwen2_vl", 151652, 151655, 151653), ("qwen2_5_vl", 151652, 151655, 151653), ("gemma3", 255999, 262144, 256000)])
+def test_find_spans_with_a_family_s_delimiters(family, start, pad, end):
+    from blindsight.attention import find_spans
+
+    ids = [start, pad, pad, end, 9, 9, start, pad, end]  # images at the very start and end
+    delimiters = families.get(family).delimiters
+    np.testing.assert_array_equal(find_spans(ids, delimiters), [[0, 4], [6, 9]])
+    assert find_spans([9, 9, 9], delimiters).shape == (0, 2)

@@ -96,13 +96,7 @@ class Delimiters:
 def find_spans(input_ids, delimiters) -> np.ndarray:
     """Spans [start, end) from a 1-D id sequence: each opens at an image-start
     delimiter and closes after the matching image-end delimiter.
-    ``delimiters``: a :class:`Delimiters` or a family name (``blindsight.families``)."""
-    if isinstance(delimiters, str):
-        from blindsight import families  # lazily: the registry imports Delimiters from here
-
-        if delimiters not in families.REGISTRY:
-            raise SpanError(f"unknown model family {delimiters!r}; known: {', '.join(families.FAMILIES)}")
-        delimiters = families.get(delimiters).delimiters
+    ``delimiters``: a :class:`Delimiters` (a family's: ``blindsight.families.get(name).delimiters``)."""
     ids = np.asarray(input_ids).reshape(-1).tolist()
     spans, open_at = [], None
     for t, tok in enumerate(ids):

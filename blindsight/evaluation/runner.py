@@ -18,7 +18,7 @@ from blindsight.evaluation.onnx_models import compile_with, export_dense
 from blindsight.flops import count_flops, model_dims
 from blindsight.models import pretrained
 from blindsight.profile import Profile
-from blindsight.records import record_path, scrub
+from blindsight.records import cache_root, record_path, scrub
 from blindsight.prompts import TASK_SEED, candidate_token_ids, encode, task_prompts
 from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
 from blindsight.attention.spans import token_type_ids
@@ -58,7 +58,7 @@ def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray, spans=()) -> dic
 
 
 def work_dir_for(name: str, work_dir: Path | None) -> Path:
-    return Path(work_dir) if work_dir is not None else pretrained.cache_root() / "onnx" / name
+    return Path(work_dir) if work_dir is not None else cache_root() / "onnx" / name
 
 
 def evaluate(

@@ -109,7 +109,7 @@ class Pipeline:
         self._vision_feeds = None
         if families.get(self.family).vision_tower == families.QWEN_VISION and not set(self.vision_inputs) <= {"pixel_values", "image_grid_thw"}:
             # the export takes the tower's index tensors, computed on the host (numpy, no torch)
-            from blindsight.runtime.vision_inputs import qwen_vision_feeds
+            from blindsight.vision_inputs import qwen_vision_feeds
 
             self._vision_feeds = qwen_vision_feeds
         self.prompts.image_processor  # noqa: B018 (load it now)

@@ -13,7 +13,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from blindsight.errors import BlindSightError
+from blindsight.errors import BlindSightError, SpanError
+from blindsight.attention import spans
 from blindsight.attention.spans import Delimiters
 from blindsight.configs import TINY_HEAD_DIM, TINY_HIDDEN, TINY_MROPE_SECTION, TINY_SLIDING_WINDOW, TINY_VOCAB
 
@@ -198,3 +199,11 @@ def get(name: str) -> Family:
         return REGISTRY[name]
     except (KeyError, TypeError):
         raise FamilyError(f"unknown family {name!r}; expected one of {', '.join(FAMILIES)}") from None
+
+
+def find_spans(input_ids, family: str):
+    """:func:`blindsight.attention.find_spans` with the image delimiters of
+    ``family``'s released tokenizer; an unknown name is a SpanError."""
+    if family not in REGISTRY:
+        raise SpanError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    return spans.find_spans(input_ids, REGISTRY[family].delimiters)

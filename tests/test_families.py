@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from blindsight import families
-from blindsight.errors import BlindSightError
+from blindsight.attention import find_spans
+from blindsight.errors import BlindSightError, SpanError
 from blindsight.families import FAMILIES
 
 
@@ -85,10 +86,10 @@ def test_qwen_families_share_the_released_delimiters():
 
 
 @pytest.mark.parametrize("family,start,pad,end", [("qwen2_vl", 151652, 151655, 151653), ("qwen2_5_vl", 151652, 151655, 151653), ("gemma3", 255999, 262144, 256000)])
-def test_find_spans_with_a_family_s_delimiters(family, start, pad, end):
-    from blindsight.attention import find_spans
-
+def test_find_spans_by_family(family, start, pad, end):
     ids = [start, pad, pad, end, 9, 9, start, pad, end]  # images at the very start and end
-    delimiters = families.get(family).delimiters
-    np.testing.assert_array_equal(find_spans(ids, delimiters), [[0, 4], [6, 9]])
-    assert find_spans([9, 9, 9], delimiters).shape == (0, 2)
+    np.testing.assert_array_equal(families.find_spans(ids, family), [[0, 4], [6, 9]])
+    assert families.find_spans([9, 9, 9], family).shape == (0, 2)
+    np.testing.assert_array_equal(find_spans(ids, families.get(family).delimiters), [[0, 4], [6, 9]])
+    with pytest.raises(SpanError, match="unknown model family"):
+        families.find_spans(ids, "llava")

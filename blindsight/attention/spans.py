@@ -96,7 +96,7 @@ class Delimiters:
 def find_spans(input_ids, delimiters) -> np.ndarray:
     """Spans [start, end) from a 1-D id sequence: each opens at an image-start
     delimiter and closes after the matching image-end delimiter.
-    ``delimiters``: a :class:`Delimiters` (a family's: ``blindsight.families.get(name).delimiters``)."""
+    ``delimiters``: a :class:`Delimiters` (by family name: :func:`blindsight.families.find_spans`)."""
     ids = np.asarray(input_ids).reshape(-1).tolist()
     spans, open_at = [], None
     for t, tok in enumerate(ids):

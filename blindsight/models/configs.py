@@ -12,15 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from blindsight import families
-from blindsight.configs import (  # noqa: F401 (re-exported: the tiny dimensions)
-    TINY_HEAD_DIM,
-    TINY_HEADS,
-    TINY_HIDDEN,
-    TINY_INTERMEDIATE,
-    TINY_MROPE_SECTION,
-    TINY_SLIDING_WINDOW,
-    TINY_VOCAB,
-)
+from blindsight.configs import TINY_HEADS, TINY_HIDDEN, TINY_INTERMEDIATE, TINY_VOCAB
 from blindsight.families import FAMILIES  # noqa: F401 (re-exported)
 
 

@@ -101,7 +101,7 @@ def _inputs(sess, t: Template, dims, dtype, past: int, seed: int) -> dict[str, n
         elif i.name == "attention_mask":
             out[i.name] = np.ones((1, past + new), dtype=np.int64)
         elif i.name == "token_type_ids":  # Gemma 3: the soft tokens (span interiors, SPEC §2) of the new positions
-            out[i.name] = token_type_ids(spans, S + 1)[None, past:past + new]
+            out[i.name] = token_type_ids(spans, new, past, rows=1)
         elif i.name == "image_spans":
             out[i.name] = spans
         elif i.name.startswith("past_key_values."):

@@ -53,7 +53,7 @@ def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray, spans=()) -> dic
         "attention_mask": np.ones((1, s), dtype=np.int64),
     }
     if families.image_blocks(loaded.family):
-        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, s)[None]
+        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, s, rows=1)
     return feeds
 
 

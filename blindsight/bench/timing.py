@@ -27,8 +27,10 @@ def session(model, threads: int, provider: str = "cpu", arena: bool = True, nati
                         native=native, config=config)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin so drift hits all alike."""
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None,
+                seconds: Callable[[object], float] | None = None) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin so drift hits all alike.
+    ``seconds``: the time of a call from its result (default: the call's wall-clock time)."""
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -36,8 +38,8 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int
     for _ in range(repeats):
         for name, fn in runs.items():
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            result = fn()
+            times[name].append(time.perf_counter() - t0 if seconds is None else seconds(result))
             if progress is not None:
                 progress.update(1)
     return {k: float(np.median(v)) for k, v in times.items()}

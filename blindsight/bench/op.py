@@ -21,7 +21,7 @@ from blindsight.flops import Template, attention_pairs
 from blindsight.attention import CATEGORIES
 from blindsight.attention.schema import AttentionConfig, elem_type_of, np_dtype_of
 from blindsight.passes.lowering.builder import MS_DOMAIN, OPSET
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 from blindsight.profile import MIXED, mixed_layer
 
 CATEGORY_CASES = (*CATEGORIES, MIXED)  # MIXED: the mixed layer (profile.mixed_layer)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -143,37 +142,31 @@ def tiny_ttft(exp: Path, paths: dict, prompt: str, args) -> dict:
     """Median time to first token of the tiny VLM's pipeline: the dense export, the
     compiled mix on its default route (the native kernel when built) and on its
     function bodies, interleaved after a warm-up round."""
+    from blindsight.bench.timing import interleaved
     from blindsight.runtime.pipeline import Pipeline
 
     pipes = {"export": Pipeline(exp, compiled=paths["export"], threads=args.threads),
              "fast": Pipeline(exp, compiled=paths["fast"], threads=args.threads),
              "fast_bodies": Pipeline(exp, compiled=paths["fast"], threads=args.threads, native=False)}
     images = _images(3)
-    times = {k: [] for k in pipes}
-    for rep in range(args.repeats + 1):
-        for k, pipe in pipes.items():
-            t = pipe.generate(images, prompt, 1).ttft_s
-            if rep:
-                times[k].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    runs = {k: (lambda pipe=pipe: pipe.generate(images, prompt, 1)) for k, pipe in pipes.items()}
+    med = interleaved(runs, args.repeats, seconds=lambda result: result.ttft_s)
     return {"median_s": med, "ratio": med["export"] / med["fast"], "export": med["export"], "fast": med["fast"],
             "fast_bodies": med["fast_bodies"], "attention": pipes["fast"].attention}
 
 
 def time_prefills(paths: dict, feeds: dict, repeats: int, threads: int) -> dict:
     """Median seconds of one prefill per model, the models run interleaved after a warm-up round."""
+    from blindsight.bench.timing import interleaved
     from blindsight.runtime.session import make_session
 
-    sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
-    times = {k: [] for k in sessions}
-    for rep in range(repeats + 1):
-        for k, sess in sessions.items():
-            names = {i.name for i in sess.get_inputs()}
-            t0 = time.perf_counter()
-            sess.run([sess.get_outputs()[0].name], {n: v for n, v in feeds.items() if n in names})
-            if rep:
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    runs = {}
+    for k, p in paths.items():
+        sess = make_session(p, threads=threads)
+        names = {i.name for i in sess.get_inputs()}
+        inputs = {n: v for n, v in feeds.items() if n in names}
+        runs[k] = lambda sess=sess, inputs=inputs: sess.run([sess.get_outputs()[0].name], inputs)
+    return interleaved(runs, repeats)
 
 
 def speed_rows(part: str, med: dict, flops, seq_len: int, args, table: Table) -> dict:

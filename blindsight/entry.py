@@ -26,8 +26,8 @@ def _entry(prog: str, target: str):
 COMMANDS = {
     "bs-compile": "blindsight.compiler.cli:main",
     "bs-demo": "blindsight.demo:main",
-    "bs-flops": "blindsight.bench.cli:flops_main",
-    "bs-bench": "blindsight.bench.cli:bench_main",
+    "bs-flops": "blindsight.flops.cli:main",
+    "bs-bench": "blindsight.bench.cli:main",
     "bs-profile": "blindsight.calibration.cli:main",
     "bs-eval": "blindsight.evaluation.cli:main",
     "bs-export": "blindsight.models.cli:main",

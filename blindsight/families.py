@@ -13,8 +13,10 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from blindsight.errors import BlindSightError
+from blindsight.errors import BlindSightError, SpanError
+from blindsight.attention import spans
 from blindsight.attention.spans import Delimiters
+from blindsight.configs import TINY_HEAD_DIM, TINY_HIDDEN, TINY_MROPE_SECTION, TINY_SLIDING_WINDOW, TINY_VOCAB
 
 QWEN_VISION = "qwen"  # patch sequence + image_grid_thw; index tensors computed on the host
 SIGLIP_VISION = "siglip"  # fixed-size images [N, 3, H, W], a fixed number of soft tokens each
@@ -106,8 +108,6 @@ def transformers_class(name: str):
 
 # ----------------------------------------------------------- tiny random configs
 def _tiny_qwen(family: Family, text: dict, vision: dict):
-    from blindsight.models.configs import TINY_MROPE_SECTION, TINY_VOCAB
-
     text = dict(
         text,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": list(TINY_MROPE_SECTION)},
@@ -123,15 +123,11 @@ def _tiny_qwen(family: Family, text: dict, vision: dict):
 
 
 def _tiny_qwen2_vl(family: Family, text: dict):
-    from blindsight.models.configs import TINY_HIDDEN
-
     return _tiny_qwen(family, text, dict(depth=1, embed_dim=32, hidden_size=TINY_HIDDEN, num_heads=2, mlp_ratio=2,
                                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
 
 
 def _tiny_qwen2_5_vl(family: Family, text: dict):
-    from blindsight.models.configs import TINY_HIDDEN
-
     return _tiny_qwen(family, text, dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                          out_hidden_size=TINY_HIDDEN, patch_size=14, spatial_merge_size=2,
                                          temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0]))
@@ -139,8 +135,6 @@ def _tiny_qwen2_5_vl(family: Family, text: dict):
 
 def _tiny_gemma3(family: Family, text: dict):
     """A text-only config: all layers slide (window TINY_SLIDING_WINDOW) except the last."""
-    from blindsight.models.configs import TINY_HEAD_DIM, TINY_SLIDING_WINDOW
-
     num_layers = text["num_hidden_layers"]
     layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
     if num_layers == 1:
@@ -205,3 +199,11 @@ def get(name: str) -> Family:
         return REGISTRY[name]
     except (KeyError, TypeError):
         raise FamilyError(f"unknown family {name!r}; expected one of {', '.join(FAMILIES)}") from None
+
+
+def find_spans(input_ids, family: str):
+    """:func:`blindsight.attention.find_spans` with the image delimiters of
+    ``family``'s released tokenizer; an unknown name is a SpanError."""
+    if family not in REGISTRY:
+        raise SpanError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    return spans.find_spans(input_ids, REGISTRY[family].delimiters)

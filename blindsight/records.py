@@ -16,10 +16,9 @@ from pathlib import Path
 CACHE = "<cache>"
 
 
-def _cache_root() -> Path:
-    from blindsight.models.pretrained import cache_root
-
-    return cache_root()
+def cache_root() -> Path:
+    """The BlindSight cache: ``$BLINDSIGHT_CACHE``, default ``~/.cache/blindsight``."""
+    return Path(os.environ.get("BLINDSIGHT_CACHE", Path.home() / ".cache" / "blindsight"))
 
 
 def _relative(path: Path, root: Path) -> str | None:
@@ -32,7 +31,7 @@ def _relative(path: Path, root: Path) -> str | None:
 def record_path(path, base=None) -> str:
     """``path`` as a record should name it (see the module's rules)."""
     p = Path(os.path.abspath(os.path.expanduser(str(path))))
-    for root, prefix in ((_cache_root(), CACHE + "/"), (Path(base or os.getcwd()), ""), (Path.home(), "~/")):
+    for root, prefix in ((cache_root(), CACHE + "/"), (Path(base or os.getcwd()), ""), (Path.home(), "~/")):
         rel = _relative(p, Path(os.path.abspath(root)))
         if rel is not None and (prefix or rel != "."):
             return prefix + rel
@@ -41,7 +40,7 @@ def record_path(path, base=None) -> str:
 
 def scrub(text: str) -> str:
     """A free-text field (a model's description naming its directory) without home paths."""
-    for root, label in ((_cache_root(), CACHE), (Path.home(), "~")):
+    for root, label in ((cache_root(), CACHE), (Path.home(), "~")):
         root = os.path.abspath(root)
         if len(root) > 1:
             text = text.replace(root, label)

@@ -21,7 +21,7 @@ _NODE_SESSIONS: dict = {}
 
 def node_session(cfg, lowering: str) -> ort.InferenceSession:
     """A session over a single-node model, cached per (config, lowering)."""
-    from blindsight.passes.lowering.fixture import single_node_model
+    from blindsight.passes.lowering.single_node import single_node_model
 
     key = (cfg, lowering)
     if key not in _NODE_SESSIONS:

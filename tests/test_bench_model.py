@@ -25,7 +25,8 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from blindsight.bench.model import ModelCase, render, run
+    from blindsight.bench.model import ModelCase, run
+    from blindsight.bench.render import render_model
     from blindsight.flops import Template
 
     case = ModelCase("qwen2-vl-2b", 2, 24, "fp32", SMALL)
@@ -38,7 +39,7 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     assert rec["attention"] == "function bodies (native kernel off)"
     assert set(rec["peak_rss_mb"]) == {"raw", "dense", "mix"} and rec["flop_bound"] > 1
     json.dumps(rec)
-    assert "model level: qwen2-vl-2b (shrunk)" in render(rec)
+    assert "model level: qwen2-vl-2b (shrunk)" in render_model(rec)
 
     # the three graphs read one external-data file: the compiles kept the export's references
     files = sorted(p.name for p in tmp_path.iterdir())
@@ -74,7 +75,7 @@ def test_model_level_bad_input_is_one_line():
     import subprocess
     import sys
 
-    code = "import sys; from blindsight.bench.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))"
+    code = "import sys; from blindsight.bench.cli import main; sys.exit(main(sys.argv[1:]))"
     for args, msg in ((["--model-images", "0"], "--model-images"), (["--image-blocks"], "op-level option"),
                       (["--model-config", "qwen2-vl-72b"], "invalid choice")):
         r = subprocess.run([sys.executable, "-c", code, "--level", "model", *args], capture_output=True, text=True, timeout=300)

@@ -4,10 +4,12 @@ import importlib.util
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from blindsight import families
-from blindsight.errors import BlindSightError
+from blindsight.attention import find_spans
+from blindsight.errors import BlindSightError, SpanError
 from blindsight.families import FAMILIES
 
 
@@ -81,3 +83,13 @@ def test_qwen_families_share_the_released_delimiters():
     # <|vision_start|> / <|vision_end|> of the Qwen2-VL and Qwen2.5-VL tokenizers (not installable here)
     assert families.get("qwen2_vl").delimiters == families.get("qwen2_5_vl").delimiters
     assert (families.get("qwen2_vl").delimiters.start, families.get("qwen2_vl").delimiters.end) == (151652, 151653)
+
+
+@pytest.mark.parametrize("family,start,pad,end", [("qwen2_vl", 151652, 151655, 151653), ("qwen2_5_vl", 151652, 151655, 151653), ("gemma3", 255999, 262144, 256000)])
+def test_find_spans_by_family(family, start, pad, end):
+    ids = [start, pad, pad, end, 9, 9, start, pad, end]  # images at the very start and end
+    np.testing.assert_array_equal(families.find_spans(ids, family), [[0, 4], [6, 9]])
+    assert families.find_spans([9, 9, 9], family).shape == (0, 2)
+    np.testing.assert_array_equal(find_spans(ids, families.get(family).delimiters), [[0, 4], [6, 9]])
+    with pytest.raises(SpanError, match="unknown model family"):
+        families.find_spans(ids, "llava")

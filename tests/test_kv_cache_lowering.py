@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _util import category_lists, node_session, run, templates
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 from blindsight.attention.schema import AttentionConfig
 from blindsight.attention import reference_attention
 

@@ -15,7 +15,7 @@ from onnx import TensorProto
 from _util import EDGE_IDS, EDGE_TEMPLATES, category_lists, node_session, run, templates
 from blindsight.attention import CATEGORIES, reference_attention
 from blindsight.attention.schema import AttentionConfig
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 
 D = 8
 # Tolerance of fp16 against the float64 reference computed from the same

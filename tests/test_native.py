@@ -21,7 +21,7 @@ from blindsight import native
 from blindsight.attention import reference_attention
 from blindsight.attention.schema import AttentionConfig
 from blindsight.errors import BlindSightError
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 from blindsight.runtime.session import make_session
 
 if os.environ.get("BLINDSIGHT_NATIVE_TESTS") == "off":
@@ -271,7 +271,7 @@ sys.path.insert(0, sys.argv[1])
 from blindsight import native
 from blindsight.attention import reference_attention
 from blindsight.attention.schema import AttentionConfig
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 from blindsight.runtime.session import make_session
 assert native.isa() == sys.argv[2], native.isa()
 cats = ("dense", "sink", "intra", "intra_sink", "sink", "intra")

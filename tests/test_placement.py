@@ -4,7 +4,7 @@ and which nodes fell back to the CPU when a GPU provider was asked for."""
 import numpy as np
 
 from blindsight.attention.schema import AttentionConfig
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 from blindsight.runtime.placement import node_placement, parse_profile
 
 

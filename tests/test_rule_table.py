@@ -19,7 +19,7 @@ from blindsight.attention.semantics import RULES, SAME_IMAGE, SINK, TEXT, Clause
 from blindsight.passes.lowering.builder import OPSET, Builder
 from blindsight.passes.lowering.facts import SpanFacts
 from blindsight.passes.lowering.fast import route_of
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 
 D = 8
 TOYS = {

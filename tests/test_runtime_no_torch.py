@@ -19,7 +19,7 @@ from blindsight.models.checkpoints import make_tiny_checkpoint
 from blindsight.runtime.images import ImageProcessor
 from blindsight.runtime.prompt import PromptBuilder
 from blindsight.runtime.tokenizer import Tokenizer
-from blindsight.runtime.vision_inputs import vision_cu_seqlens, vision_position_ids, vision_window_index
+from blindsight.vision_inputs import vision_cu_seqlens, vision_position_ids, vision_window_index
 
 SIZES = [(50, 60), (90, 40), (56, 56), (10, 12), (300, 90), (17, 400), (640, 480), (224, 224)]  # (height, width)
 TEXTS = ["hello world", "  leading spaces and\ttabs\n\nnewlines ", "ümlaut, 中文, emoji 🙂", "<b>not special</b>",

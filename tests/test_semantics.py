@@ -112,12 +112,3 @@ def test_allowed_pairs_counts_mask():
     assert sem.allowed_pairs("dense", spans, 14) == 14 * 15 // 2
     # intra: image 1's tokens (8..11) lose image 0's 4 keys each
     assert sem.allowed_pairs("intra", spans, 14) == 14 * 15 // 2 - 4 * 4
-
-
-@pytest.mark.parametrize("family,start,pad,end", [("qwen2_vl", 151652, 151655, 151653), ("qwen2_5_vl", 151652, 151655, 151653), ("gemma3", 255999, 262144, 256000)])
-def test_find_spans_by_family(family, start, pad, end):
-    ids = [start, pad, pad, end, 9, 9, start, pad, end]  # images at the very start and end
-    np.testing.assert_array_equal(sem.find_spans(ids, family), [[0, 4], [6, 9]])
-    assert sem.find_spans([9, 9, 9], family).shape == (0, 2)
-    with pytest.raises(SpanError, match="unknown model family"):
-        sem.find_spans(ids, "llava")

@@ -64,14 +64,10 @@ def block_ids(spans, length: int, offset: int = 0) -> np.ndarray:
     return block
 
 
-def token_type_ids(spans, length: int) -> np.ndarray:
-    """transformers' Gemma 3 ``token_type_ids`` [length] (1 on image soft tokens)
-    of a prompt with these spans: what the Gemma 3 exports take."""
-    return chunk_token_types(spans, 0, length)
-
-
-def chunk_token_types(spans, past: int, length: int) -> np.ndarray:
-    """``token_type_ids`` [length] of the chunk at positions past..past+length-1.
+def token_type_ids(spans, length: int, past: int = 0, rows: int | None = None) -> np.ndarray:
+    """transformers' Gemma 3 ``token_type_ids`` (1 on image soft tokens) of the
+    positions past..past+length-1 of a prompt with these spans: what the Gemma 3
+    exports take. [length], or [rows, length] (the row repeated) when ``rows`` is given.
 
     With a KV cache an image block is bidirectional only within one chunk, so a
     chunk that splits a block would not attend as the whole prompt does: a
@@ -82,7 +78,8 @@ def chunk_token_types(spans, past: int, length: int) -> np.ndarray:
             raise SpanError(
                 f"a chunk of positions {past}..{past + length - 1} splits the image block {first}..{last} of image {i}; "
                 "Gemma 3 attends within a whole block at once: start and end chunks outside image blocks")
-    return (block_ids(spans, length, offset=past) >= 0).astype(np.int64)
+    types = (block_ids(spans, length, offset=past) >= 0).astype(np.int64)
+    return types if rows is None else np.tile(types, (rows, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +93,7 @@ class Delimiters:
 def find_spans(input_ids, delimiters) -> np.ndarray:
     """Spans [start, end) from a 1-D id sequence: each opens at an image-start
     delimiter and closes after the matching image-end delimiter.
-    ``delimiters``: a :class:`Delimiters` or a family name (``blindsight.families``)."""
-    if isinstance(delimiters, str):
-        from blindsight import families  # lazily: the registry imports Delimiters from here
-
-        if delimiters not in families.REGISTRY:
-            raise SpanError(f"unknown model family {delimiters!r}; known: {', '.join(families.FAMILIES)}")
-        delimiters = families.get(delimiters).delimiters
+    ``delimiters``: a :class:`Delimiters` (by family name: :func:`blindsight.families.find_spans`)."""
     ids = np.asarray(input_ids).reshape(-1).tolist()
     spans, open_at = [], None
     for t, tok in enumerate(ids):

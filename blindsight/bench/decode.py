@@ -11,6 +11,7 @@ step and hide the attention this measures.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,4 +83,30 @@ def feeds(case: DecodeCase, context: int, seed: int = 0) -> dict[str, np.ndarray
     for i in range(dims.num_layers):
         for kv in ("key", "value"):
             out[f"past_key_values.{i}.{kv}"] = rng.standard_normal((1, dims.num_kv_heads, context, dims.head_dim), dtype=np.float32)
+    return out
+
+
+def run(case, contexts, threads, repeats, work_dir, bar, provider="cpu") -> list[dict]:
+    """bs-bench --level decode: one token after each context of ``contexts``, the raw
+    export against the profile-mix compile; one row each."""
+    from blindsight.bench.timing import interleaved, session
+
+    paths = build(case, work_dir)
+    bar.update(1)
+    out = []
+    for context in contexts:
+        f = feeds(case, context)
+        runs = {}
+        for name in ("raw", "mix"):
+            sess = session(paths[name], threads, provider)
+            names = {i.name for i in sess.get_inputs()}
+            inputs = {n: v for n, v in f.items() if n in names}
+            runs[name] = lambda sess=sess, inputs=inputs: sess.run(None, inputs)
+        med = interleaved(runs, repeats, progress=bar)
+        out.append({"model": case.dims().name, "context": context, "provider": provider, "dtype": "float32",
+                    "images": IMAGES, "raw_s": med["raw"], "compiled_s": med["mix"],
+                    "raw_tokens_per_s": 1 / med["raw"], "compiled_tokens_per_s": 1 / med["mix"],
+                    "ratio": med["raw"] / med["mix"]})
+        del runs
+        gc.collect()
     return out

@@ -104,7 +104,7 @@ def _inputs(sess, t: Template, dims, dtype, past: int, seed: int) -> dict[str, n
         elif i.name == "attention_mask":
             out[i.name] = np.ones((1, past + new), dtype=np.int64)
         elif i.name == "token_type_ids":  # Gemma 3: the soft tokens (span interiors, SPEC §2) of the new positions
-            out[i.name] = token_type_ids(spans, S + 1)[None, past:past + new]
+            out[i.name] = token_type_ids(spans, new, past, rows=1)
         elif i.name == "image_spans":
             out[i.name] = spans
         elif i.name.startswith("past_key_values."):
@@ -174,32 +174,6 @@ def _external_bytes(path: Path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
     return sum((path.parent / f).stat().st_size for f in files)
-
-
-def render(rec: dict) -> str:
-    from blindsight.tables import fmt_table
-
-    mem = rec.get("peak_rss_mb") or {}
-    t = rec["ttft_s"]
-
-    def mb(k):
-        return f"{mem[k]:.0f}" if k in mem else ""
-
-    rows = [["raw export", f"{t['raw']:.2f}", "", "", "", mb("raw")],
-            ["compiled all-dense", f"{t['dense']:.2f}", f"{rec['dense_vs_raw_export']:.2f}x vs raw", "", "", mb("dense")],
-            ["compiled profile mix", f"{t['mix']:.2f}", f"{rec['speedup']:.2f}x vs dense", f"{rec['flop_bound']:.2f}x",
-             f"{rec['efficiency']:.2f}", mb("mix")]]
-    d = rec["decode_s"]
-    head = (f"\nmodel level: {rec['model']} ({rec['num_layers']} layers, vocab {rec['vocab_size']}, {rec['dtype']}, "
-            f"{rec['weights_bytes'] / 2**30:.1f} GiB of weights), {rec['N']} images x {rec['L']} tokens = {rec['seq_len']} tokens; "
-            f"attention on {rec['attention']}; time to first token (mix vs raw export: {rec['vs_raw_export']:.2f}x; "
-            f"attention FLOP bound {rec['attention_flop_bound']:.2f}x; all-dense vs raw logits max |diff| "
-            f"{rec['dense_vs_raw_max_abs_logit_diff']:.1e})")
-    dec = fmt_table(["graph", "ms per token", "tokens/s", "vs raw"],
-                    [["raw export", f"{1000 * d['raw']:.1f}", f"{rec['raw_tokens_per_s']:.2f}", ""],
-                     ["compiled profile mix", f"{1000 * d['mix']:.1f}", f"{rec['compiled_tokens_per_s']:.2f}", f"{rec['decode_ratio']:.2f}x"]])
-    return "\n".join([head, fmt_table(["graph", "TTFT s", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows),
-                      f"\ndecode: one token after the {rec['seq_len']}-token prompt (medians of {rec['decode_repeats']})", dec])
 
 
 def _child() -> None:

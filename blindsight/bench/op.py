@@ -7,6 +7,7 @@ for reference."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from dataclasses import dataclass
@@ -15,12 +16,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
+from blindsight.bench.timing import interleaved, measure_in_child, peak_rss_mb, reset_peak_rss, session
 from blindsight.flops import Template, attention_pairs
 from blindsight.attention import CATEGORIES
 from blindsight.attention.schema import AttentionConfig, elem_type_of, np_dtype_of
 from blindsight.passes.lowering.builder import MS_DOMAIN, OPSET
-from blindsight.passes.lowering.fixture import single_node_model
+from blindsight.passes.lowering.single_node import single_node_model
 from blindsight.profile import MIXED, mixed_layer
 
 CATEGORY_CASES = (*CATEGORIES, MIXED)  # MIXED: the mixed layer (profile.mixed_layer)
@@ -156,3 +157,67 @@ def breakdown(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 2, 
         total[cls] = total.get(cls, 0.0) + e["dur"] / 1000.0
     # the first run fills the arena; count the last `runs`
     return {k: v / (runs + 1) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+def run(sizes, cases, threads, repeats, memory, bar, explain=False, dtype="float32", provider="cpu",
+              image_blocks=False, native=False) -> list[dict]:
+    """bs-bench --level op: each category case against the dense baseline at each
+    N x L of ``sizes``, interleaved; one row each."""
+    shape = OpShape(dtype=dtype, image_blocks=image_blocks)
+    out = []
+    for n, l in sizes:
+        t = Template(n, l)
+        feeds = feeds_for(shape, t)
+        plain = {k: v for k, v in feeds.items() if k != "image_spans"}
+        # with image blocks three sessions are alive at once (the causal GQA's arena alone
+        # holds about 8 GB at 8K tokens): without arenas each run frees what it took
+        arena = not image_blocks
+        base = session(dense_baseline(shape), threads, provider=provider, arena=arena)
+        base_feeds = feeds if image_blocks else plain
+        # with image blocks the causal kernel (not exact there) is timed beside, for reference
+        gqa = session(causal_gqa(shape), threads, provider=provider, arena=False) if image_blocks else None
+        med, base_med, gqa_med, nat_med, why = {}, {}, {}, {}, {}
+        for c in cases:
+            # one compiled session at a time beside the baseline: at 8K tokens a
+            # GroupQueryAttention arena alone holds S x S scores per head (GBs)
+            s = session(compiled_node(shape, c), threads, provider=provider, arena=arena)
+            runs = {"baseline": lambda base=base: base.run(None, base_feeds), c: lambda s=s: s.run(None, feeds)}
+            if gqa is not None:
+                runs["causal_gqa"] = lambda gqa=gqa: gqa.run(None, plain)
+            if native:  # the same node on the native kernel, in the same loop
+                sn = session(compiled_node(shape, c), threads, provider=provider, native=True, arena=arena)
+                runs["native"] = lambda sn=sn: sn.run(None, feeds)
+            pair = interleaved(runs, repeats, progress=bar)
+            med[c], base_med[c], gqa_med[c] = pair[c], pair["baseline"], pair.get("causal_gqa")
+            if native:
+                nat_med[c] = pair["native"]
+                del sn
+            del s
+            if explain:
+                why[c] = breakdown(compiled_node(shape, c), feeds, threads, provider=provider)
+            gc.collect()
+        del base, gqa
+        gc.collect()
+        mem = {}
+        if memory:
+            for v in ["baseline", *cases, *([f"native:{c}" for c in cases] if native else [])]:
+                mem[v] = measure_in_child("blindsight.bench.op", {"variant": v, "threads": threads, "shape": vars(shape), "provider": provider,
+                                                                  "template": {"num_images": n, "image_len": l}})["peak_rss_mb"]
+                bar.update(1)
+        for c in cases:
+            speedup, bound = base_med[c] / med[c], flop_bound(c, shape, t)
+            out.append({"category": c, "N": n, "L": l, "seq_len": t.seq_len, "dtype": dtype, "provider": provider,
+                        "image_blocks": image_blocks,
+                        "baseline": "all-dense BlindSightAttention, image blocks" if image_blocks else "GroupQueryAttention",
+                        "speedup": speedup, "flop_bound": bound,
+                        "efficiency": speedup / bound, "time_s": med[c], "baseline_s": base_med[c],
+                        "peak_rss_mb": mem.get(c), "baseline_peak_rss_mb": mem.get("baseline")})
+            if image_blocks:
+                out[-1]["causal_gqa_s"] = gqa_med[c]
+            if native:  # the native kernel against the same baseline runs and the function body
+                ns = base_med[c] / nat_med[c]
+                out[-1].update(native_s=nat_med[c], native_speedup=ns, native_efficiency=ns / bound,
+                               native_vs_function_body=med[c] / nat_med[c], native_peak_rss_mb=mem.get(f"native:{c}"))
+            if explain:
+                out[-1]["breakdown_ms"] = why[c]
+    return out

@@ -11,6 +11,7 @@ built (logits at every position, the cut vocabulary).
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +106,63 @@ def feeds(case: PrefillCase, seed: int = 0) -> dict[str, np.ndarray]:
 def flops(case: PrefillCase) -> dict:
     dims, t = case.dims(), case.template
     return count_flops(dims, profile_mix(dims), t.spans, t.seq_len, logit_positions=t.seq_len).to_dict()
+
+
+def run(case, threads, repeats, memory, work_dir, bar, provider="cpu", native=False) -> dict:
+    """bs-bench --level prefill: the raw export, the all-dense and the profile-mix compiles
+    of ``case``, timed in interleaved pairs; one record."""
+    from blindsight.bench.timing import interleaved, measure_in_child, session
+
+    paths = build(case, work_dir)
+    bar.update(1)
+    f = feeds(case)
+
+    def runner(sess):
+        names = {i.name for i in sess.get_inputs()}
+        inputs = {n: v for n, v in f.items() if n in names}
+        return lambda: sess.run(None, inputs)
+
+    # pairs, two sessions at a time, without the memory arena: at 8K tokens the
+    # raw export materialises S x S scores per layer (SPEC §5) and the arenas of
+    # two sessions outgrew this machine's 24 GB; every variant pays the same
+    # allocation costs this way
+    ratios = {}
+    # "native_mix" / "native_dense": the same compiled graphs on the native kernel
+    pairs = [("dense", "mix"), ("raw", "mix"), ("raw", "dense")]
+    if native:
+        pairs += [("dense", "native_mix"), ("dense", "native_dense")]
+    for a, b in pairs:
+        sa = session(paths[a], threads, provider, arena=False)
+        sb = session(paths[b.removeprefix("native_")], threads, provider, arena=False, native=b.startswith("native_"))
+        pair = interleaved({a: runner(sa), b: runner(sb)}, repeats, progress=bar)
+        ratios[a, b] = pair[a] / pair[b]
+        if (a, b) == ("dense", "mix"):
+            med = dict(pair)
+        elif (a, b) == ("raw", "mix"):
+            med["raw"] = pair["raw"]
+        elif a == "dense" and b.startswith("native_"):
+            med[b] = pair[b]
+        del sa, sb
+        gc.collect()
+    mem = {}
+    if memory:
+        for k, pth in paths.items():
+            mem[k] = measure_in_child("blindsight.bench.prefill", {"case": vars(case), "path": str(pth), "threads": threads,
+                                                                  "provider": provider})["peak_rss_mb"]
+            bar.update(1)
+    fl = flops(case)
+    speedup = ratios["dense", "mix"]
+    return {
+        "model": case.dims().name, "num_layers": case.num_layers, "form": case.form, "N": case.num_images, "L": case.image_len,
+        "dtype": SHORT_DTYPES[case.dtype], "provider": provider,
+        "seq_len": case.template.seq_len, "speedup": speedup, "flop_bound": fl["prefill_bound"],
+        "efficiency": speedup / fl["prefill_bound"], "vs_raw_export": ratios["raw", "mix"],
+        "dense_vs_raw_export": ratios["raw", "dense"], "attention_flop_bound": fl["attention_bound"],
+        "time_s": {k: med[k] for k in ("raw", "dense", "mix", "native_mix", "native_dense") if k in med},
+        "peak_rss_mb": mem or None,
+        **({"native_speedup": ratios["dense", "native_mix"], "native_efficiency": ratios["dense", "native_mix"] / fl["prefill_bound"],
+            "native_dense_vs_dense": ratios["dense", "native_dense"]} if native else {}),
+    }
 
 
 def _child() -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -25,8 +27,10 @@ def session(model, threads: int, provider: str = "cpu", arena: bool = True, nati
                         native=native, config=config)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin so drift hits all alike."""
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None,
+                seconds: Callable[[object], float] | None = None) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin so drift hits all alike.
+    ``seconds``: the time of a call from its result (default: the call's wall-clock time)."""
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -34,8 +38,8 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int
     for _ in range(repeats):
         for name, fn in runs.items():
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            result = fn()
+            times[name].append(time.perf_counter() - t0 if seconds is None else seconds(result))
             if progress is not None:
                 progress.update(1)
     return {k: float(np.median(v)) for k, v in times.items()}
@@ -75,3 +79,16 @@ def measure_in_child(module: str, args: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{module} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    """The machine a record was measured on: CPU, cores, onnxruntime and Python versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "python": platform.python_version()}

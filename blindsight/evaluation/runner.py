@@ -18,7 +18,7 @@ from blindsight.evaluation.onnx_models import compile_with, export_dense
 from blindsight.flops import count_flops, model_dims
 from blindsight.models import pretrained
 from blindsight.profile import Profile
-from blindsight.records import record_path, scrub
+from blindsight.records import cache_root, record_path, scrub
 from blindsight.prompts import TASK_SEED, candidate_token_ids, encode, task_prompts
 from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
 from blindsight.attention.spans import token_type_ids
@@ -53,12 +53,12 @@ def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray, spans=()) -> dic
         "attention_mask": np.ones((1, s), dtype=np.int64),
     }
     if families.image_blocks(loaded.family):
-        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, s)[None]
+        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, s, rows=1)
     return feeds
 
 
 def work_dir_for(name: str, work_dir: Path | None) -> Path:
-    return Path(work_dir) if work_dir is not None else pretrained.cache_root() / "onnx" / name
+    return Path(work_dir) if work_dir is not None else cache_root() / "onnx" / name
 
 
 def evaluate(

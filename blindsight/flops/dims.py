@@ -1,5 +1,5 @@
 """What FLOP accounting needs of a decoder, read off a transformers config
-(a built-in public one from ``blindsight.bench.configs``, a config.json, a
+(a built-in public one from :mod:`blindsight.configs`, a config.json, a
 checkpoint directory, a dict or a config object)."""
 
 from __future__ import annotations
@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-from blindsight import families
+from blindsight import configs, families
 from blindsight.errors import BlindSightError
 
-CONFIG_PACKAGE = "blindsight.bench.configs"
+CONFIG_PACKAGE = configs.__name__
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class ModelDims:
 
 
 def builtin_models() -> list[str]:
-    return sorted(p.name[: -len(".json")] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".json"))
+    return configs.names()
 
 
 def _layer_windows(t: dict, num_layers: int) -> tuple:
@@ -91,8 +90,7 @@ def model_dims(spec) -> ModelDims:
         return dims_from_config(spec.to_dict(), getattr(spec, "name_or_path", "") or "config")
     name = str(spec)
     if name in builtin_models():
-        text = resources.files(CONFIG_PACKAGE).joinpath(f"{name}.json").read_text()
-        return dims_from_config(json.loads(text), name)
+        return dims_from_config(configs.transformers_dict(name), name)
     path = Path(os.fspath(spec))
     if path.is_dir():
         path = path / "config.json"

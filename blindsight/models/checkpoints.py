@@ -21,7 +21,7 @@ from pathlib import Path
 
 from blindsight import families
 from blindsight.staging import staged_dir
-from blindsight.models.configs import (
+from blindsight.configs import (
     TINY_HEAD_DIM,
     TINY_HEADS,
     TINY_HIDDEN,

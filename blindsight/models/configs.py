@@ -3,8 +3,8 @@
 Only the *language model* prefill is of interest here; the vision towers of the
 qwen configs are kept as small as possible so that building the full
 ``*ForConditionalGeneration`` model stays cheap. The shared text dimensions
-are here; each family's part is its registry entry's ``tiny_config``
-(:mod:`blindsight.families`).
+are data of :mod:`blindsight.configs`; each family's part is its registry
+entry's ``tiny_config`` (:mod:`blindsight.families`).
 """
 
 from __future__ import annotations
@@ -12,17 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from blindsight import families
+from blindsight.configs import TINY_HEADS, TINY_HIDDEN, TINY_INTERMEDIATE, TINY_VOCAB
 from blindsight.families import FAMILIES  # noqa: F401 (re-exported)
-
-# Tiny text dimensions shared by all families.
-TINY_HIDDEN = 64
-TINY_HEADS = 4
-TINY_HEAD_DIM = 16
-TINY_VOCAB = 128
-TINY_INTERMEDIATE = 128
-TINY_SLIDING_WINDOW = 8
-# mrope_section must sum to head_dim // 2 (it splits the rotary frequencies).
-TINY_MROPE_SECTION = [2, 3, 3]
 
 
 def _text_kwargs(num_kv_heads: int, num_layers: int) -> dict[str, Any]:

@@ -230,7 +230,7 @@ def example_inputs(family: str, config, batch: int = 1, seq_len: int = 40, seed:
     if families.get(family).image_blocks:
         from blindsight.attention.spans import token_type_ids
 
-        out[TOKEN_TYPE_INPUT] = np.tile(token_type_ids(spans, seq_len), (batch, 1))
+        out[TOKEN_TYPE_INPUT] = token_type_ids(spans, seq_len, rows=batch)
     return out
 
 

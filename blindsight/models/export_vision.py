@@ -6,7 +6,7 @@ segments, Qwen2.5-VL's window order), which no trace can keep dynamic.
 transformers exposes them as precomputable (``transformers.vision_utils``),
 so the graph takes them as inputs and :func:`qwen_vision_feeds` computes them
 on the host (numpy equivalents of transformers' functions, in
-blindsight.runtime.vision_inputs, so the runtime needs no torch). Attention inside the tower runs
+blindsight.vision_inputs, so the runtime needs no torch). Attention inside the tower runs
 over all patches of the call with a block-diagonal mask made from the segment
 boundaries (exact; memory grows with the square of the patches of one call,
 so feed images one at a time when they are large).
@@ -90,9 +90,9 @@ def qwen_vision_feeds(family: str, vision_config: dict, pixel_values, image_grid
 
     ``vision_config`` is template.json's ``vision`` entry (spatial_merge_size,
     window_size, patch_size). The numpy implementation of the runtime
-    (:mod:`blindsight.runtime.vision_inputs`, equal to transformers.vision_utils').
+    (:mod:`blindsight.vision_inputs`, equal to transformers.vision_utils').
     """
-    from blindsight.runtime.vision_inputs import qwen_vision_feeds as feeds
+    from blindsight.vision_inputs import qwen_vision_feeds as feeds
 
     return feeds(family, vision_config, pixel_values, image_grid_thw)
 

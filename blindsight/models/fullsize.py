@@ -3,7 +3,7 @@
 
 No pretrained VLM weights install here, and speed, memory and exactness need
 none: the architecture comes from the packaged configs
-(:mod:`blindsight.models.full_configs`), the weights are drawn at random. The
+(:mod:`blindsight.configs`), the weights are drawn at random. The
 model is built on the meta device (no storage), then every tensor is drawn and
 written into safetensors shards of at most ``shard_bytes``, so the writer never
 holds more than one shard: a 7B checkpoint is written in a few hundred MB.
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
-from blindsight import families
+from blindsight import configs, families
 from blindsight.errors import BlindSightError
 from blindsight.staging import staged_dir
 
-#: name -> packaged config file
+#: the packaged configurations (blindsight.configs) written as random checkpoints
 FULL_SIZE = ("qwen2-vl-2b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "gemma-3-4b")
 SHARD_BYTES = 1 << 30
 MARKER = "blindsight_random.json"
@@ -35,7 +34,7 @@ MARKER = "blindsight_random.json"
 def _spec(name: str) -> dict:
     if name not in FULL_SIZE:
         raise BlindSightError(f"unknown full-size configuration {name!r}; expected one of {', '.join(FULL_SIZE)}")
-    return json.loads(resources.files("blindsight.models.full_configs").joinpath(f"{name}.json").read_text())
+    return configs.load(name)
 
 
 def full_config(name: str, overrides: dict | None = None):

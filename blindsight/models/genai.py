@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                             extra_options=dict(o.split("=", 1) for o in args.extra_option) or None)
     print(f"wrote {out / 'model.onnx'}")
     if args.greedy:
-        from blindsight.models.configs import TINY_HEADS
+        from blindsight.configs import TINY_HEADS
         from blindsight.profile import Profile
 
         sparse = Profile([[("sink", "intra", "intra_sink", "dense")[(h + layer) % 4] for h in range(TINY_HEADS)]

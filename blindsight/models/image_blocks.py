@@ -47,5 +47,5 @@ def prompt_masks(model, spans, seq_len: int):
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     shape_only = torch.zeros(1, seq_len, 1, dtype=model.dtype)  # the mask builders read batch, length, dtype
-    types = torch.from_numpy(token_type_ids(spans, seq_len))[None]
+    types = torch.from_numpy(token_type_ids(spans, seq_len, rows=1))
     return mask_mapping(config, shape_only, None, None, torch.arange(seq_len)[None], types)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 
 from blindsight import families
 from blindsight.errors import BlindSightError
+from blindsight.records import cache_root
 from blindsight.staging import staged_dir
 from blindsight.attention import Delimiters
 from blindsight.families import FAMILIES
@@ -64,10 +64,6 @@ PRETRAINED = {
     ),
 }
 DEFAULT_MODEL = "gemma3-270m"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BLINDSIGHT_CACHE", Path.home() / ".cache" / "blindsight"))
 
 
 def spec(name: str) -> Pretrained:

@@ -36,7 +36,7 @@ import numpy as np
 
 from blindsight.attention import validate_spans
 from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT, AttentionConfig, is_blindsight
-from blindsight.attention.spans import chunk_token_types
+from blindsight.attention.spans import token_type_ids
 from blindsight.errors import BlindSightError, ModelError, SpanError
 from blindsight.tables import fmt_table
 
@@ -326,7 +326,7 @@ def check(source, compiled, *, feeds=None, spans=None, provider: str = "cpu", se
     if TOKEN_TYPE_INPUT in inputs and (npz_spans is None or TOKEN_TYPE_INPUT not in feeds):
         # Gemma 3's image blocks follow the same spans (random feeds hold zeros)
         rows, new = feeds[TOKEN_TYPE_INPUT].shape
-        feeds[TOKEN_TYPE_INPUT] = np.tile(chunk_token_types(spans, length - new, new), (rows, 1))
+        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, new, length - new, rows)
     runs = []
     attention = ""
     for path, (ins, outs, _), use in ((source, src, False), (compiled, cmp, native)):

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from blindsight import families
 from blindsight.errors import BlindSightError
 from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
-from blindsight.attention.spans import chunk_token_types
+from blindsight.attention.spans import token_type_ids
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
 from blindsight.runtime.prompt import Prompt, PromptBuilder
 from blindsight.attention import Delimiters, find_spans
@@ -122,7 +122,7 @@ class Pipeline:
         self._vision_feeds = None
         if families.get(self.family).vision_tower == families.QWEN_VISION and not set(self.vision_inputs) <= {"pixel_values", "image_grid_thw"}:
             # the export takes the tower's index tensors, computed on the host (numpy, no torch)
-            from blindsight.runtime.vision_inputs import qwen_vision_feeds
+            from blindsight.vision_inputs import qwen_vision_feeds
 
             self._vision_feeds = qwen_vision_feeds
         self.prompts.image_processor  # noqa: B018 (load it now)
@@ -199,7 +199,7 @@ class Pipeline:
             feeds[SPANS_INPUT] = spans
         if TOKEN_TYPE_INPUT in self.lm_inputs:  # Gemma 3: its image blocks, from the same spans
             new = embeds.shape[1]
-            feeds[TOKEN_TYPE_INPUT] = chunk_token_types(spans, total_len - new, new)[None]
+            feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, new, total_len - new, rows=1)
         names = [o.name for o in self.lm.get_outputs()]
         self._last_feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
         outs = dict(zip(names, self.lm.run(None, self._last_feeds)))

@@ -108,11 +108,18 @@ class PromptBuilder:
         return self._format(self.spec.image_placeholder)
 
     def render(self, prompt: str, num_images: int, chat: bool = True) -> str:
-        parts = split_prompt(prompt, num_images)
+        return self.render_messages([{"role": "user", "content": split_prompt(prompt, num_images)}], chat)
+
+    def render_messages(self, messages: list[dict], chat: bool = True) -> str:
+        """The chat template over the messages (image parts where the images go);
+        without a template (or ``chat`` off), their parts in order."""
         if chat and self.tokenizer.chat_template:
-            messages = [{"role": "user", "content": parts}]
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return "".join(self._placeholder() if p["type"] == "image" else p["text"] for p in parts)
+        text = ""
+        for m in messages:
+            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            text += "".join(self._placeholder() if p["type"] == "image" else p["text"] for p in parts)
+        return text
 
     def _expand(self, text: str, counts: list[int]) -> str:
         """Each image placeholder -> the image's full token sequence, as the family's processor does."""
@@ -126,8 +133,18 @@ class PromptBuilder:
         return pieces[0] + "".join(seq(n) + p for n, p in zip(counts, pieces[1:]))
 
     def build(self, images, prompt: str, chat: bool = True) -> Prompt:
+        """The prompt of one user turn: ``prompt`` with the images at its markers (or first)."""
         images = load_images(images)
-        text = self.render(prompt, len(images), chat)
+        return self._build(images, self.render(prompt, len(images), chat))
+
+    def build_messages(self, images, messages: list[dict], chat: bool = True) -> Prompt:
+        """The prompt of a conversation (chat messages whose image parts take ``images`` in order):
+        for one user message, what :meth:`build` makes of the same text with markers."""
+        images = load_images(images)
+        return self._build(images, self.render_messages(messages, chat))
+
+    def _build(self, images: list, text: str) -> Prompt:
+        """Each image placeholder of the rendered ``text`` expanded into its tokens, then tokenized."""
         pixel_values = grid = None
         counts: list[int] = []
         if images:

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from blindsight.errors import BlindSightError
 from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
-from blindsight.attention.spans import chunk_token_types
+from blindsight.attention.spans import token_type_ids
 from blindsight.attention import validate_spans
 
 PROVIDERS = {
@@ -144,7 +144,7 @@ class CompiledSession:
             rows, new = _rows_and_new_tokens(feeds)
             past = (seq_len - new) if seq_len is not None else 0
             # first: a chunk that splits an image is the fault to name, not the spans past it
-            feeds[TOKEN_TYPE_INPUT] = np.tile(chunk_token_types(spans, past, new), (rows, 1))
+            feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, new, past, rows)
         feeds[SPANS_INPUT] = np.ascontiguousarray(validate_spans(spans, seq_len), dtype=np.int64)
         return self.session.run(None, feeds)
 

@@ -39,39 +39,6 @@ class _Cancelled(Exception):
 # ---------------------------------------------------------------- prompts
 
 
-def build_prompt(builder, images, messages: list[dict]):
-    """A :class:`~blindsight.runtime.prompt.Prompt` from chat messages, as
-    ``PromptBuilder.build`` makes one from a prompt string: the chat template over
-    the messages (image parts where the images go), each image placeholder
-    expanded into its tokens, then tokenized. For one user message this is the
-    prompt that ``Pipeline.generate(images, text with <image> markers)`` builds."""
-    from blindsight import families
-    from blindsight.runtime.prompt import Prompt
-
-    tok = builder.tokenizer
-    if tok.chat_template:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:  # no template: the parts in order, as PromptBuilder.render does with chat off
-        text = ""
-        for m in messages:
-            parts = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-            text += "".join(builder._placeholder() if p["type"] == "image" else p["text"] for p in parts)
-    pixel_values = grid = None
-    counts: list[int] = []
-    if images:
-        px = builder.image_processor(images)
-        pixel_values = np.asarray(px["pixel_values"], dtype=np.float32)
-        if builder.spec.vision_tower == families.QWEN_VISION:
-            grid = np.asarray(px["image_grid_thw"], dtype=np.int64)
-            counts = (grid.prod(-1) // int(builder.template["spatial_merge_size"]) ** 2).tolist()
-        else:
-            counts = [int(builder.template["tokens_per_image"])] * len(images)
-    full = builder._expand(text, counts)
-    bos = tok.bos_token
-    ids = np.asarray(tok.encode(full, add_special_tokens=not (bos and full.startswith(bos))), dtype=np.int64)
-    return Prompt(ids, pixel_values, grid, text, len(images))
-
-
 def context_length(out_dir) -> int | None:
     """The language model's ``max_position_embeddings`` from the export's config.json (None: unknown)."""
     path = Path(out_dir) / "config.json"
@@ -261,7 +228,7 @@ class Engine:
         start = time.perf_counter()
         try:
             images = [decode_image(data, i) for i, data in enumerate(job.conversation.images)]
-            prompt = build_prompt(self.pipeline.prompts, images, job.conversation.messages)
+            prompt = self.pipeline.prompts.build_messages(images, job.conversation.messages)
             n = int(prompt.input_ids.size)
             max_tokens = self._max_tokens(n, job.max_tokens)
             job.emit("started", n)

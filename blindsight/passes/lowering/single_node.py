@@ -1,5 +1,5 @@
-"""A model holding one BlindSightAttention node: the fixture of the
-single-node tests and of the op-level benchmark."""
+"""A model holding one BlindSightAttention node, lowered: what the op-level
+benchmark times and the single-node tests check."""
 
 from __future__ import annotations
 

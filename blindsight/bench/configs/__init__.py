@@ -1,1 +1,0 @@
-"""Language-model configurations of public VLMs (transformers config.json subsets)."""

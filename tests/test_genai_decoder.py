@@ -307,7 +307,7 @@ GENAI_PYTHON = os.environ.get("BLINDSIGHT_GENAI_PYTHON")
 @pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_the_builder_still_writes_the_fixture(variant, tmp_path):
-    """The fixture is what `python -m blindsight.models.genai` makes today, byte for byte."""
+    """The fixture is what `python -m blindsight.runtime.genai` makes today, byte for byte."""
     from blindsight.models.genai import make_tiny_decoder
 
     folder, graph, config = VARIANTS[variant]
@@ -318,30 +318,90 @@ def test_the_builder_still_writes_the_fixture(variant, tmp_path):
 
 
 def _profiles():
-    sparse = Profile([[("sink", "intra", "intra_sink", "dense")[(h + layer) % 4] for h in range(HEADS)] for layer in range(LAYERS)])
-    return {"dense": (Profile.uniform("dense", LAYERS, HEADS), "fast"), "sparse": (sparse, "fast"),
+    sparse = Profile([[("sink", "intra", "intra_sink", "dense")[(h + layer) % 4] for h in range(HEADS)] for layer in range(LAYERS)],
+                     num_kv_heads=KV_HEADS)
+    return {"dense": (Profile.uniform("dense", LAYERS, HEADS, num_kv_heads=KV_HEADS), "fast"), "sparse": (sparse, "fast"),
             "sparse_reference": (sparse, "reference")}
 
 
+def _bs_compile(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "blindsight.compiler.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compiled_folder_greedy_decoding_in_onnxruntime(variant, tmp_path):
-    """compile_for_genai's folder, decoded greedily the way genai feeds it (one
-    shared past/present buffer): all-dense gives the builder's decoder's tokens;
-    the sparse profile's tokens are the same under both lowerings."""
-    from blindsight.models.genai import DEMO_PROMPT, DEMO_SPANS, compile_for_genai, ort_greedy
+def test_bs_compile_writes_a_genai_folder_that_decodes_like_the_source(variant, tmp_path):
+    """bs-compile FOLDER -o OUT: a complete genai folder (every source file, the
+    compiled decoder named in genai_config.json, the native kernel copied in when
+    built), the source folder untouched; decoded greedily the way genai feeds it
+    (one shared past/present buffer, the folder's custom_ops_library registered),
+    all-dense gives the builder's decoder's tokens, and the sparse profile's tokens
+    are the same under both lowerings and on the function bodies."""
+    from blindsight import native
+    from blindsight.profile import save
+    from blindsight.runtime.genai import DEMO_PROMPT, DEMO_SPANS, ort_greedy
 
     folder = _copy_fixture(variant, tmp_path / "decoder").parent
+    before = _tree(folder)
     want = ort_greedy(folder / "model.onnx", DEMO_PROMPT, 28)
     tokens = {}
     for name, (profile, lowering) in _profiles().items():
-        out = compile_for_genai(folder, profile, lowering, name)
-        decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"]
-        assert decoder == "model.blindsight.onnx"
-        tokens[name] = ort_greedy(out / decoder, DEMO_PROMPT, 28, DEMO_SPANS)
-    assert len(want) >= 8 and tokens["dense"] == want
-    assert tokens["sparse"] == tokens["sparse_reference"]
+        for kernel in ((), ("--no-native",)):
+            save(profile, tmp_path / f"{name}.json")
+            out = tmp_path / f"{name}{'-bodies' if kernel else ''}"
+            r = _bs_compile(folder, "--profile", tmp_path / f"{name}.json", "-o", out, "--lowering", lowering, *kernel)
+            assert r.returncode == 0, r.stderr
+            config = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+            assert config["filename"] == "model.blindsight.onnx"
+            assert set(before) <= {p.name for p in out.iterdir()}
+            library = (config.get("session_options") or {}).get("custom_ops_library")
+            if kernel or not native.available():
+                assert library is None
+            else:
+                assert library == native.library_path().name and (out / library).is_file()
+            tokens[out.name] = ort_greedy(out / "model.blindsight.onnx", DEMO_PROMPT, 28, DEMO_SPANS)
+    assert _tree(folder) == before
+    assert len(want) >= 8 and tokens["dense"] == tokens["dense-bodies"] == want
+    assert tokens["sparse"] == tokens["sparse-bodies"] == tokens["sparse_reference"] == tokens["sparse_reference-bodies"]
     if variant == "qwen2_5_vl":  # (Gemma 3's tiny decoder happens to keep its tokens under this profile)
         assert tokens["sparse"] != want
+
+
+def test_bs_compile_genai_bad_input_is_one_line(tmp_path):
+    from blindsight.profile import save
+
+    folder = _copy_fixture("qwen2_5_vl", tmp_path / "decoder").parent
+    save(Profile.uniform("dense", LAYERS, HEADS, num_kv_heads=KV_HEADS), tmp_path / "p.json")
+    cases = [((folder, "--profile", tmp_path / "p.json"), "pass -o OUT_DIR"),
+             ((folder, "--profile", tmp_path / "p.json", "-o", folder / "inside"), "inside it")]
+    config = json.loads((folder / "genai_config.json").read_text())
+    del config["model"]["decoder"]["filename"]
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "genai_config.json").write_text(json.dumps(config))
+    cases.append(((broken, "--profile", tmp_path / "p.json", "-o", tmp_path / "out"), "model.decoder.filename"))
+    for args, msg in cases:
+        r = _bs_compile(*args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_spans_from_ids_reads_the_folders_delimiters():
+    from blindsight.runtime.genai import DEMO_PROMPT, DEMO_SPANS, spans_from_ids
+
+    ids = np.array(DEMO_PROMPT)
+    start, end = 259, 260  # the fixture tokenizer's <|vision_start|> and <|vision_end|>
+    want = [[int(a), int(b) + 1] for a, b in zip(np.flatnonzero(ids == start), np.flatnonzero(ids == end))]
+    assert want == DEMO_SPANS
+    assert spans_from_ids(ids, FIXTURES / "qwen2_5_vl").tolist() == want
+    assert spans_from_ids([5, 6, 7], FIXTURES / "qwen2_5_vl").shape == (0, 2)
 
 
 @pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
@@ -349,7 +409,7 @@ def test_compiled_folder_greedy_decoding_in_onnxruntime(variant, tmp_path):
 def test_onnxruntime_genai_runs_the_compiled_decoder(variant, tmp_path):
     """onnxruntime-genai itself (image_spans through Generator.set_model_input):
     its greedy tokens equal onnxruntime's loop, and all-dense equals the source."""
-    from blindsight.models.genai import DEMO_PROMPT, DEMO_SPANS, greedy_parity
+    from blindsight.runtime.genai import DEMO_PROMPT, DEMO_SPANS, greedy_parity
 
     folder = _copy_fixture(variant, tmp_path / "decoder").parent
     result = greedy_parity(GENAI_PYTHON, folder, _profiles(), DEMO_PROMPT, DEMO_SPANS, max_length=28)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from blindsight.compiler.genai import compile_genai_folder, is_genai_folder
 from blindsight.compiler.pipeline import compile_model
-from blindsight.errors import run_cli
+from blindsight.errors import ModelError, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,11 +17,14 @@ def _parser() -> argparse.ArgumentParser:
             "Replace every attention core of an ONNX language-model export by one "
             "ai.blindsight::BlindSightAttention node configured from a head profile. "
             "The compiled model gains an int64 input 'image_spans' [N, 2] (start, end of "
-            "each image in the prompt) and runs in stock ONNX Runtime."
+            "each image in the prompt) and runs in stock ONNX Runtime. Given an onnxruntime-genai "
+            "model folder (genai_config.json beside the decoder), it writes a new genai folder -o "
+            "with the compiled decoder, never touching the source folder."
         ),
-        epilog="example: bs-compile lm.onnx --profile profile.json -o lm.blindsight.onnx",
+        epilog="examples: bs-compile lm.onnx --profile profile.json -o lm.blindsight.onnx; "
+        "bs-compile genai-qwen2.5-vl/ --profile profile.json -o genai-qwen2.5-vl.blindsight/",
     )
-    p.add_argument("model", help="ONNX model (an export of the language model's prefill)")
+    p.add_argument("model", help="ONNX model (a bs-export language model), or an onnxruntime-genai model folder")
     p.add_argument("--profile", required=True, help="head profile JSON (format blindsight-profile v1)")
     p.add_argument("-o", "--output", help="output path (default: MODEL.blindsight.onnx beside the input)")
     p.add_argument(
@@ -30,13 +34,25 @@ def _parser() -> argparse.ArgumentParser:
         help="fast: skip masked-out work on ONNX Runtime's fastest kernels (default); "
         "reference: explicit per-head mask with dense compute, for validation",
     )
+    p.add_argument("--no-native", action="store_true",
+                   help="genai folders: do not name the native kernel as the decoder's custom_ops_library "
+                   "(by default it is named when built: python -m blindsight.native build)")
     p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    code, result = run_cli("bs-compile", lambda: compile_model(args.model, args.profile, args.output, args.lowering), args.debug)
+
+    def work():
+        if is_genai_folder(args.model):
+            if not args.output:
+                raise ModelError("an onnxruntime-genai folder compiles into a new folder: pass -o OUT_DIR")
+            return compile_genai_folder(args.model, args.profile, args.output, args.lowering,
+                                        native=False if args.no_native else None)
+        return compile_model(args.model, args.profile, args.output, args.lowering)
+
+    code, result = run_cli("bs-compile", work, args.debug)
     if code:
         return code
     print(result.summary())

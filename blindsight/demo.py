@@ -6,7 +6,7 @@
    pipeline: greedy answers of the compiled models are compared token for token.
 2. Prefill speed on real attention dimensions: a language model with
    Qwen2-VL-2B's text dimensions (random weights, a few layers) on a
-   multi-image surrogate prompt (SPEC §6 template: random embeddings stand in
+   multi-image surrogate prompt (docs/specification.md §6 template: random embeddings stand in
    for image tokens), dense vs BlindSight, timed interleaved, beside the FLOP
    bound of the profile.
 3. Real weights (when bs-profile / bs-eval and Gemma 3 270M are installed):

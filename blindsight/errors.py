@@ -6,11 +6,11 @@ class BlindSightError(Exception):
 
 
 class SpanError(BlindSightError, ValueError):
-    """Image spans that break SPEC §2 (sorted, non-overlapping, non-empty, in range)."""
+    """Image spans that break docs/specification.md §2 (sorted, non-overlapping, non-empty, in range)."""
 
 
 class ProfileError(BlindSightError, ValueError):
-    """A head profile that breaks SPEC §3."""
+    """A head profile that breaks docs/specification.md §3."""
 
 
 class ModelError(BlindSightError, ValueError):

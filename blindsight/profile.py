@@ -1,4 +1,4 @@
-"""Head profile, format v1 (SPEC §3): load, validate, save."""
+"""Head profile, format v1 (docs/specification.md §3): load, validate, save."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A prompt is a list of pieces: text, or a *segment* that stands for an image.
 On text-only weights a segment is descriptive text wrapped in the family's
 image delimiter tokens (surrogate images); its span covers the delimiters, so
-the start delimiter is the sink (SPEC §2). :func:`encode` tokenises a prompt;
+the start delimiter is the sink (docs/specification.md §2). :func:`encode` tokenises a prompt;
 :class:`Encoded` is what calibration and evaluation run (real-VLM calibration
 prompts, :mod:`blindsight.calibration.vlm_prompts`, produce it too).
 

@@ -65,7 +65,7 @@ def test_bench_quick_json(tmp_path):
 
 
 def test_decode_context_template_and_feeds():
-    """The decode context is SPEC §6's template stretched to the asked length; the
+    """The decode context is docs/specification.md §6's template stretched to the asked length; the
     past tensors have that length and the new token sits right after it."""
     from blindsight.bench.decode import DecodeCase, context_template, feeds
 
@@ -122,7 +122,7 @@ def test_bench_image_blocks_rows_and_merge(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(r.stdout)
     assert "prefill" not in rec  # --image-blocks is op level only
-    spans, seq = [(32, 72), (80, 120)], 152  # SPEC §6 template: prefix 24, then gap 8 before every image, question 32
+    spans, seq = [(32, 72), (80, 120)], 152  # docs/specification.md §6 template: prefix 24, then gap 8 before every image, question 32
     for row in rec["op"]:
         assert row["image_blocks"] is True and row["baseline"].startswith("all-dense BlindSightAttention")
         assert row["causal_gqa_s"] > 0 and row["seq_len"] == seq

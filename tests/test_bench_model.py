@@ -1,4 +1,4 @@
-"""bs-bench --level model (issue 13): the whole KV-cache language model of a
+"""bs-bench --level model: the whole KV-cache language model of a
 full-size configuration, timed raw vs compiled all-dense vs compiled with the
 profile mix. Shrunk here (the same code path as the full-size runs); timings
 are not checked, what was timed is."""

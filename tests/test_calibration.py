@@ -21,7 +21,7 @@ def image_of(spans, t):
 
 
 def literal_keep(category, spans, q, k):
-    """SPEC §2 for one (q, k) pair with sink_tokens = 1, written out independently."""
+    """docs/specification.md §2 for one (q, k) pair with sink_tokens = 1, written out independently."""
     if k > q:
         return False
     qi, ki = image_of(spans, q), image_of(spans, k)

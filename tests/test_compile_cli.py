@@ -162,7 +162,7 @@ def test_external_data_stays_external(model, tmp_path):
 
 
 def test_compile_never_reads_the_weights(model, tmp_path):
-    """Issue 13: with the external-data file replaced by a directory of the same
+    """With the external-data file replaced by a directory of the same
     name (any read of it fails), bs-compile still succeeds and the output keeps
     referencing that file; with the real file back, it runs like the inline compile."""
     src, prof, _ = model

@@ -85,7 +85,7 @@ def test_random_profile_fast_equals_reference_and_numpy(exported, family, form, 
     outputs = dict(zip([o.name for o in sess.get_outputs()], run(sess, feeds)))
     assert np.abs(outputs["logits"] - got_ref).max() <= 1e-4
 
-    # every layer's node output against the numpy reference of SPEC §2 on that node's own inputs
+    # every layer's node output against the numpy reference of docs/specification.md §2 on that node's own inputs
     for cats, scale, inputs, output in nodes:
         q, k, v = (outputs[n] for n in inputs[:3])
         model_mask = None

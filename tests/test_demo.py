@@ -38,7 +38,7 @@ def test_bs_demo_runs_the_flow_and_reports_parity(tmp_path):
     # the timing runs on Qwen2-VL-2B's attention dimensions (12 query / 2 KV heads of 128), not the tiny VLM's
     speed = rec["speed_qwen2_vl_2b_dims"]
     assert speed["seq_len"] == Template(num_images=3, image_len=24).seq_len and speed["speedup_vs_dense"] > 0
-    # its attention FLOP bound, recomputed from the SPEC §2 masks of the timed profile (layer 0 dense, then the mixed layer)
+    # its attention FLOP bound, recomputed from the docs/specification.md §2 masks of the timed profile (layer 0 dense, then the mixed layer)
     layers = [["dense"] * 12, list(mixed_layer(12))]
     tpl = Template(num_images=3, image_len=24)
     pairs = {c: allowed_mask(c, tpl.spans, tpl.seq_len).sum() for c in ("dense", "sink", "intra", "intra_sink")}

@@ -1,4 +1,4 @@
-"""bs-export --dtype (issue 10, part 1): fp16 exports of tiny Qwen2-VL, Qwen2.5-VL and
+"""bs-export --dtype: fp16 exports of tiny Qwen2-VL, Qwen2.5-VL and
 Gemma 3 checkpoints equal the torch fp16 model, their float inputs and outputs are
 float16 (integer inputs stay int64), Gemma 3's upcasting RMSNorm loads in ONNX Runtime
 at opset 23, bf16 exports pass the ONNX checker, and the runtime pipeline runs an
@@ -225,7 +225,7 @@ FP16_COMPILE_TOL = 2e-2
 
 @pytest.mark.parametrize("past", [0, 3])
 def test_fp16_all_dense_compile_equals_the_fp16_export(fp16, tmp_path, past):
-    """SPEC §4: an all-dense compile equals its source, within fp16 rounding."""
+    """docs/specification.md §4: an all-dense compile equals its source, within fp16 rounding."""
     from blindsight.runtime.parity import check
 
     family, out, template, _ = fp16

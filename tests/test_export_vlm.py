@@ -1,6 +1,6 @@
 """bs-export on tiny random Qwen2-VL, Qwen2.5-VL and Gemma 3 checkpoints: the
 exported graphs equal the torch modules, the KV cache continues a prefill, and
-a compiled language model keeps its cache (issue 5, points 1 and 2)."""
+a compiled language model keeps its cache."""
 
 import json
 import subprocess
@@ -242,7 +242,7 @@ def test_compiled_language_model_keeps_its_kv_cache(vlm, tmp_path):
             np.testing.assert_allclose(f, r, atol=1e-4, rtol=0)
     assert np.abs(runs["fast"][0][:, :PREFILL] - want[:, :PREFILL]).max() > 1e-3  # the profile did change the prefill
 
-    # SPEC §2: a decode step's text query is dense, so from the compiled prefill's
+    # docs/specification.md §2: a decode step's text query is dense, so from the compiled prefill's
     # cache the dense model predicts the same next-token logits
     prefill_presents = runs["fast"][1][0]
     step = _lm_feeds(template, embeds[:, PREFILL:PREFILL + 1], PREFILL, prefill_presents)

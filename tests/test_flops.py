@@ -1,4 +1,4 @@
-"""FLOP accounting against brute-force counts over explicit masks (SPEC §2)."""
+"""FLOP accounting against brute-force counts over explicit masks (docs/specification.md §2)."""
 
 from __future__ import annotations
 

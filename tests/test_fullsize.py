@@ -1,4 +1,4 @@
-"""Full-size random checkpoints (issue 13): the packaged configurations match the
+"""Full-size random checkpoints: the packaged configurations match the
 published parameter counts, and the shard writer produces a checkpoint that
 transformers loads with every tensor in place (shrunk here, the same code path)."""
 

@@ -1,4 +1,4 @@
-"""Gemma 3's bidirectional image blocks (SPEC §2, node attribute ``image_blocks``):
+"""Gemma 3's bidirectional image blocks (docs/specification.md §2, node attribute ``image_blocks``):
 the numpy reference against transformers' own mask, the closed-form pair
 counts against brute force, and fast == reference == numpy on single nodes."""
 
@@ -94,7 +94,7 @@ def _check(cats, spans, seq, batch, style, seed, *, window=-1, kv=2, sink_tokens
         feeds["attn_mask"] = mask
     elif style == "float":
         feeds["attn_mask"] = np.where(mask, 0.0, -np.inf).astype(np.float32)
-    # the SPEC §2 reference: the model mask given in full, the categories on top
+    # the docs/specification.md §2 reference: the model mask given in full, the categories on top
     want = reference_attention(q, k, v, spans, cats, sink_tokens=sink_tokens, scale=0.3, model_mask=mask, causal=False)
     for lowering in ("reference", "fast"):
         got = run(node_session(cfg, lowering), feeds)[0]

@@ -1,5 +1,5 @@
 """Single BlindSightAttention nodes with a KV cache (query length < key length):
-both lowerings equal the numpy SPEC §2 reference with queries at absolute
+both lowerings equal the numpy docs/specification.md §2 reference with queries at absolute
 positions past..past+Sq-1."""
 
 import numpy as np
@@ -74,7 +74,7 @@ def test_cached_queries_equal_numpy_reference(mask_type, is_causal, window, fmt,
 
 def test_decode_step_inside_an_image_and_after_the_last():
     """A query that is itself an image token at past > 0 (a chunked prefill) and
-    a text query after every image: both follow SPEC §2 by absolute position."""
+    a text query after every image: both follow docs/specification.md §2 by absolute position."""
     cfg = AttentionConfig(num_heads=4, kv_num_heads=2, head_size=D, scale=D ** -0.5,
                           categories=("dense", "sink", "intra", "intra_sink"), is_causal=0, mask_type="float")
     spans = np.array([[2, 7], [9, 15]], dtype=np.int64)

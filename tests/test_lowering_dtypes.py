@@ -1,6 +1,6 @@
-"""fp16 and bf16 function bodies (SPEC §4: the compiled graph keeps the source
+"""fp16 and bf16 function bodies (docs/specification.md §4: the compiled graph keeps the source
 dtype). fp16 runs on ONNX Runtime's CPU provider and is checked against the
-numpy SPEC §2 reference; bf16 has no CPU kernels for MatMul, Add, Where,
+numpy docs/specification.md §2 reference; bf16 has no CPU kernels for MatMul, Add, Where,
 Softmax or GroupQueryAttention in onnxruntime 1.31 (measured), so its bodies
 are checked structurally and by the ONNX checker only: they run on GPU
 providers."""

@@ -1,4 +1,4 @@
-"""fast == reference == numpy reference (SPEC §2) on single-node graphs."""
+"""fast == reference == numpy reference (docs/specification.md §2) on single-node graphs."""
 
 import numpy as np
 import pytest

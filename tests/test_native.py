@@ -1,5 +1,5 @@
 """The native BlindSightAttention CPU kernel (blindsight.native) against the
-numpy SPEC §2 reference and the reference lowering (run on its function body),
+numpy docs/specification.md §2 reference and the reference lowering (run on its function body),
 on single nodes and on tiny families end to end.
 
 The kernel must be built (``python -m blindsight.native build``, as the README's
@@ -139,7 +139,7 @@ def test_window_without_mask(template, cats, seed, fmt, window):
 
 
 def test_window_hiding_every_key_of_a_sink_row_outputs_zeros():
-    """A sink head's image query whose window holds no text and no sink: zeros (SPEC §2)."""
+    """A sink head's image query whose window holds no text and no sink: zeros (docs/specification.md §2)."""
     cfg = AttentionConfig(2, 1, 8, 0.3, ("sink", "dense"), mask_type="none", local_window_size=2)
     got = check(cfg, [(0, 10)], 10, 1, 0)
     assert np.all(got[0, 0, 3:] == 0) and np.any(got[0, 1, 3:] != 0)

@@ -1,5 +1,5 @@
 """A missing optional dependency is one line naming the extra to install, exit status 2, for
-every console script (issue 12, part 5): each runs in a subprocess whose import system refuses
+every console script: each runs in a subprocess whose import system refuses
 the blocked modules before the command's entry point is called."""
 
 import subprocess

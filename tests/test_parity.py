@@ -1,4 +1,4 @@
-"""bs-check (issue 12, part 2): dense mode (an all-dense compile against its source), lowering
+"""bs-check: dense mode (an all-dense compile against its source), lowering
 mode (fast against reference of one sparse profile), KV-cache inputs, broken graphs and bad
 input, on real tiny exports."""
 

@@ -1,4 +1,4 @@
-"""Records carry no absolute home paths (issue 12, part 3): the committed ones under docs/
+"""Records carry no absolute home paths: the committed ones under docs/
 and BENCHMARKS.md, and what the writers put in new ones."""
 
 import re

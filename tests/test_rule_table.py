@@ -1,6 +1,6 @@
 """The rule table is the only statement of what a category allows: categories
 defined only there (toys, never written anywhere else) compile through both
-lowerings and match the numpy SPEC §2 reference, are counted by the FLOP
+lowerings and match the numpy docs/specification.md §2 reference, are counted by the FLOP
 accounting, and the in-graph token facts equal the numpy ones."""
 
 import contextlib

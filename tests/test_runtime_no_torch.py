@@ -1,4 +1,4 @@
-"""The runtime without torch and transformers (issue 12, part 1).
+"""The runtime without torch and transformers.
 
 Its tokenizer, chat template, image preprocessing and Qwen vision indices
 equal transformers' on the tiny checkpoints, exactly; and bs-run answers, with

@@ -1,4 +1,4 @@
-"""SPEC §2 semantics: masks against a literal reading of the table, spans, reference attention."""
+"""docs/specification.md §2 semantics: masks against a literal reading of the table, spans, reference attention."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from blindsight.errors import SpanError
 
 
 def literal_allowed(category, spans, q, k, sink_tokens):
-    """The SPEC §2 table, one (q, k) pair at a time, written independently of the module."""
+    """The docs/specification.md §2 table, one (q, k) pair at a time, written independently of the module."""
     if k > q:
         return False
     def image_of(t):

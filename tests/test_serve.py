@@ -1,4 +1,4 @@
-"""bs-serve (issue 15): the server in a subprocess on loopback, driven by the official openai
+"""bs-serve: the server in a subprocess on loopback, driven by the official openai
 client as users would call it. The reference for every answer is ``Pipeline.generate`` called
 directly on the same export; the reference for the FLOPs saved is ``count_flops`` over the
 profile the model was compiled with."""

@@ -1,7 +1,7 @@
 """Everything BlindSight means by attention, in one place.
 
 - :mod:`~blindsight.attention.semantics`: the categories' rule table and the
-  mask functions (causal, sliding window, and/or combinators), SPEC §2;
+  mask functions (causal, sliding window, and/or combinators), docs/specification.md §2;
 - :mod:`~blindsight.attention.spans`: image spans, token facts, spans from ids;
 - :mod:`~blindsight.attention.reference`: the numpy reference;
 - :mod:`~blindsight.attention.pairs`: allowed-pair counts (FLOPs) in closed form;

@@ -1,4 +1,4 @@
-"""Allowed (q, k) pair counts in closed form (FLOPs = 4 x head_dim x pairs, SPEC §2).
+"""Allowed (q, k) pair counts in closed form (FLOPs = 4 x head_dim x pairs, docs/specification.md §2).
 
 Per query row the keys fall into disjoint classes (text, the query's own image
 split into sink and non-sink tokens, other images' sinks, other images' other

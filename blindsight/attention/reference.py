@@ -1,4 +1,4 @@
-"""The numpy reference of SPEC §2: per-head boolean masks and float64 attention.
+"""The numpy reference of docs/specification.md §2: per-head boolean masks and float64 attention.
 
 Built from :mod:`blindsight.attention.semantics` alone; the lowerings, the
 profiler and the tests compare against it."""

@@ -46,7 +46,7 @@ ATTRIBUTES = (
     Attribute("num_heads", "int", None, "number of query heads H"),
     Attribute("kv_num_heads", "int", None, "number of key/value heads; divides H (head h reads KV head h / (H / kv_num_heads))"),
     Attribute("scale", "float", None, "scale of Q K^T (1/sqrt(head_size) in most models)"),
-    Attribute("categories", "strings", None, "H category names, one per query head (SPEC §2)"),
+    Attribute("categories", "strings", None, "H category names, one per query head (docs/specification.md §2)"),
     Attribute("key_clauses", "ints", None,
               "H bit sets, one per query head, derived from categories: the key clauses of the head's row of the "
               "rule table that an image query may see, ORed together (" +

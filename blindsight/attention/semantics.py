@@ -1,4 +1,4 @@
-"""The BlindSight attention semantics (SPEC §2), stated once.
+"""The BlindSight attention semantics (docs/specification.md §2), stated once.
 
 A mask is a tiny pure function ``mask(q, k, ops)`` of query and key token
 facts, like FlexAttention's ``mask_mod``; masks compose with
@@ -125,7 +125,7 @@ SINK = Clause("sink", lambda q, k, ops: k.sink, key_only=True)
 SAME_IMAGE = Clause("same_image", lambda q, k, ops: ops.eq(q.image, k.image), key_only=False)
 ANY = Clause("any", everything, key_only=True)
 
-# Which keys an image-token query may see besides the model's own mask (SPEC §2).
+# Which keys an image-token query may see besides the model's own mask (docs/specification.md §2).
 RULES: dict[str, tuple[Clause, ...]] = {
     "dense": (ANY,),
     "sink": (TEXT, SINK),

@@ -1,4 +1,4 @@
-"""Image spans (SPEC §2): validation, token facts, and spans found from token ids."""
+"""Image spans (docs/specification.md §2): validation, token facts, and spans found from token ids."""
 
 from __future__ import annotations
 

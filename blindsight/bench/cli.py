@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(
         prog="bs-bench",
-        description="Measured speed-ups of the fast lowering (SPEC §6): op level, one BlindSightAttention node against "
+        description="Measured speed-ups of the fast lowering (docs/specification.md §6): op level, one BlindSightAttention node against "
         "ONNX Runtime's fastest dense causal attention (GroupQueryAttention) at 28 query / 4 KV heads, head_dim 128, "
         "fp32 (or --dtype); prefill level, a Qwen2-VL-2B-sized language model (random weights) compiled with a profile mix vs "
         "compiled all-dense vs the raw export. Variants run interleaved in one process; medians; FLOP bound and "
@@ -46,14 +46,14 @@ def main(argv=None) -> int:
     p.add_argument("--decode-repeats", type=int, default=10, help="model level: timed decode steps per graph (default 10)")
     p.add_argument("--contexts", help="decode level: cached context lengths, comma-separated (default 1024,8192; quick 256)")
     p.add_argument("--cases", default=",".join(CATEGORY_CASES), help="op-level categories, comma-separated ('mixed': a mixed layer)")
-    p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: SPEC §6's three)")
+    p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: docs/specification.md §6's three)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--dtype", choices=tuple(SHORT_DTYPES), default="fp32",
                    help="dtype of the op-level node and of the prefill export (default fp32; bf16 is refused with the reason)")
     p.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS),
                    help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
     p.add_argument("--image-blocks", action="store_true",
-                   help="op level with Gemma 3's bidirectional image blocks (SPEC §2): the baseline is then the all-dense node "
+                   help="op level with Gemma 3's bidirectional image blocks (docs/specification.md §2): the baseline is then the all-dense node "
                    "with the blocks (GroupQueryAttention is causal, not exact there; timed beside for reference) and the FLOP "
                    "bound counts the block pairs")
     p.add_argument("--repeats", type=int, help="timed runs per variant (default 5, quick 2)")

@@ -1,8 +1,8 @@
 """Decode-level benchmark: one token after a multi-image context, the KV-cache
 export of a Qwen2-VL-2B-sized language model (random weights) raw vs compiled
-with the profile mix (SPEC §6: interleaved, medians).
+with the profile mix (docs/specification.md §6: interleaved, medians).
 
-Decode steps are text queries, dense for every category (SPEC §2), so the
+Decode steps are text queries, dense for every category (docs/specification.md §2), so the
 compiled model can only lose here: the figure to hold is tokens per second at
 least the raw export's. The vocabulary is cut as in the prefill level
 (:data:`prefill.BENCH_VOCAB`): a 151,936-row LM head would be most of a 4-layer
@@ -21,7 +21,7 @@ from blindsight.bench.prefill import PrefillCase, _qwen2_vl_config, profile_mix
 from blindsight.flops import Template
 from blindsight.profile import Profile
 
-IMAGES = 4  # the context holds 4 images; text as in SPEC §6's template
+IMAGES = 4  # the context holds 4 images; text as in docs/specification.md §6's template
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class DecodeCase:
 
 
 def context_template(context: int) -> Template:
-    """4 images sized so that SPEC §6's template (prefix 24, gap 8, question 32) spans ``context`` tokens."""
+    """4 images sized so that docs/specification.md §6's template (prefix 24, gap 8, question 32) spans ``context`` tokens."""
     text = 24 + 32 + 8 * IMAGES
     if context < text + IMAGES:
         raise ValueError(f"a decode context needs at least {text + IMAGES} tokens, got {context}")

@@ -2,7 +2,7 @@
 configuration (:mod:`blindsight.models.fullsize`, random weights), raw export
 vs compiled all-dense vs compiled with the profile mix. Time to first token is
 one prefill of a multi-image prompt (empty cache); decode is one token after
-that context (SPEC §6: interleaved, medians).
+that context (docs/specification.md §6: interleaved, medians).
 
 Unlike the prefill level nothing is cut: every layer, the real vocabulary. The
 graph computes the logits of the last position only, as bs-export writes it
@@ -103,7 +103,7 @@ def _inputs(sess, t: Template, dims, dtype, past: int, seed: int) -> dict[str, n
             out[i.name] = np.broadcast_to(pos, (3, 1, new)).copy() if len(i.shape) == 3 else pos
         elif i.name == "attention_mask":
             out[i.name] = np.ones((1, past + new), dtype=np.int64)
-        elif i.name == "token_type_ids":  # Gemma 3: the soft tokens (span interiors, SPEC §2) of the new positions
+        elif i.name == "token_type_ids":  # Gemma 3: the soft tokens (span interiors, docs/specification.md §2) of the new positions
             out[i.name] = token_type_ids(spans, new, past, rows=1)
         elif i.name == "image_spans":
             out[i.name] = spans

@@ -1,6 +1,6 @@
 """Op-level benchmark: one BlindSightAttention node (fast lowering) against
 ONNX Runtime's fastest dense causal attention, ``GroupQueryAttention``, for
-the same shapes (SPEC §5, §6). With Gemma 3's image blocks the causal kernel
+the same shapes (docs/specification.md §5, §6). With Gemma 3's image blocks the causal kernel
 is not exact dense attention; the baseline becomes the all-dense node with
 the blocks (the exact dense answer), and the causal kernel is timed beside it
 for reference."""
@@ -33,7 +33,7 @@ class OpShape:
     kv_num_heads: int = 4
     head_dim: int = 128
     dtype: str = "float32"  # of Q/K/V and the output (the attention's dtype)
-    image_blocks: bool = False  # Gemma 3's bidirectional image blocks (SPEC §2)
+    image_blocks: bool = False  # Gemma 3's bidirectional image blocks (docs/specification.md §2)
 
     @property
     def elem_type(self) -> int:

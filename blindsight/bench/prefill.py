@@ -1,6 +1,6 @@
 """Prefill-level benchmark: a language-model graph with real Qwen2-VL-2B text
 dimensions and random weights, raw export vs compiled all-dense vs compiled
-with a profile mix, at a multi-image prompt (SPEC §6).
+with a profile mix, at a multi-image prompt (docs/specification.md §6).
 
 The vocabulary is cut (``BENCH_VOCAB``) because the export computes logits at
 every position, while time to first token needs only the last one: a full
@@ -123,7 +123,7 @@ def run(case, threads, repeats, memory, work_dir, bar, provider="cpu", native=Fa
         return lambda: sess.run(None, inputs)
 
     # pairs, two sessions at a time, without the memory arena: at 8K tokens the
-    # raw export materialises S x S scores per layer (SPEC §5) and the arenas of
+    # raw export materialises S x S scores per layer (docs/specification.md §5) and the arenas of
     # two sessions outgrew this machine's 24 GB; every variant pays the same
     # allocation costs this way
     ratios = {}

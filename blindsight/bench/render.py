@@ -116,7 +116,7 @@ def markdown(record: dict, plot: str | None = None) -> str:
         "",
         f"Measured on {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, Python {m['python']}; "
         f"{record['threads']} intra-op threads, fp32, medians of {record['repeats']} interleaved runs after a warm-up "
-        "(SPEC §6). The machine is shared, so absolute seconds drift between runs; the ratios come from variants "
+        "(docs/specification.md §6). The machine is shared, so absolute seconds drift between runs; the ratios come from variants "
         "timed in the same loop.",
         "",
         "Reproduce (about 25 minutes on 2 cores; the prefill level needs the `export` extra):",

@@ -1,4 +1,4 @@
-"""Interleaved timing and peak memory (SPEC §6): ratios from one process, medians."""
+"""Interleaved timing and peak memory (docs/specification.md §6): ratios from one process, medians."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def hooked(model, observe: Callable | None = None, mask: Callable | None = None)
 
 
 def category_masker(layers: list[list[str]], spans, seq_len: int, sink_tokens: int = 1):
-    """A ``mask`` callback that keeps only each head's allowed keys (SPEC §2) on top of
+    """A ``mask`` callback that keeps only each head's allowed keys (docs/specification.md §2) on top of
     the model's additive mask, which carries causality (and Gemma 3's image
     blocks); masks are built once per distinct layer."""
     cache: dict = {}

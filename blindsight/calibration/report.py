@@ -66,7 +66,7 @@ def heatmap(profile: Profile, path, title: str) -> Path:
 
 
 def parse_template(text: str) -> Template:
-    """``N:L`` (N images of L tokens, SPEC §6 text around them)."""
+    """``N:L`` (N images of L tokens, docs/specification.md §6 text around them)."""
     from blindsight.errors import BlindSightError
 
     try:

@@ -12,7 +12,7 @@ from blindsight.tables import fmt_table
 
 
 def _template_args(p: argparse.ArgumentParser, images=8, image_len=1024):
-    g = p.add_argument_group("prompt template (SPEC §6)")
+    g = p.add_argument_group("prompt template (docs/specification.md §6)")
     g.add_argument("--images", type=int, default=images, help=f"number of images N (default {images})")
     g.add_argument("--image-len", type=int, default=image_len, help=f"tokens per image L, delimiters included (default {image_len})")
     g.add_argument("--prefix", type=int, default=24, help="text tokens before the first image (default 24)")
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="bs-flops",
         description="Attention and whole-prefill FLOPs of one prompt, dense vs BlindSight, with the speed-up bounds. "
-        "Attention FLOPs of a head = 4 x head_dim x allowed causal (q, k) pairs (SPEC §2); the prefill adds the "
+        "Attention FLOPs of a head = 4 x head_dim x allowed causal (q, k) pairs (docs/specification.md §2); the prefill adds the "
         "Q/K/V/O projections, the gated MLP and the LM head (1 position unless --logit-positions). Sliding-window "
         "layers (Gemma 3) are counted with their window.",
     )

@@ -1,5 +1,5 @@
 """Dense vs BlindSight FLOPs of one prefill: attention (4 x head_dim x allowed
-pairs, SPEC §2, counted by :mod:`blindsight.attention.pairs`) and the whole
+pairs, docs/specification.md §2, counted by :mod:`blindsight.attention.pairs`) and the whole
 prefill.
 
 Whole prefill per layer = projections (Q, K, V, O) + gated MLP (three

@@ -1,4 +1,4 @@
-"""The SPEC §6 benchmark prompt template: text, then N images each after a gap, then a question."""
+"""The docs/specification.md §6 benchmark prompt template: text, then N images each after a gap, then a question."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Template:
-    """SPEC §6 prompt: ``prefix`` text tokens, then N images of ``image_len`` tokens,
+    """docs/specification.md §6 prompt: ``prefix`` text tokens, then N images of ``image_len`` tokens,
     each after ``gap`` text tokens, then a ``question``."""
 
     num_images: int

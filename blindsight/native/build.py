@@ -1,7 +1,7 @@
 """Build the native CPU kernel: ``python -m blindsight.native build``.
 
 The headers come from Debian's ``libonnxruntime-dev`` (MIT), pinned by version
-and sha256 (SPEC §5): ONNX Runtime's C/C++ headers are on no Python index.
+and sha256 (docs/specification.md §5): ONNX Runtime's C/C++ headers are on no Python index.
 The package is fetched from the Debian mirror this machine's apt sources name
 (or taken from ``--deb FILE`` / ``--headers DIR``), checked, and unpacked with
 ``dpkg-deb -x`` or, without dpkg, Python's own ar/tar reading. ``g++`` then

@@ -1,6 +1,6 @@
 """Pass: number the attention layers and write the profile into their nodes.
 
-Layer L is the L-th BlindSightAttention node in topological order (SPEC §3);
+Layer L is the L-th BlindSightAttention node in topological order (docs/specification.md §3);
 every node gets its categories, layer, sink tokens and the model's image-block
 rule, and reads the graph's new ``image_spans`` input."""
 

@@ -5,7 +5,7 @@ turning [B, kv, S, D] into [B, kv * rep, S, D]. A BlindSightAttention node fed
 that way would copy K/V once per query head and run GroupQueryAttention as
 plain multi-head attention. Feeding the node the un-repeated tensors with the
 real ``kv_num_heads`` is exact: query head h reads KV head h // rep either way,
-which is the grouping GroupQueryAttention (and the op, SPEC §2) uses.
+which is the grouping GroupQueryAttention (and the op, docs/specification.md §2) uses.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Pattern rules that find attention cores and rewrite each into one
-``BlindSightAttention`` node (SPEC §4), one class per exported form.
+``BlindSightAttention`` node (docs/specification.md §4), one class per exported form.
 
 The node is created with placeholder categories (all ``dense``); the
 annotate pass numbers layers in topological order and applies the profile.

@@ -5,7 +5,7 @@ the logits), against a tolerance.
 Modes:
 
 - ``dense``: SOURCE is the exported model (no ``image_spans`` input), COMPILED its compile
-  with an all-``dense`` profile. SPEC §4: they must be equal up to float rounding.
+  with an all-``dense`` profile. docs/specification.md §4: they must be equal up to float rounding.
 - ``lowering``: SOURCE is the ``--lowering reference`` compile of a profile, COMPILED the
   ``fast`` one of the same profile; both take ``image_spans``.
 

@@ -6,7 +6,7 @@ features into the token embeddings, computes position ids (Qwen's 3-row
 M-RoPE), finds the image spans from the token ids, runs the prefill (the
 compiled model takes the spans as its ``image_spans`` input) and greedy
 decoding with the KV cache. Decode steps keep feeding the prompt's spans: the
-new tokens are text and attend densely (SPEC §2).
+new tokens are text and attend densely (docs/specification.md §2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bs-serve: an OpenAI-compatible HTTP endpoint for a bs-export directory (issue 15).
+"""bs-serve: an OpenAI-compatible HTTP endpoint for a bs-export directory.
 
 - :mod:`blindsight.serve.protocol`: the request schema (OpenAI chat completions,
   image content parts) and its validation, every fault one :class:`ApiError`.

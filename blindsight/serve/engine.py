@@ -56,7 +56,7 @@ def context_length(out_dir) -> int | None:
 
 
 class FlopCounter:
-    """Attention FLOPs a prefill saves (dense minus BlindSight, SPEC §2), with the categories
+    """Attention FLOPs a prefill saves (dense minus BlindSight, docs/specification.md §2), with the categories
     and sink tokens of the compiled graph's own nodes. The model's mask (sliding windows, which
     an export may carry in the attention mask rather than a node attribute, and Gemma 3's image
     blocks) comes from the export's config.json through :func:`blindsight.flops.report.count_flops`;

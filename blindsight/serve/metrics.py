@@ -10,7 +10,7 @@
 - ``blindsight_decode_tokens_per_second``: decode steps after the first token
   (requests with at least two tokens).
 - ``blindsight_attention_flops_saved``: attention FLOPs the compiled model's
-  categories skipped in the request's prefill (dense minus BlindSight, SPEC §2);
+  categories skipped in the request's prefill (dense minus BlindSight, docs/specification.md §2);
   0 for the dense model.
 - ``blindsight_prompt_tokens_total``, ``blindsight_generated_tokens_total``.
 - ``blindsight_queue_depth``, ``blindsight_requests_running``: gauges.

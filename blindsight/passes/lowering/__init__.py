@@ -1,4 +1,4 @@
-"""Function bodies for ``BlindSightAttention`` (SPEC §4): ONNX and
+"""Function bodies for ``BlindSightAttention`` (docs/specification.md §4): ONNX and
 ``com.microsoft`` operators only, so a plain InferenceSession runs them.
 
 - ``reference``: explicit per-head mask, dense compute (:mod:`.reference`);
@@ -39,7 +39,7 @@ def _branch(function: onnx.FunctionProto, name: str, elem_type: int) -> onnx.Gra
 def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
     """The fast lowering assumes a prefill (query length == key length). With a
     KV cache (past > 0) the queries sit at absolute positions past..past+Sq-1:
-    when they are all text (decode steps), every head is dense by SPEC §2 and
+    when they are all text (decode steps), every head is dense by docs/specification.md §2 and
     one grouped MatMul reads the cache in place (:mod:`.fast.text_cached`); a
     chunk that holds image tokens runs the reference body, which handles any
     offset."""

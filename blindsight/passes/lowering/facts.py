@@ -1,4 +1,4 @@
-"""SPEC §2 in the graph: the ONNX backend of the mask functions and the token
+"""docs/specification.md §2 in the graph: the ONNX backend of the mask functions and the token
 facts of :func:`blindsight.attention.token_facts` computed from ``image_spans``."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def keep_mask(b: Builder, cfg: AttentionConfig, mask: str) -> str:
 
 def position_keep(b: Builder, q_pos: str, k_pos: str, *, causal: bool, window: int,
                   blocks: tuple[str, str] | None = None) -> str | None:
-    """Causality and a sliding window (SPEC §2's mask functions) by absolute
+    """Causality and a sliding window (docs/specification.md §2's mask functions) by absolute
     position, for positions already shaped to broadcast; with ``blocks`` (the
     query's and key's image-block ids, shaped alike) causality admits the same
     image block (Gemma 3). None if nothing applies."""

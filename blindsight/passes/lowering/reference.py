@@ -52,7 +52,7 @@ def build_reference(cfg: AttentionConfig, opset: int = OPSET):
         keep = b.op("And", keep, keep_mask(b, cfg, "attn_mask"))
         if cfg.mask_type == "float":
             scores = b.op("Add", scores, "attn_mask")
-    # a finite masked score (SPEC §4); a row left with no key outputs zeros
+    # a finite masked score (docs/specification.md §4); a row left with no key outputs zeros
     scores = b.op("Where", keep, scores, b.float(b.finite_min()))
     probs = b.op("Softmax", scores, axis=-1)
     has_key = b.op("ReduceMax", b.cast(keep, b.elem_type), b.i64(-1), keepdims=1)

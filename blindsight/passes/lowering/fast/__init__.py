@@ -1,5 +1,5 @@
 """Fast lowering: the masked-out work is skipped, on ONNX Runtime's fastest
-kernels (SPEC §5).
+kernels (docs/specification.md §5).
 
 Per layer, query heads are grouped by category and each group's image-token
 queries take the route the rule table (:mod:`blindsight.attention.semantics`)

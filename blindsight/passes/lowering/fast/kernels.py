@@ -1,5 +1,5 @@
 """The two kernels every route is made of: ``GroupQueryAttention`` (ONNX
-Runtime's fastest causal attention, SPEC §5) and a grouped MatMul/Softmax
+Runtime's fastest causal attention, docs/specification.md §5) and a grouped MatMul/Softmax
 for short key sets."""
 
 from __future__ import annotations

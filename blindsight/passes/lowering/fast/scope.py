@@ -105,7 +105,7 @@ class Scope:
 
     def to_bias(self, keep: str) -> str:
         """Additive bias in the attention's dtype: 0 where ``keep``, else a finite
-        masked score (SPEC §4), so a row with no key gives a uniform softmax
+        masked score (docs/specification.md §4), so a row with no key gives a uniform softmax
         (zeroed where that can happen), never NaN."""
         b = self.b
         return b.op("Where", keep, b.float(0.0), b.float(b.finite_min()))

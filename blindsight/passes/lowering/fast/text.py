@@ -1,4 +1,4 @@
-"""Text queries of the sparse heads: dense by SPEC §2, and few.
+"""Text queries of the sparse heads: dense by docs/specification.md §2, and few.
 
 A single prompt runs each run of text tokens as one ``GroupQueryAttention``
 with everything before it as past context (a Loop over the runs): causal

@@ -1,5 +1,5 @@
 """KV-cache steps whose queries are all text (decode): every category is
-dense for a text query (SPEC §2) and image blocks never hold one, so every
+dense for a text query (docs/specification.md §2) and image blocks never hold one, so every
 head attends all keys under the model's mask and the attributes' causality and
 window, by absolute position (the queries are the last Sq of Skv).
 

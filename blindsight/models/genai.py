@@ -21,7 +21,6 @@ builds a tiny decoder with this module.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys

@@ -1,5 +1,5 @@
 import sys
 
-from blindsight.native.build import main
+from blindsight.native.cli import main
 
 sys.exit(main())

@@ -31,6 +31,7 @@ COMMANDS = {
     "bs-profile": "blindsight.calibration.cli:main",
     "bs-eval": "blindsight.evaluation.cli:main",
     "bs-export": "blindsight.models.cli:main",
+    "bs-checkpoint": "blindsight.models.fullsize:main",
     "bs-run": "blindsight.runtime.cli:main",
     "bs-check": "blindsight.runtime.parity:main",
     "bs-serve": "blindsight.serve.cli:main",
@@ -38,7 +39,7 @@ COMMANDS = {
     "bs-serve-ray": "blindsight.serve.ray_app:main",
     "bs-serve-triton": "blindsight.serve.triton:main",
 }
-(bs_compile, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_run, bs_check, bs_serve, bs_serve_load,
+(bs_compile, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_checkpoint, bs_run, bs_check, bs_serve, bs_serve_load,
  bs_serve_ray, bs_serve_triton) = (
     _entry(prog, target) for prog, target in COMMANDS.items()
 )

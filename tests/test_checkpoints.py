@@ -103,3 +103,28 @@ def test_unknown_family_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown family"):
         make_tiny_checkpoint("llama", tmp_path / "x")
     assert not list(tmp_path.iterdir())
+
+
+def test_bs_checkpoint_writes_the_tiny_checkpoint_and_refuses_bad_input_in_one_line(tmp_path):
+    """bs-checkpoint tiny-NAME writes what make_tiny_checkpoint writes for that family and seed
+    (same files, same weights); an unknown name or a missing -o is one usage error, exit 2."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "blindsight.models.fullsize", *map(str, args)],
+                              capture_output=True, text=True)
+
+    r = cli("tiny-qwen2.5-vl", "-o", tmp_path / "cli", "--seed", "4")
+    assert r.returncode == 0 and "wrote" in r.stderr, r.stderr
+    ref = make_tiny_checkpoint("qwen2_5_vl", tmp_path / "ref", seed=4)
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == sorted(p.name for p in ref.iterdir())
+    got, want = load_file(tmp_path / "cli" / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "cli" / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+    for args in (("tiny-llava", "-o", tmp_path / "x"), ("tiny-gemma3",)):
+        r = cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("bs-checkpoint: error:")
+    assert not (tmp_path / "x").exists()

@@ -43,6 +43,7 @@ def test_every_script_goes_through_the_guard():
 
 CASES = [
     ("bs-export", ["torch"], ["ckpt", "-o", "out"], "export"),
+    ("bs-checkpoint", ["torch"], ["tiny-qwen2-vl", "-o", "ckpt"], "export"),
     ("bs-demo", ["torch"], ["--out", "demo", "--no-real-weights"], "export"),
     ("bs-demo", ["PIL"], ["--out", "demo", "--no-real-weights", "--quiet"], ""),  # "": a core dependency
     ("bs-run", ["PIL"], ["{vlm}", "--image", "a.png", "--prompt", "hi", "--model", "dense"], ""),

@@ -298,7 +298,12 @@ def export_language_model_structure(name: str, out_path, *, dtype: str = "fp16",
     return out
 
 
+#: tiny random checkpoints (2 layers, 4 heads of 16: seconds to write and export) by family
+TINY = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-gemma3": "gemma3"}
+
+
 def main(argv=None) -> int:
+    """bs-checkpoint: a random-weights Hugging Face checkpoint directory."""
     import argparse
     import sys
 
@@ -306,23 +311,33 @@ def main(argv=None) -> int:
     from blindsight.models.dtype import DTYPES
 
     p = argparse.ArgumentParser(
-        prog="python -m blindsight.models.fullsize",
-        description="Write a random-weights checkpoint directory in a published full-size configuration "
-        "(architecture from the packaged config.json, weights drawn N(0, 0.02), written shard by shard); "
-        "bs-export takes it like any Hugging Face checkpoint.",
-        epilog="example: python -m blindsight.models.fullsize qwen2-vl-2b -o ckpt/qwen2-vl-2b --dtype fp16 && "
-        "bs-export ckpt/qwen2-vl-2b -o onnx/qwen2-vl-2b --dtype fp16",
+        prog="bs-checkpoint",
+        description="Write a random-weights Hugging Face checkpoint directory (config, weights, tokenizer, image "
+        "processor, chat template) that bs-export takes like a downloaded one: a tiny one (2 layers, 4 query heads "
+        "of 16; seconds) for trying the tools, or a published full-size configuration (architecture from the "
+        "packaged config.json, weights drawn N(0, 0.02), written shard by shard) for speed and memory.",
+        epilog="examples: bs-checkpoint tiny-qwen2-vl -o tiny-qwen2-vl && bs-export tiny-qwen2-vl -o qwen-onnx; "
+        "bs-checkpoint qwen2-vl-2b -o ckpt/qwen2-vl-2b --dtype fp16 && bs-export ckpt/qwen2-vl-2b -o onnx/qwen2-vl-2b --dtype fp16",
     )
-    p.add_argument("name", choices=FULL_SIZE, help="configuration")
+    p.add_argument("name", choices=(*TINY, *FULL_SIZE), help="configuration")
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to create (replaced if it exists)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16", help="dtype of the weights (default fp16)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp16",
+                   help="dtype of a full-size checkpoint's weights (default fp16; tiny ones are fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    code, out = run_cli(p.prog, lambda: write_random_checkpoint(args.name, args.output, dtype=args.dtype, seed=args.seed,
-                                                                progress=not args.quiet))
+
+    def write():
+        if args.name in TINY:
+            from blindsight.models.checkpoints import make_tiny_checkpoint
+
+            return make_tiny_checkpoint(TINY[args.name], args.output, seed=args.seed)
+        return write_random_checkpoint(args.name, args.output, dtype=args.dtype, seed=args.seed, progress=not args.quiet)
+
+    code, out = run_cli(p.prog, write)
     if code == 0:
-        print(f"wrote {out} ({args.name}, random {args.dtype} weights)", file=sys.stderr)
+        dtype = "fp32" if args.name in TINY else args.dtype
+        print(f"wrote {out} ({args.name}, random {dtype} weights)", file=sys.stderr)
     return code
 
 

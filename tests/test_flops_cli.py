@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from blindsight.attention import allowed_mask
 
@@ -50,3 +51,42 @@ def test_flops_table_and_errors(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "built-in name" in bad.stderr
     neg = _run("bs-flops", "--image-len", "0")
     assert neg.returncode == 2 and "--image-len" in neg.stderr and "Traceback" not in neg.stderr
+
+
+def test_scaling_reports_the_attention_share_and_bounds_per_length(capsys):
+    """bs-flops --scaling: the nearest template prompt per length, and the dense
+    attention share recomputed here in closed form from the configuration's numbers
+    (causal pairs S(S+1)/2 per head; projections, gated MLP and one LM-head row)."""
+    from blindsight.configs import load as load_config
+    from blindsight.flops import Template, count_flops, model_dims
+    from blindsight.flops.cli import main
+    from blindsight.profile import Profile
+
+    assert main(["--scaling", "--models", "qwen2-vl-2b", "--lengths", "4096,16384,32768", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["num_images"], r["seq_len"]) for r in rows] == [(4, 4184), (16, 16568), (32, 33080)]
+    t = load_config("qwen2-vl-2b")["text_config"]
+    h, heads, kv, layers = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["num_hidden_layers"]
+    d = h // heads
+    for r in rows:
+        S = r["seq_len"]
+        attention = layers * heads * 4 * d * S * (S + 1) // 2
+        linear = layers * (2 * S * h * d * (2 * heads + 2 * kv) + 2 * S * 3 * h * t["intermediate_size"]) + 2 * h * t["vocab_size"]
+        assert r["attention_share"] == pytest.approx(attention / (attention + linear), rel=1e-9)
+        dims = model_dims("qwen2-vl-2b")
+        tpl = Template(r["num_images"], 1024)
+        want = count_flops(dims, Profile.mixed(dims.num_layers, dims.num_heads, first_dense=True), tpl.spans, tpl.seq_len)
+        assert (r["attention_bound"], r["prefill_bound"]) == pytest.approx((want.attention_bound, want.prefill_bound))
+    shares = [r["attention_share"] for r in rows]
+    bounds = [r["prefill_bound"] for r in rows]
+    assert shares == sorted(shares) and bounds == sorted(bounds) and bounds[0] > 1
+
+
+def test_scaling_bad_input_is_one_line(capsys):
+    from blindsight.flops.cli import main
+
+    for args, msg in ((["--lengths", "4k"], "comma-separated integers"), (["--lengths", "0"], "positive"),
+                      (["--models", "qwen2-vl-72b"], "qwen2-vl-72b")):
+        assert main(["--scaling", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("bs-flops: error:") and msg in err, err

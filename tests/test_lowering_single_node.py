@@ -92,3 +92,21 @@ def test_window_without_mask(template, cats, seed, fmt, window):
     spans, seq = template
     cfg = AttentionConfig(4, 2, D, 0.3, tuple(cats), mask_type="none", qkv_format=fmt, local_window_size=window)
     _check(cfg, spans, seq, batch=1, seed=seed)
+
+
+@pytest.mark.parametrize("spans", [[[2, 6], [8, 15], [16, 20]], [[12, 20]], [[0, 12]], [[3, 5], [11, 13]]],
+                         ids=["straddles-and-beyond", "all-beyond", "ends-at-last", "last-key-is-a-sink"])
+def test_spans_reaching_past_the_keys_are_cut_where_the_keys_end(spans):
+    """A chunk of a longer prompt given the whole prompt's spans: both lowerings
+    attend as if the spans were cut at the last key (spans starting at or after
+    it dropped), by the numpy reference on spans cut here."""
+    seq = 12
+    given = np.array(spans, dtype=np.int64).reshape(-1, 2)
+    cut = np.array([[a, min(e, seq)] for a, e in spans if a < seq], dtype=np.int64).reshape(-1, 2)
+    cfg = AttentionConfig(4, 2, D, 0.3, ("dense", "sink", "intra", "intra_sink"), mask_type="none")
+    rng = np.random.default_rng(5)
+    feeds, (q, k, v) = _feeds(rng, cfg, 1, seq, given, None)
+    want = reference_attention(q, k, v, cut, cfg.categories, scale=cfg.scale)
+    for lowering in ("reference", "fast"):
+        got = run(node_session(cfg, lowering), feeds)[0]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=lowering)

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from blindsight.compiler.pipeline import compile_model
@@ -234,3 +236,62 @@ def test_gemma3_chunk_that_splits_an_image_is_refused(tiny):
     np.testing.assert_allclose(chunked(end), whole, rtol=0, atol=1e-4)
     with pytest.raises(SpanError, match="splits the image block"):
         chunked((start + end) // 2)
+
+
+VARIANTS = {"dense export": dict(compiled=False), "fast, native kernel when built": dict(compiled=True),
+            "fast, function bodies": dict(compiled=True, native=False), "reference": dict(compiled="ref", native=False)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunked_prefill_equals_one_shot(tiny, variant):
+    """The prompt through the KV cache in chunks (sizes 1 to beyond the prompt):
+    the last position's logits and the whole cache equal one call's, and the
+    greedy tokens are the same; with a sparse profile too (spans of the whole
+    prompt on every chunk, queries at their absolute positions)."""
+    kw = dict(VARIANTS[variant])
+    if kw["compiled"] == "ref":
+        kw["compiled"] = tiny.ref_path
+    pipe = Pipeline(tiny.out, threads=2, **kw)
+    built = pipe.prompts.build(_images(2), CASES[0][0])
+    spans = pipe.image_spans(built.input_ids)
+    embeds = pipe.embeddings(built)
+    pos, _ = pipe.position_ids(built)
+    want_logits, want_past, chunks = pipe.prefill(embeds, pos, spans)
+    assert chunks == 1
+    s = built.input_ids.size
+    want_tokens = pipe.generate_from(built, NEW_TOKENS).token_ids
+    for size in (1, 5, 16, s // 2 + 1, s - 1, s + 7):
+        pipe.chunk_size = size
+        logits, past, chunks = pipe.prefill(embeds, pos, spans)
+        assert (chunks > 1) if size < s else (chunks == 1)
+        np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4, err_msg=f"chunk size {size}")
+        for name, value in want_past.items():
+            np.testing.assert_allclose(past[name], value, rtol=0, atol=1e-4, err_msg=f"{name}, chunk size {size}")
+    pipe.chunk_size = 7
+    result = pipe.generate_from(built, NEW_TOKENS)
+    assert result.token_ids == want_tokens and result.prefill_chunks > 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_chunk_bounds_cover_the_prompt_and_never_split_an_image_block(data):
+    """Chunks tile 0..S-1 in order, none longer than the chunk size unless an
+    image block is; with image blocks no chunk splits one, as token_type_ids
+    (which refuses a split) confirms for every chunk."""
+    from blindsight.attention.spans import chunk_bounds, token_type_ids
+
+    seq = data.draw(st.integers(1, 80))
+    cuts = sorted(data.draw(st.lists(st.integers(0, seq), max_size=8, unique=True)))
+    spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a]
+    size = data.draw(st.integers(1, seq + 3))
+    blocks = data.draw(st.booleans())
+    bounds = chunk_bounds(seq, size, spans, image_blocks=blocks)
+    assert bounds[0][0] == 0 and bounds[-1][1] == seq
+    assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+    widest = max([e - a - 2 for a, e in spans] + [0]) if blocks else 0
+    assert all(b - a <= max(size, widest) for a, b in bounds)
+    if blocks:
+        for a, b in bounds:
+            token_type_ids(np.array(spans, dtype=np.int64).reshape(-1, 2), b - a, a)  # raises on a split
+    else:
+        assert [b - a for a, b in bounds[:-1]] == [size] * (len(bounds) - 1)

@@ -568,3 +568,20 @@ def test_text_stream_deltas_add_up_to_the_decoded_text(pipe):
         text = "".join(deltas) + stream.finish(decode(tokens))
         assert text == decode(tokens)
         assert all(not d.endswith("\ufffd") for d in deltas if d)
+
+
+def test_chunked_prefill_server_answers_like_one_call(export, pipe):
+    """bs-serve --chunk-size 7: the prompt is prefilled through the KV cache in
+    chunks, and the answer is the one-call pipeline's, token for token."""
+    out, paths, _, root = export
+    want = pipe.generate(paths, QUESTION, 8)
+    assert want.prefill_tokens > 7 and want.prefill_chunks == 1
+    srv = Server(out, root, "--chunk-size", "7")
+    try:
+        got = srv.client.chat.completions.create(model=srv.model, max_tokens=8,
+                                                 messages=[{"role": "user", "content": content(paths)}])
+        assert got.model_extra["blindsight"]["token_ids"] == want.token_ids
+        assert got.choices[0].message.content == want.text
+        assert any("prefill in chunks of 7 tokens" in line for line in srv.lines), srv.lines
+    finally:
+        srv.stop()

@@ -82,6 +82,28 @@ def token_type_ids(spans, length: int, past: int = 0, rows: int | None = None) -
     return types if rows is None else np.tile(types, (rows, 1))
 
 
+def chunk_bounds(length: int, chunk_size: int | None, spans=(), image_blocks: bool = False) -> list[tuple[int, int]]:
+    """Half-open chunks covering positions 0..length-1 for a prefill through the
+    KV cache, each of ``chunk_size`` tokens (None: one chunk). With Gemma 3's
+    ``image_blocks`` a boundary never falls inside an image block (a span's tokens
+    strictly between its first and last; :func:`token_type_ids`): it moves back to
+    the block's start, or past its end when the chunk would be empty."""
+    if chunk_size is None or chunk_size >= length:
+        return [(0, length)]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    blocks = [(a + 1, e - 1) for a, e in validate_spans(spans).tolist() if e - a >= 3] if image_blocks else []
+    out, start = [], 0
+    while start < length:
+        end = min(start + chunk_size, length)
+        for lo, hi in blocks:
+            if lo < end < hi:
+                end = lo if lo > start else hi
+        out.append((start, end))
+        start = end
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Delimiters:
     """Token ids that open and close one image in a model family's prompt."""

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="compiled", metavar="compiled|dense|PATH",
                    help="which language model to run (default compiled)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's choice)")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="prefill the prompt through the KV cache in chunks of N tokens (default: one call); bounds the "
+                   "prefill's activation and attention memory by N instead of the prompt length; same answer")
     p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
     p.add_argument("--no-native", action="store_true",
                    help="run BlindSightAttention on the function bodies even when the native kernel is built")
@@ -49,7 +52,7 @@ def main(argv=None) -> int:
         from blindsight.runtime.pipeline import Pipeline
 
         pipe = Pipeline(args.out_dir, provider=args.provider, compiled=args.model, threads=args.threads,
-                        native=False if args.no_native else None)
+                        native=False if args.no_native else None, chunk_size=args.chunk_size)
         result = pipe.generate(args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
         placement = None
         if args.provider != "cpu":
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
     print(result.text)
     kind = f"compiled (BlindSight attention: {pipe.attention})" if pipe.sparse else "dense"
     print(f"\n[{kind} model, {args.provider}] prompt {result.prefill_tokens} tokens, {len(result.image_spans)} image(s); "
-          f"time to first token {result.ttft_s * 1000:.1f} ms (prefill {result.prefill_s * 1000:.1f} ms); "
+          f"time to first token {result.ttft_s * 1000:.1f} ms (prefill {result.prefill_s * 1000:.1f} ms"
+          f"{f' in {result.prefill_chunks} chunks' if result.prefill_chunks > 1 else ''}); "
           f"{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s after the first")
     return 0
 

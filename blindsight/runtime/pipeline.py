@@ -22,7 +22,7 @@ import onnxruntime as ort
 from blindsight import families
 from blindsight.errors import BlindSightError
 from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
-from blindsight.attention.spans import token_type_ids
+from blindsight.attention.spans import chunk_bounds, token_type_ids
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
 from blindsight.runtime.prompt import Prompt, PromptBuilder
 from blindsight.attention import Delimiters, find_spans
@@ -40,6 +40,7 @@ class Result:
     prefill_s: float  # the language model's prefill alone
     tokens_per_s: float  # decode steps after the first token (0.0 when there were none)
     prefill_tokens: int
+    prefill_chunks: int
     image_spans: list[tuple[int, int]]
     prompt_ids: list[int]
     model: str
@@ -103,7 +104,16 @@ def per_image(prompt: Prompt):
 
 class Pipeline:
     def __init__(self, out_dir, provider: str = "cpu", compiled=True, threads: int | None = None,
-                 native: bool | None = None):
+                 native: bool | None = None, chunk_size: int | None = None):
+        """``chunk_size``: prefill the prompt through the KV cache in chunks of this
+        many tokens (None: in one call). Each chunk's activations and attention
+        buffers are sized by the chunk, not the prompt; every chunk attends with
+        the prompt's spans as one call would (docs/specification.md §2: queries
+        at their absolute positions), and for Gemma 3 no chunk boundary falls
+        inside an image block (it moves to the block's edge)."""
+        if chunk_size is not None and chunk_size < 1:
+            raise BlindSightError(f"chunk size {chunk_size}: pass a positive number of tokens (or none for one call)")
+        self.chunk_size = chunk_size
         self.out_dir = Path(out_dir)
         self.template = load_template(self.out_dir)
         self.family = self.template["family"]
@@ -192,6 +202,15 @@ class Pipeline:
         empty = np.zeros((1, kv, 0, hd), dtype=self.dtype)
         return {f"past_key_values.{i}.{n}": empty for i in range(self.num_layers) for n in ("key", "value")}
 
+    def prefill(self, embeds, positions, spans) -> tuple[np.ndarray, dict, int]:
+        """The last position's logits, the KV cache and the number of chunks of one
+        prompt's prefill (in chunks of ``chunk_size`` tokens)."""
+        bounds = chunk_bounds(embeds.shape[1], self.chunk_size, spans, TOKEN_TYPE_INPUT in self.lm_inputs)
+        past = self._empty_past()
+        for start, end in bounds:
+            logits, past = self._run_lm(embeds[:, start:end], positions[..., start:end], past, end, spans)
+        return logits, past, len(bounds)
+
     def _run_lm(self, embeds, positions, past: dict, total_len: int, spans):
         feeds = {"inputs_embeds": embeds, "position_ids": positions,
                  "attention_mask": np.ones((1, total_len), dtype=np.int64), **past}
@@ -226,7 +245,7 @@ class Pipeline:
         positions, delta = self.position_ids(prompt)
         rows = positions.shape[0] if positions.ndim == 3 else 1
         tp = time.perf_counter()
-        logits, past = self._run_lm(embeds, positions, self._empty_past(), ids.size, spans)
+        logits, past, chunks = self.prefill(embeds, positions, spans)
         token = int(np.argmax(logits))
         t1 = time.perf_counter()
         self.prefill_feeds = self._last_feeds  # for a node-placement report (runtime.placement)
@@ -250,6 +269,7 @@ class Pipeline:
             prefill_s=t1 - tp,
             tokens_per_s=decode_steps / (t2 - t1) if decode_steps else 0.0,
             prefill_tokens=int(ids.size),
+            prefill_chunks=chunks,
             image_spans=[tuple(map(int, s)) for s in spans.tolist()],
             prompt_ids=ids.tolist(),
             model=str(self.model_path),

@@ -45,6 +45,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    help="context length (default: max_position_embeddings of OUT_DIR/config.json)")
     p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                    help="tokens generated when a request sets no max_tokens (default 256, within the context)")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="prefill each prompt through the KV cache in chunks of N tokens (default: one call); "
+                   "bounds a long prompt's prefill memory by N; same answers")
 
 
 def engine_kwargs(args) -> dict:
@@ -56,7 +59,7 @@ def engine_kwargs(args) -> dict:
     limits = ImageLimits(args.max_images, args.max_image_bytes, args.max_image_pixels, tuple(args.allow_local_images))
     return dict(provider=args.provider, model=args.model, threads=args.threads, name=args.served_model_name,
                 limits=limits, max_queue=args.max_queue, concurrency=args.concurrency, max_context=args.max_context,
-                default_max_tokens=args.default_max_tokens)
+                default_max_tokens=args.default_max_tokens, chunk_size=args.chunk_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="bs-serve: %(message)s")
     kind = "compiled (BlindSight attention)" if engine.pipeline.sparse else "dense"
     print(f"bs-serve: serving {engine.name!r} ({kind} model, {args.provider}) from {args.out_dir}; "
-          f"context {engine.max_context}, concurrency {engine.concurrency}, queue {engine.max_queue}",
+          f"context {engine.max_context}, concurrency {engine.concurrency}, queue {engine.max_queue}"
+          + (f", prefill in chunks of {engine.pipeline.chunk_size} tokens" if engine.pipeline.chunk_size else ""),
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=args.access_log, log_level="info",
                             timeout_graceful_shutdown=5)

@@ -14,7 +14,7 @@ import copy
 import onnx
 from onnx import helper
 
-from blindsight.attention.schema import AttentionConfig
+from blindsight.attention.schema import SPANS_INPUT, AttentionConfig
 from blindsight.errors import ModelError
 from blindsight.passes.lowering.builder import OPSET, Builder
 from blindsight.passes.lowering.fast import build_fast
@@ -42,7 +42,7 @@ def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
     when they are all text (decode steps), every head is dense by docs/specification.md §2 and
     one grouped MatMul reads the cache in place (:mod:`.fast.text_cached`); a
     chunk that holds image tokens runs the reference body, which handles any
-    offset."""
+    offset. Spans reaching past the keys are cut where the keys end first."""
     if cfg.head_size % GQA_HEAD_MULTIPLE:
         raise ModelError(
             f"layer {cfg.layer}: head size {cfg.head_size} is not a multiple of {GQA_HEAD_MULTIPLE}, which ONNX Runtime's "
@@ -59,15 +59,30 @@ def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
     )
     cached = b.subgraph("kv_cache", [cached_out])
     cond = "kv_is_prefill"
+    given = SPANS_INPUT + "_given"
+
+    def ints(name, values):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(values)], values))
+
     nodes = [
         helper.make_node("Shape", ["query"], ["kv_q_len"], start=seq_axis, end=seq_axis + 1),
         helper.make_node("Shape", ["key"], ["kv_k_len"], start=seq_axis, end=seq_axis + 1),
+        # the spans as far as the keys reach (a chunk of a longer prompt may be given the whole
+        # prompt's spans): spans that start at or after the last key are dropped, the rest end there
+        # at the latest, as the native kernel reads them; every route below reads these
+        ints("kv_c0", [0]), ints("kv_c1", [1]),
+        helper.make_node("Slice", [given, "kv_c0", "kv_c1", "kv_c1"], ["kv_span_starts"]),
+        helper.make_node("Squeeze", ["kv_span_starts", "kv_c1"], ["kv_span_starts_n"]),
+        helper.make_node("Less", ["kv_span_starts_n", "kv_k_len"], ["kv_span_seen"]),
+        helper.make_node("Compress", [given, "kv_span_seen"], ["kv_spans_seen"], axis=0),
+        helper.make_node("Min", ["kv_spans_seen", "kv_k_len"], [SPANS_INPUT]),
         helper.make_node("Equal", ["kv_q_len", "kv_k_len"], ["kv_same_len"]),
         helper.make_node("Squeeze", ["kv_same_len"], [cond]),
         helper.make_node("If", [cond], [OUTPUT_NAME], then_branch=_branch(fast, "prefill", cfg.elem_type), else_branch=cached),
     ]
+    inputs = [given if name == SPANS_INPUT else name for name in fast.input]
     return helper.make_function(
-        fast.domain, fast.name, list(fast.input), [OUTPUT_NAME], nodes, list(fast.opset_import),
+        fast.domain, fast.name, inputs, [OUTPUT_NAME], nodes, list(fast.opset_import),
         overload=fast.overload,
         doc_string=fast.doc_string + "; KV-cache steps (past > 0): text queries dense in place, image queries the reference body",
     )

@@ -70,6 +70,25 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     assert np.abs(last_values[".mix"] - last_values[""]).max() > 1e-3
     assert np.abs(logits[".mix"] - logits[""]).max() > 1e-5
 
+    # a prefill in chunks through the KV cache (the bench's --chunk-size) gives one call's logits, on every graph
+    from blindsight.bench.model import prefill
+
+    for v, g in graphs.items():
+        s = ort.InferenceSession(str(g))
+        f = {**feeds, **({"image_spans": t.spans} if v else {})}
+        for chunk in (5, 16, S - 1):
+            np.testing.assert_allclose(prefill(s, f, chunk), logits[v], rtol=0, atol=1e-4, err_msg=f"{v} chunk {chunk}")
+
+
+def test_model_level_runs_chunked_and_shrunk(tmp_path):
+    from blindsight.bench.model import ModelCase, run
+    from blindsight.bench.render import render_model
+
+    small = {**SMALL, "text_config": {**SMALL["text_config"], "num_hidden_layers": 2}}
+    rec = run(ModelCase("qwen2-vl-2b", 2, 24, "fp32", small, chunk=10), tmp_path, threads=1, repeats=1, decode_repeats=1,
+              native=False, memory=False)
+    assert rec["chunk"] == 10 and rec["num_layers"] == 2 and "prefill in chunks of 10 tokens" in render_model(rec)
+
 
 def test_model_level_bad_input_is_one_line():
     import subprocess
@@ -77,6 +96,7 @@ def test_model_level_bad_input_is_one_line():
 
     code = "import sys; from blindsight.bench.cli import main; sys.exit(main(sys.argv[1:]))"
     for args, msg in ((["--model-images", "0"], "--model-images"), (["--image-blocks"], "op-level option"),
-                      (["--model-config", "qwen2-vl-72b"], "invalid choice")):
+                      (["--model-config", "qwen2-vl-72b"], "invalid choice"), (["--chunk-size", "0"], "--chunk-size"),
+                      (["--model-layers", "1"], "--model-layers")):
         r = subprocess.run([sys.executable, "-c", code, "--level", "model", *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -44,6 +44,12 @@ def main(argv=None) -> int:
     p.add_argument("--model-images", type=int, default=4, help="model level: images in the prompt (default 4)")
     p.add_argument("--model-image-len", type=int, default=1024, help="model level: tokens per image (default 1024)")
     p.add_argument("--decode-repeats", type=int, default=10, help="model level: timed decode steps per graph (default 10)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="model level: prefill through the KV cache in chunks of this many tokens (default: one call); "
+                   "what long prompts need: activations and attention buffers sized by the chunk")
+    p.add_argument("--model-layers", type=int, default=None,
+                   help="model level: keep the first N decoder layers of the configuration (default: all; full width "
+                   "and vocabulary either way), for long prompts when full depth does not fit the time")
     p.add_argument("--contexts", help="decode level: cached context lengths, comma-separated (default 1024,8192; quick 256)")
     p.add_argument("--cases", default=",".join(CATEGORY_CASES), help="op-level categories, comma-separated ('mixed': a mixed layer)")
     p.add_argument("--sizes", help="op-level N x L list, e.g. 4x2048,8x1024 (default: docs/specification.md §6's three)")
@@ -115,9 +121,13 @@ def main(argv=None) -> int:
                 raise BlindSightError("--image-blocks is an op-level option (the model level runs the model's own mask); pass --level op")
             if args.model_images < 1 or args.model_image_len < 1 or args.decode_repeats < 1:
                 raise BlindSightError("--model-images, --model-image-len and --decode-repeats must be >= 1")
+            if (args.chunk_size is not None and args.chunk_size < 1) or (args.model_layers is not None and args.model_layers < 2):
+                raise BlindSightError("--chunk-size must be >= 1 and --model-layers >= 2 (the profile mix keeps layer 0 dense)")
             from blindsight.bench.model import ModelCase
 
-            model_case = ModelCase(args.model_config, args.model_images, args.model_image_len, args.dtype)
+            overrides = {"text_config": {"num_hidden_layers": args.model_layers}} if args.model_layers else None
+            model_case = ModelCase(args.model_config, args.model_images, args.model_image_len, args.dtype, overrides,
+                                   chunk=args.chunk_size)
             model_repeats = args.repeats or (2 if args.quick else 3)
         if args.merge:
             do_op = do_prefill = do_decode = do_model = False

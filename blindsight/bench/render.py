@@ -83,6 +83,10 @@ def render(record: dict) -> str:
     return "\n".join(parts)
 
 
+def _chunked(rec: dict) -> str:
+    return f" (prefill in chunks of {rec['chunk']} tokens)" if rec.get("chunk") else ""
+
+
 def render_model(rec: dict) -> str:
     """The model level's tables (bs-bench --level model)."""
     mem = rec.get("peak_rss_mb") or {}
@@ -97,7 +101,7 @@ def render_model(rec: dict) -> str:
              f"{rec['efficiency']:.2f}", mb("mix")]]
     d = rec["decode_s"]
     head = (f"\nmodel level: {rec['model']} ({rec['num_layers']} layers, vocab {rec['vocab_size']}, {rec['dtype']}, "
-            f"{rec['weights_bytes'] / 2**30:.1f} GiB of weights), {rec['N']} images x {rec['L']} tokens = {rec['seq_len']} tokens; "
+            f"{rec['weights_bytes'] / 2**30:.1f} GiB of weights), {rec['N']} images x {rec['L']} tokens = {rec['seq_len']} tokens{_chunked(rec)}; "
             f"attention on {rec['attention']}; time to first token (mix vs raw export: {rec['vs_raw_export']:.2f}x; "
             f"attention FLOP bound {rec['attention_flop_bound']:.2f}x; all-dense vs raw logits max |diff| "
             f"{rec['dense_vs_raw_max_abs_logit_diff']:.1e})")

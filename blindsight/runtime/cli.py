@@ -16,7 +16,7 @@ text when it has none. --model compiled (default) runs OUT_DIR/language_model.bl
 
 example:
   bs-export ./Qwen2-VL-2B-Instruct -o qwen-onnx
-  bs-profile qwen-onnx -o qwen-onnx/profile.json
+  bs-profile --model ./Qwen2-VL-2B-Instruct -o qwen-onnx/profile.json
   bs-compile qwen-onnx/language_model.onnx --profile qwen-onnx/profile.json -o qwen-onnx/language_model.blindsight.onnx
   bs-run qwen-onnx --image a.png --image b.png --prompt "What differs between the two pictures?"
 """

@@ -386,11 +386,17 @@ def test_bs_compile_genai_bad_input_is_one_line(tmp_path):
     shutil.copytree(folder, broken)
     (broken / "genai_config.json").write_text(json.dumps(config))
     cases.append(((broken, "--profile", tmp_path / "p.json", "-o", tmp_path / "out"), "model.decoder.filename"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    cases.append(((folder, "--profile", tmp_path / "p.json", "-o", taken), "--overwrite"))
     for args, msg in cases:
         r = _bs_compile(*args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and (taken / "notes.txt").read_text() == "mine"
+    r = _bs_compile(folder, "--profile", tmp_path / "p.json", "-o", taken, "--overwrite")
+    assert r.returncode == 0 and not (taken / "notes.txt").exists() and (taken / "model.blindsight.onnx").is_file(), r.stderr
 
 
 def test_spans_from_ids_reads_the_folders_delimiters():

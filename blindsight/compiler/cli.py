@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         help="fast: skip masked-out work on ONNX Runtime's fastest kernels (default); "
         "reference: explicit per-head mask with dense compute, for validation",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="genai folders: replace a non-empty output folder (it is replaced whole, never merged)")
     p.add_argument("--no-native", action="store_true",
                    help="genai folders: do not name the native kernel as the decoder's custom_ops_library "
                    "(by default it is named when built: python -m blindsight.native build)")
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
             if not args.output:
                 raise ModelError("an onnxruntime-genai folder compiles into a new folder: pass -o OUT_DIR")
             return compile_genai_folder(args.model, args.profile, args.output, args.lowering,
-                                        native=False if args.no_native else None)
+                                        native=False if args.no_native else None, overwrite=args.overwrite)
         return compile_model(args.model, args.profile, args.output, args.lowering)
 
     code, result = run_cli("bs-compile", work, args.debug)

@@ -75,8 +75,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def compile_genai_folder(folder, profile, out_dir, lowering: str = "fast", native: bool | None = None) -> GenaiCompileResult:
-    """Compile ``folder``'s decoder with ``profile`` into a new genai folder ``out_dir``.
+def compile_genai_folder(folder, profile, out_dir, lowering: str = "fast", native: bool | None = None,
+                         overwrite: bool = False) -> GenaiCompileResult:
+    """Compile ``folder``'s decoder with ``profile`` into a new genai folder ``out_dir``
+    (an existing non-empty one only with ``overwrite``: it is replaced whole).
     ``native``: name the native kernel in genai_config.json when it is built (None),
     always (True: an error when it is not built) or never (False)."""
     from blindsight import native as native_kernel
@@ -89,6 +91,8 @@ def compile_genai_folder(folder, profile, out_dir, lowering: str = "fast", nativ
         raise ModelError(f"the output folder {out_dir} is the source folder or inside it; choose another -o")
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelError(f"{out_dir} exists and is not a folder; choose another -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ModelError(f"{out_dir} exists and is not empty; pass --overwrite to replace it, or choose another -o")
     library = native_kernel.library_path() if native is not False else None
     if native is True and library is None:
         raise ModelError("native kernel not built: python -m blindsight.native build (or leave it out)")

@@ -145,7 +145,8 @@ def greedy_parity(python, folder, profiles: dict, prompt, spans, max_length: int
     result = {"source": {"genai": genai_greedy(python, folder, prompt, max_length),
                          "ort": ort_greedy(folder / config["model"]["decoder"]["filename"], prompt, max_length)}}
     for name, (profile, lowering) in profiles.items():
-        out = compile_genai_folder(folder, profile, folder.with_name(f"{folder.name}.{name}"), lowering).out_dir
+        out = compile_genai_folder(folder, profile, folder.with_name(f"{folder.name}.{name}"), lowering,
+                                   overwrite=True).out_dir
         decoder = out / json.loads((out / GENAI_CONFIG).read_text())["model"]["decoder"]["filename"]
         result[name] = {"genai": genai_greedy(python, out, prompt, max_length, spans),
                         "ort": ort_greedy(decoder, prompt, max_length, spans)}

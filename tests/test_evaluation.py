@@ -150,3 +150,79 @@ def test_gemma3_export_and_compiled_models_equal_transformers(gemma_eval):
     got_intra = CompiledSession(all_intra).run(feeds, spans, len(ids))[0][0, -1]
     np.testing.assert_allclose(got_intra, want_intra, **tol)
     assert np.abs(want_intra - want).max() > 10 * 2e-3, "the intra profile must move these logits"
+
+
+def test_causal_surrogate_mask_runs_gemma3_as_trained(gemma_eval):
+    """--mask causal: the dense export fed all-zero token_type_ids and the model compiled
+    without image blocks equal transformers' plain causal Gemma 3 (with the category masks
+    applied by the sweep's hook for a sparse profile), and the calibration forward is causal."""
+    import torch
+
+    from blindsight.calibration.hooks import category_masker, hooked
+    from blindsight.calibration.runner import forward
+    from blindsight.evaluation.onnx_models import compile_with
+    from blindsight.evaluation.runner import onnx_feeds
+    from blindsight.models import pretrained
+    from blindsight.profile import Profile
+    from blindsight.prompts import Encoded, encode
+    from blindsight.runtime.session import CompiledSession
+
+    root, _ = gemma_eval
+    loaded = pretrained.load("gemma3-270m", mask="causal")
+    assert not loaded.image_blocks and "causal" in loaded.describe()
+    ids, spans = encode(task_prompts(1, seed=11)[0].pieces, loaded.tokenizer, loaded.delimiters)
+    feeds = onnx_feeds(loaded, ids, spans)
+    assert feeds["token_type_ids"].sum() == 0
+    ids_t = torch.from_numpy(ids)[None]
+    layers = [["intra", "sink", "intra_sink", "dense"]] * 18
+    with torch.no_grad():
+        causal = loaded.model(input_ids=ids_t, logits_to_keep=1).logits[0, -1].numpy()
+        with hooked(loaded.model, mask=category_masker(layers, spans, len(ids))):
+            want_mix = loaded.model(input_ids=ids_t, logits_to_keep=1).logits[0, -1].numpy()
+    np.testing.assert_allclose(forward(loaded, Encoded(ids, spans)).numpy(), causal, rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=2e-3, atol=2e-3)
+    dense_path = root / "work" / "dense-r2.onnx"
+    np.testing.assert_allclose(run(session(str(dense_path)), feeds)[0][0, -1], causal, **tol)
+    mix = compile_with(dense_path, Profile(layers, num_kv_heads=1), image_blocks=False)
+    assert mix.name.endswith("-causal.onnx")
+    got = CompiledSession(mix).run(feeds, spans, len(ids))[0][0, -1]
+    np.testing.assert_allclose(got, want_mix, **tol)
+    assert np.abs(want_mix - causal).max() > 10 * 2e-3, "the profile must move these logits"
+
+
+def test_bs_eval_causal_mask_record_and_refusal(gemma_eval, tmp_path):
+    import contextlib
+    import io
+
+    from blindsight.evaluation.cli import main as eval_main
+    from blindsight.calibration.cli import main as profile_main
+
+    root, _ = gemma_eval
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = eval_main(["--profile", str(root / "intra.json"), "--prompts", "2", "--work-dir", str(root / "work"),
+                        "--json", "--quiet", "--mask", "causal"])
+    assert rc == 0
+    rec = json.loads(buf.getvalue())
+    assert rec["mask"].startswith("causal (surrogate") and "causal surrogate mask" in rec["model"]
+    lo, hi = rec["dense_accuracy_ci95"]
+    assert 0.0 <= lo <= rec["dense_accuracy"] <= hi <= 1.0
+    # a VLM checkpoint directory never runs under the surrogate mask: one line, nothing written
+    ck = tmp_path / "vlm"
+    ck.mkdir()
+    (ck / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = profile_main(["--model", str(ck), "--mask", "causal", "-o", str(tmp_path / "p.json")])
+    assert rc != 0 and not (tmp_path / "p.json").exists()
+    lines = [l for l in err.getvalue().splitlines() if l.strip()]
+    assert len(lines) == 1 and "--mask causal" in lines[0] and "Traceback" not in err.getvalue()
+
+
+def test_wilson_interval_against_the_closed_form():
+    from blindsight.evaluation.runner import wilson
+
+    # 72 of 100 at z = 1.96: centre (0.72 + 0.019208) / 1.038416 = 0.71186, half 0.08674
+    lo, hi = wilson(72, 100)
+    assert lo == pytest.approx(0.62512, abs=1e-4) and hi == pytest.approx(0.79860, abs=1e-4)
+    assert wilson(0, 8)[0] == 0.0 and 0.3 < wilson(0, 8)[1] < 0.33

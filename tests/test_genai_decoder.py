@@ -13,7 +13,9 @@ the decoder's own."""
 from __future__ import annotations
 
 import json
+import importlib.util
 import os
+import sys
 import shutil
 from pathlib import Path
 
@@ -301,10 +303,12 @@ def test_sparse_profile_equals_numpy_on_the_decoders_qkv(compiled, case, lowerin
     assert moved > 1e-3  # the profile changed what the prompt's image tokens saw
 
 
-GENAI_PYTHON = os.environ.get("BLINDSIGHT_GENAI_PYTHON")
+#: a Python with onnxruntime-genai: this one with the genai extra installed, or another set in the environment
+GENAI_PYTHON = os.environ.get("BLINDSIGHT_GENAI_PYTHON") or (
+    sys.executable if importlib.util.find_spec("onnxruntime_genai") is not None else None)
 
 
-@pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
+@pytest.mark.skipif(not GENAI_PYTHON, reason="install the genai extra, or set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_the_builder_still_writes_the_fixture(variant, tmp_path):
     """The fixture is what `python -m blindsight.runtime.genai` makes today, byte for byte."""
@@ -410,7 +414,7 @@ def test_spans_from_ids_reads_the_folders_delimiters():
     assert spans_from_ids([5, 6, 7], FIXTURES / "qwen2_5_vl").shape == (0, 2)
 
 
-@pytest.mark.skipif(not GENAI_PYTHON, reason="set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai (tests/fixtures/genai/README.md)")
+@pytest.mark.skipif(not GENAI_PYTHON, reason="install the genai extra, or set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_onnxruntime_genai_runs_the_compiled_decoder(variant, tmp_path):
     """onnxruntime-genai itself (image_spans through Generator.set_model_input):

@@ -44,6 +44,7 @@ class ModelCase:
     overrides: dict | None = field(default=None, hash=False)  # shrinks the configuration (tests)
     logits: str = "last"  # bs-export's --logits: the positions the LM head runs on
     chunk: int | None = None  # prefill through the KV cache in chunks of this many tokens (None: one call)
+    first_dense: bool = True  # the mix keeps layer 0 dense, as calibrated profiles do; False: every layer mixed
 
     @property
     def template(self) -> Template:
@@ -62,10 +63,12 @@ class ModelCase:
         return f"{self.config}{tag}_{self.dtype}_kv" + ("" if self.logits == "all" else f"_{self.logits}")
 
 
-def layers_of(dims, name: str) -> list[list[str]]:
-    from blindsight.bench.prefill import profile_mix
-
-    return [["dense"] * dims.num_heads for _ in range(dims.num_layers)] if name == "dense" else profile_mix(dims)
+def layers_of(dims, name: str, first_dense: bool = True) -> list[list[str]]:
+    """The timed profiles: "dense" everywhere, or "mix": the op-level benchmark's mixed layer
+    in every layer (layer 0 dense with ``first_dense``)."""
+    if name == "dense":
+        return [["dense"] * dims.num_heads for _ in range(dims.num_layers)]
+    return Profile.mixed(dims.num_layers, dims.num_heads, first_dense=first_dense).layers
 
 
 def build(case: ModelCase, work_dir: Path, progress: bool = True) -> dict[str, Path]:
@@ -82,7 +85,7 @@ def build(case: ModelCase, work_dir: Path, progress: bool = True) -> dict[str, P
     paths = {"raw": raw}
     for name in ("dense", "mix"):
         out = work_dir / f"{case.key()}.{name}.onnx"
-        compile_model(raw, Profile(layers_of(dims, name), num_kv_heads=dims.num_kv_heads), out, "fast")
+        compile_model(raw, Profile(layers_of(dims, name, case.first_dense), num_kv_heads=dims.num_kv_heads), out, "fast")
         paths[name] = out
     return paths
 
@@ -178,7 +181,7 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
             mem[k] = measure_in_child("blindsight.bench.model", {"case": vars(case), "path": str(p), "threads": threads,
                                                                  "provider": provider, "native": native, "raw": k == "raw"})["peak_rss_mb"]
             tick()
-    fl = count_flops(dims, layers_of(dims, "mix"), t.spans, t.seq_len, logit_positions=t.seq_len if case.logits == "all" else 1).to_dict()
+    fl = count_flops(dims, layers_of(dims, "mix", case.first_dense), t.spans, t.seq_len, logit_positions=t.seq_len if case.logits == "all" else 1).to_dict()
     speedup = ttft["dense"] / ttft["mix"]
     return {
         "model": dims.name, "num_layers": dims.num_layers, "vocab_size": dims.vocab_size, "dtype": SHORT_DTYPES[case.dtype],

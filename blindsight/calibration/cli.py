@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                         "depth from the first to the last layer (e.g. 0.85:0.95)")
     p.add_argument("--min-fraction", type=float, default=DEFAULT_MIN_FRACTION,
                    help=f"fraction of prompts that must choose a sparse category (default {DEFAULT_MIN_FRACTION})")
+    p.add_argument("--mask", choices=("image", "causal"), default="image",
+                   help="attention mask of the prompts: image (default: the family's VLM mask, for Gemma 3 "
+                        "bidirectional within each image) or causal, a surrogate mode for the built-in text-only "
+                        "weights, which were trained causal and collapse under bidirectional segments they never "
+                        "saw (Gemma 3 270M: 72.5%% vs 30.5%% dense accuracy on bs-eval's 200 prompts)")
     p.add_argument("--sink-tokens", type=int, default=1, help="leading tokens of each image that are sinks (default 1)")
     p.add_argument("--report", metavar="DIR",
                    help="also write DIR/heatmap.png and DIR/report.json (counts, FLOPs saved for --template)")
@@ -82,6 +87,8 @@ def _check(args):
     sweeps = parse_thresholds(args.sweep) if args.sweep else []
     if args.model not in pretrained.PRETRAINED and not (Path(args.model) / "config.json").is_file():
         pretrained.load(args.model)  # raises the one-line error naming the choices
+    if args.mask == "causal" and args.model not in pretrained.PRETRAINED:
+        pretrained.load(args.model, mask="causal")  # refused in one line before the model is read
     return schedule, template, sweeps
 
 
@@ -102,7 +109,7 @@ def run(args) -> dict:
     schedule, template, sweeps = _check(args)
     result = calibrate(
         args.model, num_prompts=args.prompts, seed=args.seed, threshold=schedule,
-        min_fraction=args.min_fraction, sink_tokens=args.sink_tokens, progress=not args.quiet,
+        min_fraction=args.min_fraction, sink_tokens=args.sink_tokens, progress=not args.quiet, mask=args.mask,
     )
     prof = result.profile
     profile_io.save(prof, args.output)
@@ -112,6 +119,7 @@ def run(args) -> dict:
         "threshold": str(schedule),
         "min_fraction": args.min_fraction,
         "num_prompts": args.prompts,
+        "mask": result.loaded.mask_description,
         "counts": prof.counts(),
     }
     if args.report:

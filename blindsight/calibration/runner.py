@@ -19,7 +19,6 @@ from blindsight.calibration.categorize import (
 from blindsight.calibration.hooks import decoder_attentions, hooked
 from blindsight.calibration.recall import RECALL_CATEGORIES, category_masks, head_recalls
 from blindsight.calibration.vlm_prompts import vlm_calibration_prompts
-from blindsight import families
 from blindsight.models import pretrained
 from blindsight.models.image_blocks import prompt_masks
 from blindsight.records import scrub
@@ -48,10 +47,11 @@ def text_dims(model) -> tuple[int, int, int]:
 def forward(loaded: pretrained.LoadedModel, prompt: Encoded):
     """One prefill; returns the last position's logits [V] (float32). Gemma 3
     attends within its (surrogate) images both ways: the VLM from the
-    processor's token_type_ids, a text-only model through the same masks."""
+    processor's token_type_ids, a text-only model through the same masks
+    (none under the causal surrogate mask)."""
     ids = torch.from_numpy(prompt.ids)[None]
     kwargs = dict(prompt.extra)
-    if families.image_blocks(loaded.family) and "token_type_ids" not in kwargs:
+    if loaded.image_blocks and "token_type_ids" not in kwargs:
         kwargs["attention_mask"] = prompt_masks(loaded.model, prompt.spans, prompt.seq_len)
     with torch.no_grad():
         out = loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs)
@@ -62,7 +62,7 @@ def prompt_recalls(loaded: pretrained.LoadedModel, prompt: Encoded, sink_tokens:
     """[L, H, C] recalls of one prompt; each layer's probabilities are reduced as soon as they exist."""
     num_layers, num_heads, _ = text_dims(loaded.model)
     out = np.full((num_layers, num_heads, len(RECALL_CATEGORIES)), np.nan)
-    masks = category_masks(prompt.spans, prompt.seq_len, sink_tokens, image_blocks=families.image_blocks(loaded.family))
+    masks = category_masks(prompt.spans, prompt.seq_len, sink_tokens, image_blocks=loaded.image_blocks)
 
     def observe(layer, probs):
         out[layer] = head_recalls(probs, prompt.spans, prompt.seq_len, sink_tokens, masks=masks)
@@ -91,10 +91,12 @@ def calibrate(
     min_fraction: float = DEFAULT_MIN_FRACTION,
     sink_tokens: int = 1,
     progress: bool = True,
+    mask: str = "image",
 ) -> CalibrationResult:
-    """Calibrate a model (short name, directory or :class:`LoadedModel`) into a profile."""
+    """Calibrate a model (short name, directory or :class:`LoadedModel`) into a profile;
+    ``mask`` as :func:`pretrained.load` (a loaded model keeps its own)."""
     schedule = threshold if isinstance(threshold, ThresholdSchedule) else ThresholdSchedule.parse(threshold)
-    loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model)
+    loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model, mask=mask)
     prompts = encode_calibration(loaded, num_prompts, seed)
     recalls = np.stack(
         [
@@ -115,6 +117,7 @@ def build_profile(loaded, cat: Categorization, recalls, schedule, min_fraction, 
         "per prompt the sparsest category with recall >= threshold(layer); across prompts a sparse "
         "category needs at least min_fraction of the prompts, else the next denser one",
         "images": pretrained.SURROGATE_NOTE if loaded.surrogate else "real images through the model's processor",
+        "mask": loaded.mask_description,
         "threshold": str(schedule),
         "threshold_per_layer": [round(float(t), 6) for t in schedule.for_layers(recalls.shape[1])],
         "min_fraction": min_fraction,

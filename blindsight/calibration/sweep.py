@@ -11,6 +11,8 @@ vocabulary, and the task's multiple-choice accuracy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -41,7 +43,7 @@ def sweep(loaded, recalls: np.ndarray, schedules, min_fraction: float, num_promp
     tasks = task_prompts(num_prompts, seed)
     encoded = [Encoded(*encode(t.pieces, loaded.tokenizer, loaded.delimiters)) for t in tasks]
     cands = [candidate_token_ids(loaded.tokenizer, t.candidates) for t in tasks]
-    dims = model_dims(loaded.model.config)
+    dims = dataclasses.replace(model_dims(loaded.model.config), image_blocks=loaded.image_blocks)
     bar = tqdm(total=num_prompts * (1 + len(schedules)), desc="threshold sweep", unit="run", disable=not progress)
     dense = []
     for p in encoded:

@@ -86,11 +86,14 @@ def profile_digest(profile: Profile) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def compile_with(dense: Path, profile: Profile, lowering: str = "fast") -> Path:
-    """``dense``'s folder / ``compiled-<lowering>-<profile digest>.onnx``, made once per profile."""
+def compile_with(dense: Path, profile: Profile, lowering: str = "fast", image_blocks: bool | None = None) -> Path:
+    """``dense``'s folder / ``compiled-<lowering>-<profile digest>.onnx``, made once per profile.
+    ``image_blocks``: None keeps the export's (Gemma 3: on); False compiles for the causal
+    surrogate mask (file name ``...-causal.onnx``)."""
     from blindsight.compiler.pipeline import compile_model
 
-    out = dense.with_name(f"compiled-{lowering}-{profile_digest(profile)}.onnx")
+    suffix = "-causal" if image_blocks is False else ""
+    out = dense.with_name(f"compiled-{lowering}-{profile_digest(profile)}{suffix}.onnx")
     if not out.is_file():
-        compile_model(dense, profile, out, lowering=lowering)
+        compile_model(dense, profile, out, lowering=lowering, image_blocks=image_blocks)
     return out

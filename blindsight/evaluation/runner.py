@@ -3,6 +3,7 @@ in ONNX Runtime on the task's prompts; accuracy, agreement, KL, FLOPs saved."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -53,8 +54,16 @@ def onnx_feeds(loaded: pretrained.LoadedModel, ids: np.ndarray, spans=()) -> dic
         "attention_mask": np.ones((1, s), dtype=np.int64),
     }
     if families.image_blocks(loaded.family):
-        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, s, rows=1)
+        feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans if loaded.image_blocks else (), s, rows=1)
     return feeds
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion: honest at small n and near 0 or 1."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(centre - half), float(centre + half)]
 
 
 def work_dir_for(name: str, work_dir: Path | None) -> Path:
@@ -72,19 +81,22 @@ def evaluate(
     provider: str = "cpu",
     progress: bool = True,
     native: bool | None = None,
+    mask: str = "image",
 ) -> dict:
-    """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``)."""
-    loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model)
+    """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``);
+    ``mask`` as :func:`pretrained.load` (a loaded model keeps its own)."""
+    loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model, mask=mask)
     if not loaded.surrogate or loaded.family not in FAMILIES:
         # the task's segments are text: it needs text-only weights with an ONNX export
         raise BlindSightError(f"bs-eval runs the built-in Gemma 3 weights (gemma3-270m); {loaded.name} is {loaded.family}")
     folder = work_dir_for(loaded.name, work_dir)
     dense_path = export_dense(loaded.family, loaded.directory, folder)
-    compiled_path = compile_with(dense_path, profile, "fast")
+    # the compiled nodes carry Gemma 3's image blocks themselves: off under the causal mask
+    compiled_path = compile_with(dense_path, profile, "fast", image_blocks=loaded.image_blocks)
     dense = make_session(dense_path, provider=provider, threads=threads)
     compiled = CompiledSession(compiled_path, provider=provider, threads=threads, native=native)
     placement = None
-    dims = model_dims(loaded.directory)
+    dims = dataclasses.replace(model_dims(loaded.directory), image_blocks=loaded.image_blocks)
 
     prompts = task_prompts(num_prompts, seed)
     rows = []
@@ -112,9 +124,11 @@ def evaluate(
             )
         )
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    n = len(rows)
     return {
         "model": scrub(loaded.describe()),
         "surrogate_images": loaded.surrogate,
+        "mask": loaded.mask_description,
         "task": "colour of the object one segment shows; multiple choice over the prompt's segment colours",
         "num_prompts": len(rows),
         "seed": seed,
@@ -123,6 +137,8 @@ def evaluate(
         "chance_accuracy": float(np.mean([1.0 / r["segments"] for r in rows])),
         "dense_accuracy": mean("dense_correct"),
         "compiled_accuracy": mean("compiled_correct"),
+        "dense_accuracy_ci95": wilson(sum(r["dense_correct"] for r in rows), n),
+        "compiled_accuracy_ci95": wilson(sum(r["compiled_correct"] for r in rows), n),
         "accuracy_delta_points": 100.0 * (mean("compiled_correct") - mean("dense_correct")),
         "top1_agreement": mean("agree"),
         "mean_kl": mean("kl"),

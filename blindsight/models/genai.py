@@ -3,19 +3,20 @@
 The builder (``python -m onnxruntime_genai.models.builder``) turns a Hugging
 Face checkpoint folder into ``model.onnx`` + ``genai_config.json``: the text
 decoder with ``com.microsoft.GroupQueryAttention`` (past/present KV cache
-sharing one buffer), the tokenizer files and the chat template. It needs
-onnxruntime-genai's own onnxruntime (a newer one than this project pins), so it
-runs in a separate Python environment, called here through a subprocess.
+sharing one buffer), the tokenizer files and the chat template. It runs in a
+child process, in this environment when the ``genai`` and ``export`` extras are
+installed (onnxruntime-genai 0.18.0 runs on this project's onnxruntime 1.31,
+measured), or in a separate one.
 
 ``make_tiny_decoder(family, out_dir, python=...)`` writes a tiny random
 checkpoint with :mod:`blindsight.models.checkpoints` (in this environment) and
 runs the builder on it (in ``python``'s environment). ``GENAI_REQUIREMENTS``
-is what that environment needs; ``create_venv`` installs it.
+is what a separate environment needs; ``create_venv`` installs it.
 
 ``bs-compile FOLDER --profile p.json -o OUT`` compiles such a folder
 (:mod:`blindsight.compiler.genai`); :mod:`blindsight.runtime.genai` runs one in
 onnxruntime-genai and in this environment's onnxruntime, and its command line
-(``python -m blindsight.runtime.genai OUT --python VENV/bin/python [--greedy]``)
+(``python -m blindsight.runtime.genai OUT [--python PYTHON] [--greedy]``)
 builds a tiny decoder with this module.
 """
 

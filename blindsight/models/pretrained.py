@@ -29,6 +29,10 @@ from blindsight.attention import Delimiters
 from blindsight.families import FAMILIES
 
 SURROGATE_NOTE = "surrogate images: text segments wrapped in image delimiter tokens (text-only weights)"
+#: the two attention masks calibration and evaluation can run a model under
+MASKS = ("image", "causal")
+CAUSAL_NOTE = ("causal surrogate mask: the text-only weights' own training mask, not Gemma 3's bidirectional "
+               "image blocks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +140,49 @@ class LoadedModel:
     delimiters: Delimiters
     surrogate: bool
     directory: Path
+    mask: str = "image"  # MASKS: "causal" only on text-only weights (load's docstring)
+
+    @property
+    def image_blocks(self) -> bool:
+        """Whether the prompts' (surrogate) images attend within themselves both ways (Gemma 3's mask)."""
+        return self.mask == "image" and families.image_blocks(self.family)
+
+    @property
+    def mask_description(self) -> str:
+        if self.image_blocks:
+            return "image: causal, and bidirectional within each image's soft tokens (Gemma 3)"
+        if self.mask == "causal" and families.image_blocks(self.family):
+            return "causal (surrogate mode: the text-only weights' training mask)"
+        return "causal (the model's own mask)"
 
     def describe(self) -> str:
         text = f"{self.name} ({self.family})"
-        return f"{text}; {SURROGATE_NOTE}" if self.surrogate else text
+        if not self.surrogate:
+            return text
+        text = f"{text}; {SURROGATE_NOTE}"
+        return f"{text}; {CAUSAL_NOTE}" if self.mask == "causal" and families.image_blocks(self.family) else text
 
 
-def load(name_or_dir: str, attn_implementation: str = "eager", cache: Path | None = None) -> LoadedModel:
-    """Load a short name (``gemma3-270m``, ``smollm2-135m``) or a local Hugging Face directory."""
+def load(name_or_dir: str, attn_implementation: str = "eager", cache: Path | None = None,
+         mask: str = "image") -> LoadedModel:
+    """Load a short name (``gemma3-270m``, ``smollm2-135m``) or a local Hugging Face directory.
+
+    ``mask``: ``"image"`` (default) runs the prompts under the mask a VLM of the
+    family applies to its images (Gemma 3: bidirectional image blocks);
+    ``"causal"`` is a surrogate mode for the text-only weights, which were
+    trained with a causal mask and answer far worse under bidirectional
+    segments they never saw. A real VLM checkpoint always uses its own mask.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if mask not in MASKS:
+        raise BlindSightError(f"unknown mask {mask!r}: use one of {', '.join(MASKS)}")
+    if mask == "causal" and name_or_dir not in PRETRAINED:
+        raise BlindSightError(
+            f"--mask causal is the surrogate mode of the built-in text-only weights ({', '.join(PRETRAINED)}); "
+            f"a VLM checkpoint such as {name_or_dir} runs under its own image mask: drop --mask"
+        )
     if name_or_dir in PRETRAINED:
         p = spec(name_or_dir)
         directory = hf_dir(name_or_dir, cache)
@@ -159,7 +195,7 @@ def load(name_or_dir: str, attn_implementation: str = "eager", cache: Path | Non
         model = AutoModelForCausalLM.from_pretrained(
             directory, local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation
         )
-        return LoadedModel(name_or_dir, model.eval(), tokenizer, p.family, delimiters, True, directory)
+        return LoadedModel(name_or_dir, model.eval(), tokenizer, p.family, delimiters, True, directory, mask)
     directory = Path(name_or_dir)
     if not (directory / "config.json").is_file():
         raise BlindSightError(

@@ -1,7 +1,7 @@
 """onnxruntime-genai running compiled decoders, and the same greedy loop in onnxruntime.
 
-``genai_greedy`` runs onnxruntime-genai on a model folder in its own Python
-environment (genai pins a newer onnxruntime than this project: see
+``genai_greedy`` runs onnxruntime-genai on a model folder in a child Python
+process (this environment's with the ``genai`` extra, or another one: see
 :mod:`blindsight.models.genai`), feeding ``image_spans`` through
 ``Generator.set_model_input`` once, before the first ``append_tokens``: genai
 takes a second ``set_model_input`` on the same generator badly (the next
@@ -10,7 +10,7 @@ generator per prompt. ``ort_greedy`` runs the same greedy loop in this
 environment's onnxruntime, feeding the decoder as genai does.
 ``spans_from_ids`` finds a prompt's ``image_spans`` from its token ids.
 
-Command line: ``python -m blindsight.runtime.genai OUT --python VENV/bin/python
+Command line: ``python -m blindsight.runtime.genai OUT [--python PYTHON]
 [--family qwen2_5_vl] [--greedy]`` builds a tiny random decoder with the
 builder; ``--greedy`` also compiles it (all-dense and with a sparse profile,
 both lowerings) and prints genai's and onnxruntime's greedy tokens for each.
@@ -161,7 +161,9 @@ DEMO_SPANS = [[2, 7], [9, 13]]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m blindsight.runtime.genai", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="output folder (model.onnx, genai_config.json, tokenizer)")
-    ap.add_argument("--python", required=True, help="python of an environment with onnxruntime-genai (see create_venv)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="python of an environment with onnxruntime-genai and its builder's needs (default: this one, "
+                         "with the genai and export extras installed; or a venv made by create_venv)")
     ap.add_argument("--family", default="qwen2_5_vl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, default=2)

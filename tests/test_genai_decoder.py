@@ -207,13 +207,16 @@ def test_compiled_keeps_the_decoders_interface(compiled):
     assert ops.count("BlindSightAttention") == LAYERS and "GroupQueryAttention" not in ops
 
 
+def _source_runs(compiled, case):
+    if compiled["family"] == "gemma3_windowed" and len(set(CASES[case]["lengths"])) > 1:
+        # measured on onnxruntime 1.31, capacities 8 to 24: "seqlens_k[1] = 10 is too small for sequence_length 16"
+        pytest.skip("the source cannot run it: GroupQueryAttention with a window-sized cache refuses a right-padded prompt")
+
+
 @pytest.mark.parametrize("lowering", ["fast", "reference"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_all_dense_equals_the_decoder(compiled, case, lowering):
-    if compiled["family"].startswith("gemma3") and case == "batch of 2, right padded":
-        # measured: with the window removed from the decoder the padded decode steps match
-        pytest.xfail("a padded row's decode step under a sliding window: the node counts the window from total - 1, "
-                     "GroupQueryAttention from the row's own position (not yet matched)")
+    _source_runs(compiled, case)
     steps = Steps(**CASES[case])
     pairs = zip(_drive(compiled["source"], steps), _drive(compiled["dense", lowering], steps))
     for step, ((mask, want), (_, got)) in enumerate(pairs):
@@ -270,9 +273,8 @@ def _gqa_inputs(path: Path, dst: Path) -> Path:
 @pytest.mark.parametrize("case", ["prompt+decode, share buffer", "chunked prompt, share buffer", "batch of 2, right padded",
                                   "chunked prompt, window cache with slack"])
 def test_sparse_profile_equals_numpy_on_the_decoders_qkv(compiled, case, lowering, tmp_path):
+    _source_runs(compiled, case)
     steps = Steps(**CASES[case])
-    if compiled["family"].startswith("gemma3") and case == "batch of 2, right padded":
-        pytest.skip("padded rows under a sliding window: see test_all_dense_equals_the_decoder")
     probe, windows = _probe(compiled["sparse", lowering], tmp_path / "probe" / "model.onnx")
     source, q_name = _gqa_inputs(compiled["source"], tmp_path / "source" / "model.onnx")
     dense = _drive(compiled["dense", lowering], steps)
@@ -281,8 +283,8 @@ def test_sparse_profile_equals_numpy_on_the_decoders_qkv(compiled, case, lowerin
         sq = got["logits"].shape[1]
         for layer in range(LAYERS):
             q, k, v = (got[f"probe.{layer}.{r}"] for r in ("q", "k", "v"))
-            key_mask = got[f"probe.{layer}.mask"]  # [B, 1, 1, total]: keys 0..seqlens_k[b]
-            assert k.shape[2] == mask.shape[1]  # the valid prefix of the present: total keys
+            key_mask = got[f"probe.{layer}.mask"]  # [B, 1, 1, total]: row b's valid keys as the node reads them
+            assert k.shape[2] == mask.shape[1]  # total keys
             ref = reference_attention(q, k, v, spans_so_far(mask.shape[1]), SPARSE[layer], scale=SCALE,
                                       model_mask=key_mask, window=windows[layer])
             for b, length in enumerate(steps.lengths):

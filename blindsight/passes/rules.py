@@ -265,7 +265,8 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
     rewrite applies com.microsoft RotaryEmbedding at the positions the tokens
     are written to, as GroupQueryAttention does), ``past_key``/``past_value``
     [B, kv, L, D] (or, with ``sliding_window_cache``, window-sized buffers that
-    keep the last C positions; exact for rows without padding) and the
+    keep the last C positions; exact for rows without padding, and onnxruntime
+    1.31's GroupQueryAttention refuses a right-padded prompt with them) and the
     ``present_*`` outputs, ``seqlens_k`` [B] (the last valid key index per row)
     and ``total_sequence_length``.
 
@@ -277,14 +278,18 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
     is that buffer with the new tokens written; without it, the present is past
     followed by the new tokens). BlindSightAttention then reads the first
     ``total`` positions of the present (BNSH), keys k <= seqlens_k[b] of row b,
-    causal with queries at total - Sq ... total - 1. That equals
-    GroupQueryAttention whenever a row's queries sit at total - Sq: every row
-    of a batch without padding, and a first prompt with right padding. A
-    shorter row's decode step (Sq = 1, its query at seqlens_k[b]) is exact
-    too without a sliding window (its keys are 0..seqlens_k[b] either way),
-    but a ``local_window_size`` counts from total - 1, not from the row's own
-    position; a chunked prompt (1 < Sq < total) of rows of different lengths
-    places the shorter rows' queries differently.
+    causal with queries at total - Sq ... total - 1. GroupQueryAttention puts
+    row b's queries at 0 ... Sq - 1 in a first prompt, else at
+    seqlens_k[b] + 1 - Sq ..., and counts ``local_window_size`` from there:
+    the same whenever a row's queries sit at total - Sq (every row of a batch
+    without padding, a first prompt with right padding). For a shorter row
+    after its first prompt, a layer with a window reads row b's keys shifted
+    right by total - 1 - seqlens_k[b] (the slots before them masked), so the
+    window counts from the row's own position; without a window a decode step
+    (Sq = 1) is exact either way (keys 0..seqlens_k[b]). A chunked prompt
+    (1 < Sq < total) of rows of different lengths is not matched: without a
+    window the shorter rows' queries are causal from other positions, and the
+    image spans would meet a shifted row's keys at other positions.
     """
 
     def __init__(self):
@@ -391,6 +396,20 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
 
             (present_k, k_valid), (present_v, v_valid) = window_update(past_key, new_k), window_update(past_value, new_v)
             keep = op.And(keep, op.GreaterOrEqual(positions, first))
+        elif window and window.value > 0:
+            present_k, present_v = update(past_key, new_k), update(past_value, new_v)
+            # GroupQueryAttention counts a row's window from the row's own query positions
+            # (start[b] ..), the node from total - Sq .. (docs/specification.md §2): row b's keys
+            # are read shifted right by total - Sq - start[b] (0 in a first prompt and for full
+            # rows), which makes the two agree; the slots the shift opens are masked
+            shift = op.Sub(op.Sub(total64, seq), start)  # [B]
+            src = op.Max(op.Sub(op.Unsqueeze(positions, _const_ints(op, [0])), op.Unsqueeze(shift, _const_ints(op, [1]))), zero)
+            gather = op.Expand(op.Unsqueeze(src, _const_ints(op, [1, 3])), _const_ints(op, [1, kv_heads, 1, 1]))  # [B, kv, total, 1]
+            k_valid = op.GatherND(present_k, gather, batch_dims=2)
+            v_valid = op.GatherND(present_v, gather, batch_dims=2)
+            shift4 = op.Unsqueeze(shift, _const_ints(op, [1, 2, 3]))
+            keep = op.And(op.GreaterOrEqual(positions, shift4),
+                          op.LessOrEqual(positions, op.Add(op.Unsqueeze(last, _const_ints(op, [1, 2, 3])), shift4)))
         else:
             present_k, present_v = update(past_key, new_k), update(past_value, new_v)
             ends = op.Unsqueeze(total64, _const_ints(op, [0]))

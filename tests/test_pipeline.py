@@ -5,6 +5,7 @@ and inputs; the sparse profile is checked against the reference lowering.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -174,6 +175,31 @@ def test_bs_run_prints_answer_and_timings(tiny, tmp_path):
     r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(want.text) and "time to first token" in r.stdout
+
+
+def test_prepack_off_answers_like_on_and_auto_turns_it_off_when_memory_is_short(tiny, monkeypatch):
+    import onnx
+
+    from blindsight.errors import BlindSightError
+    from blindsight.runtime import session
+
+    on, off = Pipeline(tiny.out, prepack="on", threads=2), Pipeline(tiny.out, prepack="off", threads=2)
+    assert on.prepack and not off.prepack
+    assert on.generate(_images(2), CASES[0][0], 4).token_ids == off.generate(_images(2), CASES[0][0], 4).token_ids
+    # the weights auto weighs: each graph file plus the external-data files it names
+    graphs = [on.model_path, tiny.out / on.template["files"]["embed"], tiny.out / on.template["files"]["vision"]]
+    total = 0
+    for g in graphs:
+        proto = onnx.load(str(g), load_external_data=False)
+        names = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        total += os.path.getsize(g) + sum(os.path.getsize(g.parent / n) for n in names)
+    assert sum(session.weight_bytes(g) for g in graphs) == total
+    monkeypatch.setattr(session, "available_memory", lambda: int(2 * total / 0.6) + 1)
+    assert Pipeline(tiny.out, threads=2).prepack
+    monkeypatch.setattr(session, "available_memory", lambda: int(2 * total / 0.6) - 1)
+    assert not Pipeline(tiny.out, threads=2).prepack
+    with pytest.raises(BlindSightError, match="--prepack"):
+        Pipeline(tiny.out, prepack="maybe")
 
 
 def test_placement_of_the_prefill_a_pipeline_ran(tiny):

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="prefill the prompt through the KV cache in chunks of N tokens (default: one call); bounds the "
                    "prefill's activation and attention memory by N instead of the prompt length; same answer")
+    p.add_argument("--prepack", default="auto", choices=("auto", "on", "off"),
+                   help="ONNX Runtime's MatMul weight pre-packing: about 1.13x faster prefill for a second, private "
+                   "copy of the weights; auto (default) turns it off where that copy would not fit in memory")
     p.add_argument("--no-chat", action="store_true", help="use the prompt as is, without the chat template")
     p.add_argument("--no-native", action="store_true",
                    help="run BlindSightAttention on the function bodies even when the native kernel is built")
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
         from blindsight.runtime.pipeline import Pipeline
 
         pipe = Pipeline(args.out_dir, provider=args.provider, compiled=args.model, threads=args.threads,
-                        native=False if args.no_native else None, chunk_size=args.chunk_size)
+                        native=False if args.no_native else None, chunk_size=args.chunk_size, prepack=args.prepack)
         result = pipe.generate(args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
         placement = None
         if args.provider != "cpu":
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
     if args.json:
         record = result.to_dict()
         record.update(provider=args.provider, images=len(args.image), sparse=pipe.sparse, attention=pipe.attention,
+                      prepack=pipe.prepack,
                       placement=placement.to_dict() if placement is not None else None)
         print(json.dumps(record))
         return 0

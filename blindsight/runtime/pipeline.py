@@ -26,7 +26,7 @@ from blindsight.attention.spans import chunk_bounds, token_type_ids
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
 from blindsight.runtime.prompt import Prompt, PromptBuilder
 from blindsight.attention import Delimiters, find_spans
-from blindsight.runtime.session import make_session, resolve_provider
+from blindsight.runtime.session import NO_PREPACK, make_session, prepack_weights, resolve_provider
 
 TEMPLATE = "template.json"
 COMPILED_NAME = "language_model.blindsight.onnx"
@@ -104,8 +104,10 @@ def per_image(prompt: Prompt):
 
 class Pipeline:
     def __init__(self, out_dir, provider: str = "cpu", compiled=True, threads: int | None = None,
-                 native: bool | None = None, chunk_size: int | None = None):
-        """``chunk_size``: prefill the prompt through the KV cache in chunks of this
+                 native: bool | None = None, chunk_size: int | None = None, prepack: str = "auto"):
+        """``prepack`` (auto, on, off): ONNX Runtime's MatMul weight pre-packing
+        (:func:`~blindsight.runtime.session.prepack_weights`: auto turns it off
+        where a second copy of the weights would not fit). ``chunk_size``: prefill the prompt through the KV cache in chunks of this
         many tokens (None: in one call). Each chunk's activations and attention
         buffers are sized by the chunk, not the prompt; every chunk attends with
         the prompt's spans as one call would (docs/specification.md §2: queries
@@ -121,6 +123,10 @@ class Pipeline:
         self.model_path = resolve_model(self.out_dir, self.template, compiled)
         resolve_provider(provider)  # a bad provider fails before anything loads
         self.provider, self.threads, self.native = provider, threads, native
+        files = self.template["files"]
+        graphs = [self.model_path, self.out_dir / files["embed"], self.out_dir / files["vision"]]
+        #: whether the sessions pre-pack their MatMul weights (a private second copy)
+        self.prepack = prepack_weights([g for g in graphs if Path(g).is_file()], prepack)
         self.prompts = PromptBuilder(self.out_dir, self.template)
         self.lm = self._session(self.model_path)
         #: which path runs the language model's attention (native kernel or function bodies)
@@ -145,7 +151,8 @@ class Pipeline:
     def _session(self, path) -> ort.InferenceSession:
         if not Path(path).is_file():
             raise BlindSightError(f"{path} is missing from the export directory; run bs-export again")
-        return make_session(path, provider=self.provider, threads=self.threads, native=self.native)
+        return make_session(path, provider=self.provider, threads=self.threads, native=self.native,
+                            config=None if self.prepack else NO_PREPACK)
 
     # ------------------------------------------------------------- pieces
 

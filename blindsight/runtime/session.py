@@ -154,3 +154,46 @@ def _rows_and_new_tokens(feeds: dict) -> tuple[int, int]:
     if x is None:
         raise BlindSightError("token_type_ids cannot be derived without inputs_embeds or input_ids in the feeds")
     return int(x.shape[0]), int(x.shape[1])
+
+
+#: session configuration that leaves MatMul weights unpacked (in the file mapping, shared)
+NO_PREPACK = {"session.disable_prepacking": "1"}
+PREPACK_CHOICES = ("auto", "on", "off")
+
+
+def weight_bytes(path) -> int:
+    """Bytes of a model's weights: the .onnx file and the external-data files it names."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
+def available_memory() -> int | None:
+    """MemAvailable of this machine in bytes (Linux), else None."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def prepack_weights(paths, choice: str = "auto") -> bool:
+    """Whether ONNX Runtime should pre-pack the MatMul weights of ``paths``.
+
+    Pre-packing keeps a packed private copy of every MatMul weight beside the
+    original (measured at Qwen2-VL-2B's language model, 4 layers, fp32: peak
+    2.9 GB with it, 2.5 GB without; the 28-layer model peaked at 18.5 GB) and
+    buys about 1.13x in prefill, nothing in decode (same model, 4,184 tokens,
+    2 threads). ``auto`` keeps it unless two copies of the weights would take
+    more than 60% of the memory available now."""
+    if choice not in PREPACK_CHOICES:
+        raise BlindSightError(f"--prepack {choice!r}: choose one of {', '.join(PREPACK_CHOICES)}")
+    if choice != "auto":
+        return choice == "on"
+    free = available_memory()
+    return free is None or 2 * sum(weight_bytes(p) for p in paths) <= 0.6 * free

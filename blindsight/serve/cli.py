@@ -48,6 +48,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=None, metavar="N",
                    help="prefill each prompt through the KV cache in chunks of N tokens (default: one call); "
                    "bounds a long prompt's prefill memory by N; same answers")
+    p.add_argument("--prepack", default="auto", choices=("auto", "on", "off"),
+                   help="ONNX Runtime's MatMul weight pre-packing (as bs-run): auto (default) turns it off where a "
+                   "second copy of the weights would not fit in memory")
 
 
 def engine_kwargs(args) -> dict:
@@ -59,7 +62,7 @@ def engine_kwargs(args) -> dict:
     limits = ImageLimits(args.max_images, args.max_image_bytes, args.max_image_pixels, tuple(args.allow_local_images))
     return dict(provider=args.provider, model=args.model, threads=args.threads, name=args.served_model_name,
                 limits=limits, max_queue=args.max_queue, concurrency=args.concurrency, max_context=args.max_context,
-                default_max_tokens=args.default_max_tokens, chunk_size=args.chunk_size)
+                default_max_tokens=args.default_max_tokens, chunk_size=args.chunk_size, prepack=args.prepack)
 
 
 def build_parser() -> argparse.ArgumentParser:

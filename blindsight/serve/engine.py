@@ -156,10 +156,12 @@ class Engine:
 
     @classmethod
     def from_directory(cls, out_dir, provider: str = "cpu", model="compiled", threads: int | None = None,
-                       name: str | None = None, chunk_size: int | None = None, **kwargs) -> "Engine":
+                       name: str | None = None, chunk_size: int | None = None, prepack: str = "auto",
+                       **kwargs) -> "Engine":
         from blindsight.runtime.pipeline import Pipeline
 
-        pipe = Pipeline(out_dir, provider=provider, compiled=model, threads=threads, chunk_size=chunk_size)
+        pipe = Pipeline(out_dir, provider=provider, compiled=model, threads=threads, chunk_size=chunk_size,
+                        prepack=prepack)
         return cls(pipe, name or Path(out_dir).resolve().name, **kwargs)
 
     @property

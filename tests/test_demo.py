@@ -70,3 +70,24 @@ def test_bs_demo_bad_option_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [l for l in r.stderr.splitlines() if l.strip()] == ["bs-demo: error: --images must be at least 1"]
     assert not (tmp_path / "d").exists()
+
+
+def test_a_kernel_that_cannot_be_built_is_said_in_one_row_and_the_tour_goes_on(monkeypatch):
+    """No compiler (or no headers): the demo says why and runs the function bodies, labelled."""
+    import argparse
+
+    from blindsight import native
+    from blindsight.demo import Table, kernel
+    from blindsight.errors import BlindSightError
+    from blindsight.native import build as build_module
+
+    def no_compiler(*args, **kwargs):
+        raise BlindSightError("g++ not found: install a C++ compiler or pass --cxx")
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(build_module, "build", no_compiler)
+    table, record = Table(quiet=True), {}
+    assert kernel(argparse.Namespace(no_native=False, quiet=True), table, record) is False
+    (row,) = table.rows
+    assert row["value"] == "not built" and row["note"].startswith("g++ not found")
+    assert "function bodies" in row["note"] and record["native"]["used"] is False

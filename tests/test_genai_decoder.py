@@ -1,8 +1,8 @@
 """Decoders that onnxruntime-genai's model builder writes (tests/fixtures/genai:
-tiny random Qwen2.5-VL and Gemma 3 text decoders, com.microsoft
+tiny random Qwen2.5-VL, Qwen3-VL and Gemma 3 text decoders, com.microsoft
 GroupQueryAttention with a KV cache whose past and present share one buffer;
-Qwen's rotary comes before it, Gemma 3's inside it, with a sliding window on
-its first layer).
+Qwen's rotary comes before it (Qwen3-VL's after q/k norms, interleaved
+M-RoPE), Gemma 3's inside it, with a sliding window on its first layer).
 
 Compiled all-dense, the decoder equals the builder's own graph in ONNX Runtime
 (logits and the valid part of every present) over a prompt and decode steps;
@@ -30,16 +30,17 @@ from blindsight.compiler.pipeline import compile_model
 from blindsight.profile import Profile
 
 FIXTURES = Path(__file__).parent / "fixtures" / "genai"
-FAMILIES = ("qwen2_5_vl", "gemma3")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "gemma3")
 #: graphs compiled here: (fixture folder, graph file, its genai_config); gemma3_windowed is the
 #: builder's default Gemma 3 build (sliding_window_cache on layer 0; same weights file)
 VARIANTS = {
     "qwen2_5_vl": ("qwen2_5_vl", "model.onnx", "genai_config.json"),
+    "qwen3_vl": ("qwen3_vl", "model.onnx", "genai_config.json"),
     "gemma3": ("gemma3", "model.onnx", "genai_config.json"),
     "gemma3_windowed": ("gemma3", "model.windowed.onnx", "genai_config.windowed.json"),
 }
 WINDOW = 8  # Gemma 3's tiny sliding window#: the builder's extra options per variant (gemma3: full-length caches on its sliding layers)
-EXTRA_OPTIONS = {"qwen2_5_vl": None, "gemma3": {"windowed_kv_cache": "false"}, "gemma3_windowed": None}
+EXTRA_OPTIONS = {"qwen2_5_vl": None, "qwen3_vl": None, "gemma3": {"windowed_kv_cache": "false"}, "gemma3_windowed": None}
 LAYERS, HEADS, KV_HEADS, HEAD_SIZE, SCALE = 2, 4, 2, 16, 0.25
 SPANS = np.array([[2, 7], [8, 14]], dtype=np.int64)  # two "images" inside a 16-token prompt
 SPARSE = [["dense", "sink", "intra", "intra_sink"], ["intra", "intra_sink", "sink", "intra"]]
@@ -182,6 +183,15 @@ def test_fixture_is_the_builders_decoder(family):
             assert attrs["do_rotary"] == 0 and attrs["local_window_size"] == -1
         assert node.input[3:5] == [f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"]
         assert node.output[1:] == [f"present.{layer}.key", f"present.{layer}.value"]
+    if family == "qwen3_vl":  # q/k RMS norms, then interleaved M-RoPE (mrope_layout 1), outside the op
+        ops = [n.op_type for n in model.graph.node]
+        assert sum(n.name.endswith(("q_norm/SimplifiedLayerNormalization", "k_norm/SimplifiedLayerNormalization"))
+                   for n in model.graph.node) == 2 * LAYERS
+        rotary = [n for n in model.graph.node if n.op_type == "MRotaryEmbedding"]
+        assert len(rotary) == 2 * LAYERS and ops.count("GroupQueryAttention") == LAYERS
+        for node in rotary:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs["mrope_layout"] == 1 and attrs["mrope_section"] == [4, 2, 2] and node.input[1] == "position_ids"
     config = json.loads((FIXTURES / family / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
 
@@ -384,7 +394,7 @@ def test_bs_compile_writes_a_genai_folder_that_decodes_like_the_source(variant, 
     assert _tree(folder) == before
     assert len(want) >= 8 and tokens["dense"] == tokens["dense-bodies"] == want
     assert tokens["sparse"] == tokens["sparse-bodies"] == tokens["sparse_reference"] == tokens["sparse_reference-bodies"]
-    if variant == "qwen2_5_vl":  # (Gemma 3's tiny decoder happens to keep its tokens under this profile)
+    if variant in ("qwen2_5_vl", "qwen3_vl"):  # (Gemma 3's tiny decoder happens to keep its tokens under this profile)
         assert tokens["sparse"] != want
 
 

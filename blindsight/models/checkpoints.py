@@ -6,6 +6,10 @@ chat template) for Qwen2-VL, Qwen2.5-VL or Gemma 3, small enough for tests:
 transformers' ``AutoModelForImageTextToText``, ``AutoProcessor`` and
 ``bs-export`` load it with ``local_files_only=True``.
 
+``make_tiny_qwen3_vl_checkpoint(out_dir)`` writes a Qwen3-VL checkpoint for
+onnxruntime-genai's model builder only (config, weights, tokenizer and chat
+template; no image processor): Qwen3-VL is not a ``bs-export`` family.
+
 The tokenizer is byte-level BPE without merges (every UTF-8 string encodes,
 one token per byte) plus the family's special tokens. A real vocabulary would
 put the image delimiters at ids above 150 000, which would make the embedding
@@ -238,4 +242,44 @@ def make_tiny_checkpoint(family: str, out_dir, seed: int = 0, *, num_layers: int
         model.save_pretrained(tmp, safe_serialization=True)
         save_processor(spec, tokenizer, tmp)
         (tmp / "blindsight_tiny.json").write_text(json.dumps({"family": family, "seed": seed}) + "\n")
+    return out
+
+
+def make_tiny_qwen3_vl_checkpoint(out_dir, seed: int = 0, *, num_layers: int = 2, num_kv_heads: int = 2) -> Path:
+    """A tiny random Qwen3-VL checkpoint (transformers' ``qwen3_vl``) for
+    onnxruntime-genai's builder: the tiny text dimensions with q/k norms and
+    interleaved M-RoPE, a 2-block vision tower with one deepstack layer, the Qwen
+    byte-level tokenizer and chat template. No image processor: the builder
+    reads the config, the weights and the tokenizer."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    out = Path(out_dir)
+    tok, vocab = _byte_level_tokenizer([], QWEN_SPECIALS)
+    ids = {t: vocab[t] for t in QWEN_SPECIALS}
+    text = _text_dims(len(vocab), num_layers, num_kv_heads)
+    # interleaved M-RoPE: H owns frequencies 1, 4, ... (3 * h), W 2, 5, ... (3 * w), T the rest, so
+    # the sections are (head_dim / 2 - h - w, h, w); the released models' (24, 20, 20) at head_dim 128
+    text.update(head_dim=TINY_HEAD_DIM, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY_HIDDEN,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _spread_weights(model, "qwen3_vl")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"})
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+        (tmp / "blindsight_tiny.json").write_text(json.dumps({"family": "qwen3_vl", "seed": seed}) + "\n")
     return out

@@ -105,15 +105,21 @@ def flatten_rope(checkpoint) -> None:
 
 def make_tiny_decoder(family: str, out_dir, *, python, seed: int = 0, num_layers: int = 2, num_kv_heads: int = 2,
                       context_length: int | None = 256, extra_options: dict | None = None) -> Path:
-    """A tiny random checkpoint of ``family`` through the builder: ``out_dir`` gets
-    model.onnx, model.onnx.data, genai_config.json and the tokenizer files.
+    """A tiny random checkpoint of ``family`` (a :mod:`blindsight.families` name, or
+    ``qwen3_vl``: :func:`~blindsight.models.checkpoints.make_tiny_qwen3_vl_checkpoint`)
+    through the builder: ``out_dir`` gets model.onnx, model.onnx.data,
+    genai_config.json and the tokenizer files.
     ``extra_options``: the builder's (e.g. ``{"windowed_kv_cache": "false"}``:
     sliding layers keep full-length caches rather than window-sized ones)."""
-    from blindsight.models.checkpoints import make_tiny_checkpoint
+    from blindsight.models.checkpoints import make_tiny_checkpoint, make_tiny_qwen3_vl_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="genai-ckpt-") as tmp:
-        ckpt = make_tiny_checkpoint(family, Path(tmp) / "ckpt", seed=seed, num_layers=num_layers,
-                                    num_kv_heads=num_kv_heads)
+        if family == "qwen3_vl":
+            ckpt = make_tiny_qwen3_vl_checkpoint(Path(tmp) / "ckpt", seed=seed, num_layers=num_layers,
+                                                 num_kv_heads=num_kv_heads)
+        else:
+            ckpt = make_tiny_checkpoint(family, Path(tmp) / "ckpt", seed=seed, num_layers=num_layers,
+                                        num_kv_heads=num_kv_heads)
         if context_length:
             shrink_context(ckpt, context_length)
         flatten_rope(ckpt)

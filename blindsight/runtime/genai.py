@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--python", default=sys.executable,
                     help="python of an environment with onnxruntime-genai and its builder's needs (default: this one, "
                          "with the genai and export extras installed; or a venv made by create_venv)")
-    ap.add_argument("--family", default="qwen2_5_vl")
+    ap.add_argument("--family", default="qwen2_5_vl", help="qwen2_vl, qwen2_5_vl, gemma3 or qwen3_vl (default qwen2_5_vl)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=2)

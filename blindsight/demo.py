@@ -182,7 +182,6 @@ def speed(args, out: Path, table: Table, record: dict, use_native: bool, overrid
     import gc
 
     from blindsight.bench import model as bench_model
-    from blindsight.bench.timing import interleaved, session
     from blindsight.flops import count_flops
 
     text = {"num_hidden_layers": args.speed_layers, **(overrides or {}).get("text_config", {})}
@@ -195,28 +194,19 @@ def speed(args, out: Path, table: Table, record: dict, use_native: bool, overrid
                    f"{args.images} images x {args.image_len} tokens = {tpl.seq_len} tokens")
     paths = bench_model.build(case, out / "speed", progress=False)
     build_s = time.perf_counter() - t
-    sessions = {k: session(p, args.threads, arena=False, native=use_native and k != "raw",
-                           config=bench_model.SESSION_CONFIG) for k, p in paths.items()}
+    sessions = bench_model.open_sessions(paths, args.threads, native=None if use_native else False)
     route = sessions["mix"].blindsight_attention
-    warm = {k: s.run(["logits"], bench_model._inputs(s, bench_model.WARMUP, dims, case.dtype, 0, seed=1))[0]
-            for k, s in sessions.items()}
-    feeds = {k: bench_model._inputs(s, tpl, dims, case.dtype, 0, seed=0) for k, s in sessions.items()}
-    logits = {}
-
-    def runner(k):
-        def go():
-            logits[k] = bench_model.prefill(sessions[k], feeds[k], case.chunk)
-        return go
-
-    med = interleaved({k: runner(k) for k in ("raw", "dense", "mix")}, args.repeats, warmup=0)
+    bench_model.warm_up(sessions, dims, case.dtype)
+    med, logits = bench_model.time_to_first_token(sessions, case, dims, args.repeats)
     # the dense graphs compute the same model: their first token must agree
     first = {k: int(np.argmax(v[0, -1])) for k, v in logits.items()}
     dense_diff = float(np.abs(logits["dense"].astype(np.float64) - logits["raw"]).max())
-    del sessions, feeds, warm
+    del sessions
     gc.collect()
-    flops = count_flops(dims, bench_model.layers_of(dims, "mix", first_dense=False), tpl.spans, tpl.seq_len)
+    layers = bench_model.layers_of(dims, "mix", first_dense=False)
+    flops = count_flops(dims, layers, tpl.spans, tpl.seq_len)
     vs_dense, vs_raw = med["dense"] / med["mix"], med["raw"] / med["mix"]
-    mix = Counter(bench_model.layers_of(dims, "mix", first_dense=False)[0])
+    mix = Counter(layers[0])
     on = f"on the {route.split(' (')[0]}" if route else ""
     timing = (f"median of {args.repeats}, {args.threads} threads, chunks of {case.chunk} tokens, "
               f"last-position logits")

@@ -142,12 +142,44 @@ def prefill(sess, feeds: dict, chunk: int | None, image_blocks: bool = False):
     return outs["logits"]
 
 
+def open_sessions(paths: dict[str, Path], threads: int, provider: str = "cpu", native: bool | None = None) -> dict:
+    """The graphs' sessions as they are timed: no arena, SESSION_CONFIG, the raw export on
+    ONNX operators and the compiled graphs on the route ``native`` picks."""
+    from blindsight.bench.timing import session
+
+    return {k: session(p, threads, provider, arena=False, native=False if k == "raw" else native, config=SESSION_CONFIG)
+            for k, p in paths.items()}
+
+
+def warm_up(sessions: dict, dims, dtype: str) -> dict[str, np.ndarray]:
+    """Every kernel runs once on the short WARMUP prompt; each graph's logits (float64)."""
+    return {k: s.run(["logits"], _inputs(s, WARMUP, dims, dtype, 0, seed=1))[0].astype(np.float64)
+            for k, s in sessions.items()}
+
+
+def time_to_first_token(sessions: dict, case: ModelCase, dims, repeats: int, progress=None) -> tuple[dict, dict]:
+    """Median seconds of one prefill of ``case.template`` per graph (interleaved, no extra
+    warm-up round: see :func:`warm_up`), and each graph's last logits."""
+    from blindsight.bench.timing import interleaved
+
+    feeds = {k: _inputs(s, case.template, dims, case.dtype, 0, seed=0) for k, s in sessions.items()}
+    logits: dict[str, np.ndarray] = {}
+
+    def timed(k):
+        def call():
+            logits[k] = prefill(sessions[k], feeds[k], case.chunk, dims.image_blocks)
+        return call
+
+    return interleaved({k: timed(k) for k in sessions}, repeats, warmup=0, progress=progress), logits
+
+
 def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, decode_repeats: int = 10,
         provider: str = "cpu", native: bool | None = None, memory: bool = True, progress=None) -> dict:
     """Time to first token and decode of the three graphs; the record bs-bench reports."""
     import gc
 
-    from blindsight.bench.timing import interleaved, measure_in_child, peak_rss_mb, session
+    from blindsight.bench.timing import interleaved, measure_in_child, peak_rss_mb
+    from blindsight.runtime.session import external_data_bytes
 
     def tick(n=1):
         if progress is not None:
@@ -156,19 +188,12 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
     dims, t = case.dims(), case.template
     paths = build(case, work_dir, progress=progress is not None and not progress.disable)
     tick()
-    sessions = {k: session(p, threads, provider, arena=False, native=False if k == "raw" else native,
-                           config=SESSION_CONFIG) for k, p in paths.items()}
+    sessions = open_sessions(paths, threads, provider, native)
     route = sessions["mix"].blindsight_attention
     # warm-up on a short prompt, which doubles as the check that the timed graphs agree
-    warm = {k: s.run(["logits"], _inputs(s, WARMUP, dims, case.dtype, 0, seed=1))[0].astype(np.float64)
-            for k, s in sessions.items()}
+    warm = warm_up(sessions, dims, case.dtype)
     dense_vs_raw = float(np.abs(warm["dense"] - warm["raw"]).max())
-    blocks = dims.image_blocks
-    feeds = {k: _inputs(s, t, dims, case.dtype, 0, seed=0) for k, s in sessions.items()}
-    ttft = interleaved({k: (lambda s=s, f=feeds[k]: prefill(s, f, case.chunk, blocks)) for k, s in sessions.items()}, repeats,
-                       warmup=0, progress=progress)
-    del feeds
-    gc.collect()
+    ttft, _ = time_to_first_token(sessions, case, dims, repeats, progress)
     step = {k: _inputs(sessions[k], t, dims, case.dtype, t.seq_len, seed=2) for k in ("raw", "mix")}
     decode = interleaved({k: (lambda s=sessions[k], f=step[k]: s.run(None, f)) for k in ("raw", "mix")}, decode_repeats,
                          progress=progress)
@@ -186,7 +211,7 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
     return {
         "model": dims.name, "num_layers": dims.num_layers, "vocab_size": dims.vocab_size, "dtype": SHORT_DTYPES[case.dtype],
         "provider": provider, "N": case.num_images, "L": case.image_len, "seq_len": t.seq_len, "chunk": case.chunk,
-        "attention": route, "weights_bytes": _external_bytes(paths["raw"]),
+        "attention": route, "weights_bytes": external_data_bytes(paths["raw"]),
         "ttft_s": ttft, "speedup": speedup, "flop_bound": fl["prefill_bound"], "efficiency": speedup / fl["prefill_bound"],
         "vs_raw_export": ttft["raw"] / ttft["mix"], "dense_vs_raw_export": ttft["raw"] / ttft["dense"],
         "attention_flop_bound": fl["attention_bound"], "dense_vs_raw_max_abs_logit_diff": dense_vs_raw,
@@ -195,14 +220,6 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
         "peak_rss_mb": mem or None, "process_peak_rss_mb": process_peak,
         "session_config": SESSION_CONFIG, "repeats": repeats, "decode_repeats": decode_repeats,
     }
-
-
-def _external_bytes(path: Path) -> int:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    return sum((path.parent / f).stat().st_size for f in files)
 
 
 def _child() -> None:

@@ -11,7 +11,6 @@ vocabulary, and the task's multiple-choice accuracy.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from blindsight.calibration.categorize import ThresholdSchedule, categorize
 from blindsight.calibration.hooks import category_masker, hooked
 from blindsight.calibration.runner import forward
-from blindsight.flops import count_flops, model_dims
+from blindsight.flops import count_flops
 from blindsight.prompts import Encoded, candidate_token_ids, encode, task_prompts
 from blindsight.attention import DENSITY_ORDER
 
@@ -43,7 +42,7 @@ def sweep(loaded, recalls: np.ndarray, schedules, min_fraction: float, num_promp
     tasks = task_prompts(num_prompts, seed)
     encoded = [Encoded(*encode(t.pieces, loaded.tokenizer, loaded.delimiters)) for t in tasks]
     cands = [candidate_token_ids(loaded.tokenizer, t.candidates) for t in tasks]
-    dims = dataclasses.replace(model_dims(loaded.model.config), image_blocks=loaded.image_blocks)
+    dims = loaded.flop_dims()
     bar = tqdm(total=num_prompts * (1 + len(schedules)), desc="threshold sweep", unit="run", disable=not progress)
     dense = []
     for p in encoded:

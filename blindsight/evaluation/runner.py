@@ -3,7 +3,6 @@ in ONNX Runtime on the task's prompts; accuracy, agreement, KL, FLOPs saved."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from blindsight.errors import BlindSightError
 from blindsight import families
 from blindsight.families import FAMILIES
 from blindsight.evaluation.onnx_models import compile_with, export_dense
-from blindsight.flops import count_flops, model_dims
+from blindsight.flops import count_flops
 from blindsight.models import pretrained
 from blindsight.profile import Profile
 from blindsight.records import cache_root, record_path, scrub
@@ -96,7 +95,7 @@ def evaluate(
     dense = make_session(dense_path, provider=provider, threads=threads)
     compiled = CompiledSession(compiled_path, provider=provider, threads=threads, native=native)
     placement = None
-    dims = dataclasses.replace(model_dims(loaded.directory), image_blocks=loaded.image_blocks)
+    dims = loaded.flop_dims()
 
     prompts = task_prompts(num_prompts, seed)
     rows = []

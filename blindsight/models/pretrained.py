@@ -147,6 +147,14 @@ class LoadedModel:
         """Whether the prompts' (surrogate) images attend within themselves both ways (Gemma 3's mask)."""
         return self.mask == "image" and families.image_blocks(self.family)
 
+    def flop_dims(self):
+        """The model's dimensions for the FLOP accountant, image blocks as this mask has them."""
+        import dataclasses
+
+        from blindsight.flops import model_dims
+
+        return dataclasses.replace(model_dims(self.directory), image_blocks=self.image_blocks)
+
     @property
     def mask_description(self) -> str:
         if self.image_blocks:

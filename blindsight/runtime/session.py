@@ -161,14 +161,19 @@ NO_PREPACK = {"session.disable_prepacking": "1"}
 PREPACK_CHOICES = ("auto", "on", "off")
 
 
-def weight_bytes(path) -> int:
-    """Bytes of a model's weights: the .onnx file and the external-data files it names."""
+def external_data_bytes(path) -> int:
+    """Bytes of the external-data files a model names (read without loading them)."""
     import onnx
 
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
     files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+    return sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
+def weight_bytes(path) -> int:
+    """Bytes of a model's weights: the .onnx file and the external-data files it names."""
+    return Path(path).stat().st_size + external_data_bytes(path)
 
 
 def available_memory() -> int | None:

@@ -100,3 +100,19 @@ def test_model_level_bad_input_is_one_line():
                       (["--model-layers", "1"], "--model-layers")):
         r = subprocess.run([sys.executable, "-c", code, "--level", "model", *args], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_model_level_without_the_raw_export_compares_with_all_dense(tmp_path):
+    """--model-graphs dense,mix (long prompts at full depth): the raw export is built (it is the
+    source) but neither timed nor decoded; decode compares the mix with the all-dense compile."""
+    from blindsight.bench.model import ModelCase, run
+    from blindsight.bench.render import render_model
+
+    case = ModelCase("qwen2-vl-2b", 2, 24, "fp32", SMALL)
+    rec = run(case, tmp_path, threads=1, repeats=1, decode_repeats=1, native=False, memory=False, graphs=("dense", "mix"))
+    assert set(rec["ttft_s"]) == {"dense", "mix"} and set(rec["decode_s"]) == {"dense", "mix"}
+    assert rec["decode_baseline"] == "dense" and rec["dense_vs_raw_max_abs_logit_diff"] is None
+    assert rec["decode_ratio"] == pytest.approx(rec["decode_s"]["dense"] / rec["decode_s"]["mix"])
+    assert "vs_raw_export" not in rec and rec["weights_bytes"] > 0
+    table = render_model(rec)
+    assert "raw export" not in table and "vs dense" in table

@@ -34,19 +34,26 @@ def main(argv=None) -> int:
         "efficiency (speed-up / bound) beside every speed-up; peak memory from a fresh process per variant.",
     )
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run in under 2 minutes")
-    p.add_argument("--level", choices=("op", "prefill", "decode", "model", "all"), default="all",
+    p.add_argument("--level", choices=("op", "prefill", "decode", "model", "genai", "all"), default="all",
                    help="op: single nodes; prefill: a language model's prefill; decode: one token after a multi-image "
                    "KV cache, compiled vs raw export; model: a whole full-size language model (--model-config), time to "
-                   "first token and decode; all (default): op, prefill and decode")
-    p.add_argument("--model-config", default="qwen2-vl-2b", choices=FULL_SIZE,
-                   help="model level: the full-size configuration, random weights (default qwen2-vl-2b); its export is "
-                   "cached in --work-dir (6 GB for qwen2-vl-2b in fp32)")
+                   "first token and decode; genai: onnxruntime-genai running its builder's decoder vs the same decoder compiled "
+                   "(all-dense and the mix), time to first token and decode, per --genai-precisions (needs the genai and "
+                   "export extras); all (default): op, prefill and decode")
+    p.add_argument("--model-config", default=None, choices=FULL_SIZE,
+                   help="model and genai levels: the full-size configuration, random weights (default qwen2-vl-2b; genai "
+                   "level qwen2.5-vl-3b); its export is cached in --work-dir (6 GB for qwen2-vl-2b in fp32)")
+    p.add_argument("--genai-precisions", default="fp32,int4",
+                   help="genai level: the builder's precisions to time, comma-separated (default fp32,int4)")
     p.add_argument("--model-images", type=int, default=4, help="model level: images in the prompt (default 4)")
     p.add_argument("--model-image-len", type=int, default=1024, help="model level: tokens per image (default 1024)")
     p.add_argument("--decode-repeats", type=int, default=10, help="model level: timed decode steps per graph (default 10)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="model level: prefill through the KV cache in chunks of this many tokens (default: one call); "
                    "what long prompts need: activations and attention buffers sized by the chunk")
+    p.add_argument("--model-graphs", default="raw,dense,mix",
+                   help="model level: the graphs to time, comma-separated, mix always among them (default raw,dense,mix); "
+                   "leave raw out where its eager attention would dominate the run (long prompts at full depth)")
     p.add_argument("--model-layers", type=int, default=None,
                    help="model level: keep the first N decoder layers of the configuration (default: all; full width "
                    "and vocabulary either way), for long prompts when full depth does not fit the time")
@@ -116,6 +123,17 @@ def main(argv=None) -> int:
         do_op, do_prefill = args.level in ("op", "all"), args.level == "prefill" or (args.level == "all" and not args.image_blocks)
         do_decode = args.level == "decode" or (args.level == "all" and not args.image_blocks)
         do_model = args.level == "model"
+        do_genai = args.level == "genai"
+        if do_genai:
+            from blindsight.bench import genai as genai_level
+
+            if args.decode_repeats < 1 or args.model_images < 1 or args.model_image_len < 1:
+                raise BlindSightError("--model-images, --model-image-len and --decode-repeats must be >= 1")
+            genai_case = genai_level.GenaiCase(args.model_config or "qwen2.5-vl-3b", args.model_images, args.model_image_len,
+                                               args.model_layers or 4,
+                                               tuple(x for x in args.genai_precisions.split(",") if x), args.decode_repeats)
+            genai_level.check(genai_case)
+            genai_repeats = args.repeats or (2 if args.quick else 3)
         if do_model:
             if args.image_blocks:
                 raise BlindSightError("--image-blocks is an op-level option (the model level runs the model's own mask); pass --level op")
@@ -123,14 +141,19 @@ def main(argv=None) -> int:
                 raise BlindSightError("--model-images, --model-image-len and --decode-repeats must be >= 1")
             if (args.chunk_size is not None and args.chunk_size < 1) or (args.model_layers is not None and args.model_layers < 2):
                 raise BlindSightError("--chunk-size must be >= 1 and --model-layers >= 2 (the profile mix keeps layer 0 dense)")
-            from blindsight.bench.model import ModelCase
+            from blindsight.bench.model import GRAPHS, ModelCase
+
+            model_graphs = tuple(g for g in GRAPHS if g in args.model_graphs.split(","))
+            unknown = [g for g in args.model_graphs.split(",") if g not in GRAPHS]
+            if unknown or "mix" not in model_graphs:
+                raise BlindSightError(f"--model-graphs {args.model_graphs!r}: choose from {', '.join(GRAPHS)}, mix included")
 
             overrides = {"text_config": {"num_hidden_layers": args.model_layers}} if args.model_layers else None
-            model_case = ModelCase(args.model_config, args.model_images, args.model_image_len, args.dtype, overrides,
+            model_case = ModelCase(args.model_config or "qwen2-vl-2b", args.model_images, args.model_image_len, args.dtype, overrides,
                                    chunk=args.chunk_size)
             model_repeats = args.repeats or (2 if args.quick else 3)
         if args.merge:
-            do_op = do_prefill = do_decode = do_model = False
+            do_op = do_prefill = do_decode = do_model = do_genai = False
         if args.image_blocks and args.level == "decode":
             raise BlindSightError("--image-blocks is an op-level option (decode steps are text, dense); pass --level op")
         from blindsight.bench.decode import DecodeCase, context_template
@@ -145,7 +168,7 @@ def main(argv=None) -> int:
         decode_case = DecodeCase(num_layers=case.num_layers)
         if args.image_blocks and args.level == "prefill":
             raise BlindSightError("--image-blocks is an op-level option (the prefill model is Qwen2-VL-sized, causal); pass --level op")
-        if (do_prefill or do_decode or do_model) and not args.merge:
+        if (do_prefill or do_decode or do_model or do_genai) and not args.merge:
             try:
                 import torch  # noqa: F401
                 import transformers  # noqa: F401
@@ -166,7 +189,9 @@ def main(argv=None) -> int:
         if do_decode:
             total += 1 + 2 * repeats * len(contexts)
         if do_model:
-            total += 1 + 3 * model_repeats + 2 * args.decode_repeats + (3 if memory else 0)
+            total += 1 + len(model_graphs) * (model_repeats + (1 if memory else 0)) + min(len(model_graphs), 2) * args.decode_repeats
+        if do_genai:
+            total += len(genai_case.precisions) * (1 + 3 * (genai_repeats + 1))
         record = {"machine": machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,
                   "dtype": dtype, "provider": args.provider,
                   "native": native_kernel.summary() if native else None}
@@ -181,7 +206,7 @@ def main(argv=None) -> int:
             rows = record.get("op", []) + list(part.get("op") or [])
             record.update({k: v for k, v in part.items()
                            if k in ("machine", "threads", "repeats", "quick", "dtype", "provider", "native", "prefill", "decode",
-                                    "model")})
+                                    "model", "genai")})
             if rows:
                 record["op"] = rows
         from blindsight.bench import decode, op, prefill
@@ -198,7 +223,11 @@ def main(argv=None) -> int:
                 from blindsight.bench import model as model_level
 
                 record["model"] = model_level.run(model_case, Path(args.work_dir), args.threads, model_repeats, args.decode_repeats,
-                                                  args.provider, native=True if native else False, memory=memory, progress=bar)
+                                                  args.provider, native=True if native else False, memory=memory, progress=bar,
+                                                  graphs=model_graphs)
+            if do_genai:
+                record["genai"] = genai_level.run(genai_case, Path(args.work_dir), args.threads, genai_repeats,
+                                                  native=None if native else False, progress=bar)
         if args.plot and record.get("op"):
             plot(record, Path(args.plot))
         if args.markdown:

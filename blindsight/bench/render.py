@@ -80,6 +80,8 @@ def render(record: dict) -> str:
         parts.append(fmt_table(["context", "raw ms", "compiled ms", "raw tok/s", "compiled tok/s", "compiled vs raw"], rows))
     if record.get("model"):
         parts.append(render_model(record["model"]))
+    if record.get("genai"):
+        parts.append(render_genai(record["genai"]))
     return "\n".join(parts)
 
 
@@ -88,28 +90,67 @@ def _chunked(rec: dict) -> str:
 
 
 def render_model(rec: dict) -> str:
-    """The model level's tables (bs-bench --level model)."""
+    """The model level's tables (bs-bench --level model): the graphs the run timed."""
     mem = rec.get("peak_rss_mb") or {}
     t = rec["ttft_s"]
 
     def mb(k):
         return f"{mem[k]:.0f}" if k in mem else ""
 
-    rows = [["raw export", f"{t['raw']:.2f}", "", "", "", mb("raw")],
-            ["compiled all-dense", f"{t['dense']:.2f}", f"{rec['dense_vs_raw_export']:.2f}x vs raw", "", "", mb("dense")],
-            ["compiled profile mix", f"{t['mix']:.2f}", f"{rec['speedup']:.2f}x vs dense", f"{rec['flop_bound']:.2f}x",
-             f"{rec['efficiency']:.2f}", mb("mix")]]
+    rows = []
+    if "raw" in t:
+        rows.append(["raw export", f"{t['raw']:.2f}", "", "", "", mb("raw")])
+    if "dense" in t:
+        rows.append(["compiled all-dense", f"{t['dense']:.2f}", f"{rec['dense_vs_raw_export']:.2f}x vs raw" if "raw" in t else "",
+                     "", "", mb("dense")])
+    if "dense" in t:
+        rows.append(["compiled profile mix", f"{t['mix']:.2f}", f"{rec['speedup']:.2f}x vs dense", f"{rec['flop_bound']:.2f}x",
+                     f"{rec['efficiency']:.2f}", mb("mix")])
+    else:
+        rows.append(["compiled profile mix", f"{t['mix']:.2f}", f"{rec['vs_raw_export']:.2f}x vs raw", f"{rec['flop_bound']:.2f}x", "", mb("mix")])
     d = rec["decode_s"]
+    notes = []
+    if "vs_raw_export" in rec:
+        notes.append(f"mix vs raw export: {rec['vs_raw_export']:.2f}x")
+    notes.append(f"attention FLOP bound {rec['attention_flop_bound']:.2f}x")
+    if rec.get("dense_vs_raw_max_abs_logit_diff") is not None:
+        notes.append(f"all-dense vs raw logits max |diff| {rec['dense_vs_raw_max_abs_logit_diff']:.1e}")
     head = (f"\nmodel level: {rec['model']} ({rec['num_layers']} layers, vocab {rec['vocab_size']}, {rec['dtype']}, "
             f"{rec['weights_bytes'] / 2**30:.1f} GiB of weights), {rec['N']} images x {rec['L']} tokens = {rec['seq_len']} tokens{_chunked(rec)}; "
-            f"attention on {rec['attention']}; time to first token (mix vs raw export: {rec['vs_raw_export']:.2f}x; "
-            f"attention FLOP bound {rec['attention_flop_bound']:.2f}x; all-dense vs raw logits max |diff| "
-            f"{rec['dense_vs_raw_max_abs_logit_diff']:.1e})")
-    dec = fmt_table(["graph", "ms per token", "tokens/s", "vs raw"],
-                    [["raw export", f"{1000 * d['raw']:.1f}", f"{rec['raw_tokens_per_s']:.2f}", ""],
-                     ["compiled profile mix", f"{1000 * d['mix']:.1f}", f"{rec['compiled_tokens_per_s']:.2f}", f"{rec['decode_ratio']:.2f}x"]])
+            f"attention on {rec['attention']}; time to first token ({'; '.join(notes)})")
+    label = {"raw": "raw export", "dense": "compiled all-dense"}
+    base = rec.get("decode_baseline", "raw")
+    dec_rows = []
+    if base:
+        dec_rows.append([label[base], f"{1000 * d[base]:.1f}", f"{1 / d[base]:.2f}", ""])
+    dec_rows.append(["compiled profile mix", f"{1000 * d['mix']:.1f}", f"{rec['compiled_tokens_per_s']:.2f}",
+                     f"{rec['decode_ratio']:.2f}x" if base else ""])
+    dec = fmt_table(["graph", "ms per token", "tokens/s", f"vs {base}" if base else ""], dec_rows)
     return "\n".join([head, fmt_table(["graph", "TTFT s", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows),
                       f"\ndecode: one token after the {rec['seq_len']}-token prompt (medians of {rec['decode_repeats']})", dec])
+
+
+def render_genai(rec: dict) -> str:
+    """The genai level's table (bs-bench --level genai)."""
+    v = rec["versions"]
+    head = (f"\ngenai level: onnxruntime-genai {v['onnxruntime-genai']} (onnxruntime {v['onnxruntime']}) running {rec['model']}'s "
+            f"decoder as its builder writes it ({rec['num_layers']} layers, vocab {rec['vocab_size']}, last-position logits) vs "
+            f"the same decoder compiled; {rec['N']} images x {rec['L']} tokens = {rec['seq_len']} tokens; attention on "
+            f"{rec['attention']}; FLOP bound of the mix {rec['flop_bound']:.2f}x (attention {rec['attention_flop_bound']:.2f}x); "
+            f"decode: median of {rec['decode_steps']} steps")
+    rows = []
+    names = {"genai": "builder's decoder", "dense": "compiled all-dense", "mix": "compiled profile mix"}
+    for precision, r in rec["precisions"].items():
+        s, tps = r["seconds"], r["decode_tokens_per_s"]
+        for k, label in names.items():
+            speed = {"genai": "", "dense": f"{r['dense_vs_genai']:.2f}x vs builder",
+                     "mix": f"{r['speedup_mix_vs_dense']:.2f}x vs dense, {r['speedup_mix_vs_genai']:.2f}x vs builder"}[k]
+            eff = f"{r['efficiency']:.2f}" if k == "mix" else ""
+            rows.append([precision, label, f"{s[k]['ttft']:.2f}", speed, f"{rec['flop_bound']:.2f}x" if k == "mix" else "", eff,
+                         f"{1000 * s[k]['decode']:.0f}", f"{tps[k]:.2f}"])
+    same = ", ".join(f"{p}: {'yes' if r['dense_tokens_equal_genai'] else 'NO'}" for p, r in rec["precisions"].items())
+    return "\n".join([head, fmt_table(["precision", "graph", "TTFT s", "speed-up", "bound", "efficiency", "ms/token", "tokens/s"], rows),
+                      f"all-dense greedy tokens equal the builder's: {same}"])
 
 
 def markdown(record: dict, plot: str | None = None) -> str:

@@ -144,6 +144,33 @@ def test_decoder_wrapper_computes_the_spans_from_the_ids(vlm):
         past, past_w = dict(zip(names, want[1:])), dict(zip(names, got[1:]))
 
 
+def test_external_data_is_linked_beside_the_wrappers(vlm, tmp_path):
+    """Real exports keep their weights in external data: the folder holds those
+    files and the wrappers' references to them resolve."""
+    import onnx
+
+    from blindsight.compiler.genai_vlm import write_genai_vlm
+
+    export = tmp_path / "export"
+    shutil.copytree(vlm["export"], export)
+    for name in ("vision", "embed", "language_model"):
+        model = onnx.load(str(export / f"{name}.onnx"))
+        onnx.save(model, str(export / f"{name}.onnx"), save_as_external_data=True, location=f"{name}.onnx.data",
+                  size_threshold=256)
+    out = write_genai_vlm(export, vlm["root"] / "sparse.json",
+                          tmp_path / "genai", native=False).out_dir
+    assert {"vision.onnx.data", "embed.onnx.data", "language_model.onnx.data"} <= {p.name for p in out.iterdir()}
+    t = json.loads((export / "template.json").read_text())
+    ids = np.array([[5, t["image_start_id"], t["image_token_id"], t["image_token_id"], t["image_end_id"], 9]], np.int64)
+    feeds = {"input_ids": ids, "image_features": np.ones((2, 64), np.float32),
+             "inputs_embeds": np.random.default_rng(3).standard_normal((1, 6, 64)).astype(np.float32),
+             "position_ids": np.broadcast_to(np.arange(6), (3, 1, 6)).astype(np.int64), "attention_mask": np.ones((1, 6), np.int64),
+             **{f"past_key_values.{i}.{kv}": np.zeros((1, KV_HEADS, 0, 16), np.float32) for i in range(LAYERS) for kv in ("key", "value")}}
+    for graph in ("embed.genai.onnx", "language_model.genai.onnx"):
+        for got, want in zip(run(session(str(out / graph)), feeds), run(session(str(vlm["sparse"] / graph)), feeds)):
+            np.testing.assert_array_equal(got, want)
+
+
 def _genai_run(folder: Path, images: list[Path]):
     """genai's greedy tokens, and its processor's output as a Prompt for the reference."""
     import onnxruntime_genai as og

@@ -49,6 +49,10 @@ GENAI_TYPES = {"qwen2_5_vl": "qwen2_5_vl"}
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
           "generation_config.json", "config.json", TEMPLATE)
 _SPANS = "image_spans"
+_UNSUPPORTED = {
+    "qwen2_vl": "onnxruntime-genai 0.18.0 has no qwen2_vl model type",
+    "gemma3": "genai's gemma3 type, its processor and the image blocks' token_type_ids input are not covered",
+}
 
 
 def is_export_dir(path) -> bool:
@@ -79,9 +83,11 @@ def read_template(export_dir: Path) -> dict:
         raise ModelError(f"{path} is not a bs-export template; pass a directory written by bs-export")
     family = template.get("family")
     if family not in GENAI_TYPES:
-        raise ModelError(f"{export_dir} is a {family} export; onnxruntime-genai 0.18.0 runs only "
-                         f"{', '.join(GENAI_TYPES)} bs-exports as a whole VLM (its multimodal model types have no {family})")
-    for key in ("files", "vision", "image_token_id", "image_start_id", "image_end_id", "hidden_size", "num_layers"):
+        why = _UNSUPPORTED.get(family, "not a family this tool knows")
+        raise ModelError(f"{export_dir} is a {family} export; only {', '.join(GENAI_TYPES)} bs-exports are written "
+                         f"as a genai VLM ({why})")
+    for key in ("files", "vision", "vision_inputs", "image_token_id", "image_start_id", "image_end_id", "hidden_size",
+                "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
         if key not in template:
             raise ModelError(f"{path} has no {key!r}; export again with bs-export")
     for role, name in template["files"].items():
@@ -308,10 +314,13 @@ def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native
     data = _external_files(vision) | _external_files(embed) | _external_files(source_lm)
     compiled_name = f".{Path(files['language_model']).stem}.compiled.onnx"
     with staged_dir(out_dir) as tmp:
-        for name in sorted(data | {files["vision"]} | {f for f in COPIED if (export_dir / f).is_file()}):
+        for name in sorted(data | {files["vision"]}):
             if not (export_dir / name).is_file():
                 raise ModelError(f"{export_dir} has no {name}, which its graphs name as external data; export again")
             _link_or_copy(export_dir / name, tmp / name)
+        for name in COPIED:  # copies: an edit of a hard-linked text file would write through into the export
+            if (export_dir / name).is_file():
+                shutil.copy2(export_dir / name, tmp / name)
         # compile beside the weights so the compiled graph's external-data references stay valid
         _link_or_copy(export_dir / files["language_model"], tmp / files["language_model"])
         result = compile_model(tmp / files["language_model"], profile, tmp / compiled_name, lowering)

@@ -9,6 +9,8 @@ takes a second ``set_model_input`` on the same generator badly (the next
 generator per prompt. ``ort_greedy`` runs the same greedy loop in this
 environment's onnxruntime, feeding the decoder as genai does.
 ``spans_from_ids`` finds a prompt's ``image_spans`` from its token ids.
+``add_vision_inputs`` completes a multimodal processor's output for a folder
+written by :func:`blindsight.compiler.genai_vlm.write_genai_vlm`.
 
 Command line: ``python -m blindsight.runtime.genai OUT [--python PYTHON]
 [--family qwen2_5_vl] [--greedy]`` builds a tiny random decoder with the
@@ -53,6 +55,31 @@ def spans_from_ids(input_ids, folder) -> np.ndarray:
     """The ``image_spans`` int64 [N, 2] of a prompt's token ids: each run from an
     image-start delimiter through its image-end delimiter, with the folder's token ids."""
     return find_spans(np.asarray(input_ids, dtype=np.int64).reshape(-1), delimiters_of(folder)).astype(np.int64).reshape(-1, 2)
+
+
+def add_vision_inputs(inputs, template):
+    """Add the index inputs of a Qwen ``vision.onnx`` to ``inputs``, the ``NamedTensors``
+    of genai's multimodal processor, before ``Generator.set_inputs``; returns ``inputs``.
+
+    genai feeds the vision session every named tensor that it declares, but computes
+    only ``pixel_values`` and ``image_grid_thw``; the export's tower takes the index
+    tensors that transformers computes in Python loops instead of ``image_grid_thw``.
+    ``template``: the folder's template.json, as a dict or the folder (or file) path.
+    A prompt without images is returned as it is."""
+    from blindsight.vision_inputs import qwen_vision_feeds
+
+    if not isinstance(template, dict):
+        path = Path(template)
+        template = json.loads((path / "template.json" if path.is_dir() else path).read_text())
+    if "image_grid_thw" not in inputs:
+        return inputs
+    pixels, grid = (inputs[name] for name in ("pixel_values", "image_grid_thw"))
+    pixels, grid = (t.as_numpy() if hasattr(t, "as_numpy") else np.asarray(t) for t in (pixels, grid))
+    feeds = qwen_vision_feeds(template["family"], template["vision"], pixels, grid)
+    for name in template["vision_inputs"]:
+        if name != "pixel_values":  # genai's own, in the vision graph's dtype
+            inputs[name] = feeds[name]
+    return inputs
 
 
 #: run in the builder's environment: argv = model folder, JSON {"prompt": [...], "max_length": n, "spans": [[s, e], ...] | null}

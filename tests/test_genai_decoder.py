@@ -448,3 +448,40 @@ def test_onnxruntime_genai_runs_the_compiled_decoder(variant, tmp_path):
         assert runs["genai"] == runs["ort"], name
     assert result["dense"]["genai"] == result["source"]["genai"]
     assert result["sparse"]["genai"] == result["sparse_reference"]["genai"]
+
+
+@pytest.mark.skipif(not GENAI_PYTHON, reason="install the genai extra, or set BLINDSIGHT_GENAI_PYTHON to a python with onnxruntime-genai")
+def test_int4_build_compiles_around_matmulnbits(tmp_path):
+    """The builder's int4 decoder: the compile leaves every MatMulNBits as it is, and all-dense the
+    compiled graph equals the builder's. Compared with accuracy_level 0 (fp32 compute) in both
+    graphs: at the builder's default 4, MatMulNBits quantizes its activations to int8 per block,
+    and a rounding that the attention's last-bit differences flip moves the logits by a
+    quantization step."""
+    from blindsight.models.genai import make_tiny_decoder
+
+    out = make_tiny_decoder("qwen2_5_vl", tmp_path / "int4", python=GENAI_PYTHON, precision="int4")
+    source = out / "model.onnx"
+    compiled = compile_model(source, Profile([["dense"] * HEADS] * LAYERS, num_kv_heads=KV_HEADS), tmp_path / "int4" / "c.onnx").output
+
+    def matmulnbits(path, level=None):
+        proto = onnx.load(str(path), load_external_data=False)
+        nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+        if level is not None:
+            for n in nodes:
+                for a in n.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = level
+            onnx.save(proto, str(path))
+        return sorted((n.name, tuple(n.input)) for n in nodes)
+
+    assert matmulnbits(source) and matmulnbits(source) == matmulnbits(compiled)
+    matmulnbits(source, 0), matmulnbits(compiled, 0)
+    S, rng = 12, np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 250, (1, S)), "attention_mask": np.ones((1, S), np.int64),
+             "position_ids": np.broadcast_to(np.arange(S), (3, 1, S)).copy(),
+             **{f"past_key_values.{i}.{kv}": np.zeros((1, KV_HEADS, 0, HEAD_SIZE), np.float32)
+                for i in range(LAYERS) for kv in ("key", "value")}}
+    want = run(session(source), feeds)[0]
+    got = run(session(compiled), {**feeds, "image_spans": np.zeros((0, 2), np.int64)})[0]
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -104,13 +104,14 @@ def flatten_rope(checkpoint) -> None:
 
 
 def make_tiny_decoder(family: str, out_dir, *, python, seed: int = 0, num_layers: int = 2, num_kv_heads: int = 2,
-                      context_length: int | None = 256, extra_options: dict | None = None) -> Path:
+                      context_length: int | None = 256, extra_options: dict | None = None, precision: str = "fp32") -> Path:
     """A tiny random checkpoint of ``family`` (a :mod:`blindsight.families` name, or
     ``qwen3_vl``: :func:`~blindsight.models.checkpoints.make_tiny_qwen3_vl_checkpoint`)
     through the builder: ``out_dir`` gets model.onnx, model.onnx.data,
     genai_config.json and the tokenizer files.
     ``extra_options``: the builder's (e.g. ``{"windowed_kv_cache": "false"}``:
-    sliding layers keep full-length caches rather than window-sized ones)."""
+    sliding layers keep full-length caches rather than window-sized ones); ``precision``: the
+    builder's ``-p`` (fp32, int4: ``MatMulNBits`` weights)."""
     from blindsight.models.checkpoints import make_tiny_checkpoint, make_tiny_qwen3_vl_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="genai-ckpt-") as tmp:
@@ -123,4 +124,4 @@ def make_tiny_decoder(family: str, out_dir, *, python, seed: int = 0, num_layers
         if context_length:
             shrink_context(ckpt, context_length)
         flatten_rope(ckpt)
-        return build_decoder(python, ckpt, out_dir, extra_options=extra_options)
+        return build_decoder(python, ckpt, out_dir, extra_options=extra_options, precision=precision)

@@ -343,13 +343,24 @@ class MicrosoftGroupQueryAttentionKV(pattern.RewriteRuleClassBase):
             return op.Transpose(op.Reshape(x, _const_ints(op, [0, 0, n, head_size])), perm=[0, 2, 1, 3])
 
         def update(past, new):
-            # grow the buffer to max(L, total) (zeros), then write the new tokens at their rows
+            # write the new tokens at their rows, into the buffer grown to max(L, total) with zeros.
+            # The If keeps a buffer that fits (past and present sharing one buffer) out of Pad:
+            # ScatterElements then writes into the bound present in place, with no copy of the cache
             length = op.Gather(op.Shape(past), op.Constant(value_int=2), axis=0)
             grow = op.Max(op.Sub(total64, length), zero)
             pads = op.Concat(_const_ints(op, [0, 0, 0, 0, 0, 0]), op.Unsqueeze(grow, _const_ints(op, [0])),
                              _const_ints(op, [0]), axis=0)
-            buffer = op.Pad(past, pads)
-            return op.ScatterElements(buffer, op.Expand(index, op.Shape(new)), new, axis=2)
+            where = op.Expand(index, op.Shape(new))
+            in_place = ir.node("ScatterElements", [past, where, new], attributes={"axis": 2})
+            padded = ir.node("Pad", [past, pads])
+            grown = ir.node("ScatterElements", [padded.outputs[0], where, new], attributes={"axis": 2})
+            for n in (in_place, grown):
+                n.outputs[0].dtype = past.dtype
+            present = op.If(op.GreaterOrEqual(length, total64),
+                            then_branch=ir.Graph([], in_place.outputs, nodes=[in_place], name="cache_fits"),
+                            else_branch=ir.Graph([], grown.outputs, nodes=[padded, grown], name="cache_grows"))
+            present.dtype = past.dtype
+            return present
 
         if "do_rotary" in attrs and attrs["do_rotary"].value:
             # the rotary GroupQueryAttention applies: at the positions the new tokens are written to

@@ -22,6 +22,7 @@ run with the same session options: genai's defaults plus ``threads``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,6 @@ def check(case: GenaiCase) -> None:
 
 def build(case: GenaiCase, work_dir: Path, threads: int, native: bool | None, progress=None) -> dict[str, dict[str, Path]]:
     """{precision: {"genai": builder folder, "dense": compiled, "mix": compiled}}, cached in work_dir."""
-    import sys
-
     from blindsight.compiler.genai import GENAI_CONFIG, compile_genai_folder
     from blindsight.models.fullsize import write_random_checkpoint
     from blindsight.models.genai import build_decoder, flatten_rope, shrink_context
@@ -196,8 +195,6 @@ def run(case: GenaiCase, work_dir: Path, threads: int = 2, repeats: int = 3, nat
     from blindsight.bench.timing import peak_rss_mb
     from blindsight.models.genai import builder_versions
     from blindsight.runtime.session import external_data_bytes
-
-    import sys
 
     check(case)
     dims, t = case.dims(), case.template

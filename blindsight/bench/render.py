@@ -103,7 +103,6 @@ def render_model(rec: dict) -> str:
     if "dense" in t:
         rows.append(["compiled all-dense", f"{t['dense']:.2f}", f"{rec['dense_vs_raw_export']:.2f}x vs raw" if "raw" in t else "",
                      "", "", mb("dense")])
-    if "dense" in t:
         rows.append(["compiled profile mix", f"{t['mix']:.2f}", f"{rec['speedup']:.2f}x vs dense", f"{rec['flop_bound']:.2f}x",
                      f"{rec['efficiency']:.2f}", mb("mix")])
     else:

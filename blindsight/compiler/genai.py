@@ -65,6 +65,28 @@ def read_genai_config(folder: Path) -> dict:
     return config
 
 
+def check_output_folder(source: Path, out_dir: Path, overwrite: bool, what: str) -> None:
+    """A new folder ``out_dir`` written from ``source`` (``what`` names it in the message):
+    never the source or inside it, and a non-empty one only with ``overwrite``."""
+    if out_dir.resolve() == source.resolve() or source.resolve() in out_dir.resolve().parents:
+        raise ModelError(f"the output folder {out_dir} is {what} or inside it; choose another -o")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelError(f"{out_dir} exists and is not a folder; choose another -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ModelError(f"{out_dir} exists and is not empty; pass --overwrite to replace it, or choose another -o")
+
+
+def native_library(native: bool | None) -> Path | None:
+    """The native kernel's library to name as custom_ops_library: when built (``native`` None),
+    required (True: an error when it is not built) or never (False)."""
+    from blindsight import native as native_kernel
+
+    library = native_kernel.library_path() if native is not False else None
+    if native is True and library is None:
+        raise ModelError("native kernel not built: python -m blindsight.native build (or leave it out)")
+    return library
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dst)
@@ -81,21 +103,12 @@ def compile_genai_folder(folder, profile, out_dir, lowering: str = "fast", nativ
     (an existing non-empty one only with ``overwrite``: it is replaced whole).
     ``native``: name the native kernel in genai_config.json when it is built (None),
     always (True: an error when it is not built) or never (False)."""
-    from blindsight import native as native_kernel
-
     folder, out_dir = Path(folder), Path(out_dir)
     if not is_genai_folder(folder):
         raise ModelError(f"{folder} is not an onnxruntime-genai folder (no {GENAI_CONFIG})")
     config = read_genai_config(folder)
-    if out_dir.resolve() == folder.resolve() or folder.resolve() in out_dir.resolve().parents:
-        raise ModelError(f"the output folder {out_dir} is the source folder or inside it; choose another -o")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ModelError(f"{out_dir} exists and is not a folder; choose another -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ModelError(f"{out_dir} exists and is not empty; pass --overwrite to replace it, or choose another -o")
-    library = native_kernel.library_path() if native is not False else None
-    if native is True and library is None:
-        raise ModelError("native kernel not built: python -m blindsight.native build (or leave it out)")
+    check_output_folder(folder, out_dir, overwrite, "the source folder")
+    library = native_library(native)
     decoder = config["model"]["decoder"]
     source = decoder["filename"]
     compiled_name = Path(source).stem + ".blindsight.onnx"

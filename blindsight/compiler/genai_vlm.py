@@ -23,7 +23,6 @@ this covers.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -32,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from blindsight.compiler.genai import GENAI_CONFIG, _link_or_copy
-from blindsight.compiler.pipeline import CompileResult, compile_model
+from blindsight.compiler.genai import GENAI_CONFIG, GenaiCompileResult, _link_or_copy, check_output_folder, native_library
+from blindsight.compiler.pipeline import compile_model
 from blindsight.errors import ModelError
 from blindsight.staging import staged_dir
 
@@ -60,12 +59,7 @@ def is_export_dir(path) -> bool:
     return path.is_dir() and (path / TEMPLATE).is_file()
 
 
-@dataclasses.dataclass
-class GenaiVlmResult:
-    out_dir: Path
-    decoder: CompileResult
-    custom_ops_library: str | None
-
+class GenaiVlmResult(GenaiCompileResult):
     def summary(self) -> str:
         kernel = (f"native kernel {self.custom_ops_library} as the decoder's custom_ops_library" if self.custom_ops_library
                   else "function bodies (no custom_ops_library)")
@@ -283,8 +277,6 @@ def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native
     (an existing non-empty ``out_dir`` only with ``overwrite``: it is replaced whole).
     ``native``: name the native kernel as the decoder's custom_ops_library when it is
     built (None), always (True: an error when it is not built) or never (False)."""
-    from blindsight import native as native_kernel
-
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if not is_export_dir(export_dir):
         raise ModelError(f"{export_dir} is not a bs-export directory (no {TEMPLATE}); run bs-export MODEL_DIR -o {export_dir}")
@@ -292,15 +284,8 @@ def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native
     if template.get("dtype", "float32") == "bfloat16":
         raise ModelError(f"{export_dir} is a bf16 export; write the genai folder from an fp32 or fp16 export "
                          "(bs-export --dtype fp32|fp16)")
-    if out_dir.resolve() == export_dir.resolve() or export_dir.resolve() in out_dir.resolve().parents:
-        raise ModelError(f"the output folder {out_dir} is the export directory or inside it; choose another -o")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ModelError(f"{out_dir} exists and is not a folder; choose another -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ModelError(f"{out_dir} exists and is not empty; pass --overwrite to replace it, or choose another -o")
-    library = native_kernel.library_path() if native is not False else None
-    if native is True and library is None:
-        raise ModelError("native kernel not built: python -m blindsight.native build (or leave it out)")
+    check_output_folder(export_dir, out_dir, overwrite, "the export directory")
+    library = native_library(native)
     files = template["files"]
     preprocessor = _read_json(export_dir / "preprocessor_config.json")
     if not preprocessor:

@@ -86,10 +86,26 @@ class TaskPrompt:
         return len(self.candidates)
 
 
+def _fillers(rng: random.Random, n: int) -> list[str]:
+    """``n`` filler sentences: distinct up to the pool's size (the default prompts' draws), then the
+    pool again in fresh orders, for long segments."""
+    if n <= len(FILLER):
+        return rng.sample(FILLER, n)
+    rounds = [rng.sample(FILLER, len(FILLER)) for _ in range(n // len(FILLER) + 1)]
+    return [s for r in rounds for s in r][:n]
+
+
+def filler_for(tokenizer, tokens: int) -> int:
+    """Filler sentences that make a segment about ``tokens`` tokens long under ``tokenizer``."""
+    per_sentence = float(np.mean([len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER]))
+    key = len(tokenizer(" A lantern stands on a wooden table. The lantern is red.", add_special_tokens=False)["input_ids"])
+    return max(0, round((tokens - 2 - key) / per_sentence))  # 2: the segment's delimiters
+
+
 def describe(rng: random.Random, colour: str, obj: str, filler: int) -> str:
     """One segment's text: the key sentences among ``filler`` neutral sentences."""
     key = f"A {obj} stands {rng.choice(PLACES)}. The {obj} is {colour}."
-    others = rng.sample(FILLER, filler)
+    others = _fillers(rng, filler)
     at = rng.randrange(filler + 1)
     return " ".join(others[:at] + [key] + others[at:])
 
@@ -97,7 +113,10 @@ def describe(rng: random.Random, colour: str, obj: str, filler: int) -> str:
 def _draw(rng: random.Random, segments: tuple[int, int]) -> tuple[int, list[str], list[str]]:
     """A prompt's number of segments and their distinct colours and objects."""
     n = rng.randint(*segments)
-    return n, rng.sample(COLOURS, n), rng.sample(OBJECTS, n)
+    if n <= len(COLOURS):
+        return n, rng.sample(COLOURS, n), rng.sample(OBJECTS, n)
+    # long calibration prompts: more segments than colours, so they repeat (the task never asks this many)
+    return n, [rng.choice(COLOURS) for _ in range(n)], [rng.choice(OBJECTS) for _ in range(n)]
 
 
 def _pictures(rng: random.Random, n: int, colours, objects, filler: int) -> list[Piece]:
@@ -112,8 +131,8 @@ def _pictures(rng: random.Random, n: int, colours, objects, filler: int) -> list
 
 def calibration_prompts(num_prompts: int, seed: int = CALIBRATION_SEED, segments: tuple[int, int] = (4, 6),
                         filler: int = 4) -> list[list[Piece]]:
-    """``num_prompts`` prompts of 4-6 described segments and a free question
-    (different question forms and seed stream from the task's)."""
+    """``num_prompts`` prompts of 4-6 described segments (``segments``, each with ``filler``
+    neutral sentences) and a free question (different question forms and seed stream from the task's)."""
     rng = random.Random(f"calibration-{seed}")
     prompts = []
     for _ in range(num_prompts):

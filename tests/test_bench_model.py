@@ -69,6 +69,10 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     np.testing.assert_allclose(last_values[".dense"], last_values[""], atol=1e-5)
     assert np.abs(last_values[".mix"] - last_values[""]).max() > 1e-3
     assert np.abs(logits[".mix"] - logits[""]).max() > 1e-5
+    # the memory goal's KV cache is what the prompt's prefill returns as presents
+    presents = [o.name for o in s.get_outputs() if o.name.startswith("present")]
+    assert rec["kv_cache_bytes"] == sum(x.nbytes for x in s.run(presents, {**feeds, "image_spans": t.spans}))
+    assert "goal: weights" in render_model(rec)
 
     # a prefill in chunks through the KV cache (the bench's --chunk-size) gives one call's logits, on every graph
     from blindsight.bench.model import prefill

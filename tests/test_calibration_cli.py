@@ -42,6 +42,8 @@ def test_bs_profile_on_smollm2_writes_a_valid_profile(tmp_path, capsys):
         (["--prompts", "0"], "--prompts"),
         (["--model", "no-such-model"], "neither a known model"),
         (["--template", "8x256"], "template"),
+        (["--prompt-shape", "16"], "template"),
+        (["--prompt-shape", "0:64"], "--prompt-shape"),
         (["--sweep", "0.9"], "--report"),
         (["-o", "/no/such/dir/p.json"], "does not exist"),
     ],
@@ -78,3 +80,38 @@ def test_bs_profile_on_a_vlm_directory_uses_its_images(family, tmp_path, capsys)
     cfg = json.loads((ck / "config.json").read_text())["text_config"]
     assert (prof.num_layers, prof.num_heads) == (cfg["num_hidden_layers"], cfg["num_attention_heads"])
     assert "surrogate" not in prof.model and prof.calibration["images_per_prompt"]["min"] >= 3
+
+
+def test_bs_profile_prompt_shape_sets_images_and_their_length(tmp_path, capsys):
+    """--prompt-shape IMAGES:TOKENS: every calibration prompt holds IMAGES images of about TOKENS tokens,
+    on the built-in text-only weights (surrogate segments) and on a VLM directory (drawn images sized
+    for the processor, checked against transformers' own processor); Gemma 3's fixed count is kept."""
+    import numpy as np
+    from transformers import AutoImageProcessor
+
+    from blindsight.models.checkpoints import make_tiny_checkpoint
+
+    out = tmp_path / "smol.json"
+    assert profile_main(["--model", "smollm2-135m", "--prompts", "1", "--prompt-shape", "6:120", "-o", str(out),
+                         "--quiet", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    cal = profile_io.load(out).calibration
+    assert cal["images_per_prompt"] == {"min": 6, "max": 6} and record["prompt_shape"] == "6:120"
+    assert 90 <= cal["tokens_per_image"]["min"] <= cal["tokens_per_image"]["max"] <= 150
+    assert cal["prompt_tokens"]["min"] > 6 * 90
+
+    ck = make_tiny_checkpoint("qwen2_vl", tmp_path / "ckq")
+    assert profile_main(["--model", str(ck), "--prompts", "2", "--prompt-shape", "2:9", "-o", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    cal = profile_io.load(out).calibration
+    side = 3 * 28  # sqrt(9) merged 28 px blocks
+    grid = AutoImageProcessor.from_pretrained(ck).preprocess(np.zeros((side, side, 3), np.uint8), return_tensors="np")["image_grid_thw"]
+    tokens = int(np.prod(grid[0])) // 4
+    assert tokens == 9 and cal["images_per_prompt"] == {"min": 2, "max": 2}
+    assert cal["tokens_per_image"] == {"min": tokens + 2, "max": tokens + 2}  # the span covers the two delimiters
+
+    ckg = make_tiny_checkpoint("gemma3", tmp_path / "ckg")
+    capsys.readouterr()
+    assert profile_main(["--model", str(ckg), "--prompts", "1", "--prompt-shape", "2:9", "-o", str(tmp_path / "g.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "IMAGES:4" in err and not (tmp_path / "g.json").exists()

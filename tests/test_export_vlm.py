@@ -269,3 +269,26 @@ def test_bs_export_bad_input_is_one_line(tmp_path):
     taken = _bs_export(text_only, "-o", busy)
     assert taken.returncode == 2 and "--overwrite" in taken.stderr
     assert (busy / "keep.txt").read_text() == "x" and not list(tmp_path.glob(".busy*"))
+
+
+def test_a_real_vocabulary_embedding_is_written_as_external_data(tmp_path):
+    """Above 64 MiB the table goes to external data (ONNX Runtime maps it: a prompt pages in its
+    tokens' rows only); the graph still gives the table's rows."""
+    from blindsight.models.export_vision import EMBED_EXTERNAL_BYTES, export_embed
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(EMBED_EXTERNAL_BYTES // (4 * 256) + 1, 256)
+
+        def get_input_embeddings(self):
+            return self.table
+
+    model = Model()
+    path = export_embed(model, tmp_path / "embed.onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    assert [t.name for t in proto.graph.initializer if t.external_data]
+    assert path.stat().st_size < 1 << 20 and (tmp_path / "embed.onnx.data").stat().st_size >= EMBED_EXTERNAL_BYTES
+    ids = np.array([[0, 5, model.table.num_embeddings - 1]], dtype=np.int64)
+    got = run(session(str(path)), {"input_ids": ids})[0]
+    np.testing.assert_array_equal(got, model.table.weight.detach().numpy()[ids])

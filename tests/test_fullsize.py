@@ -58,6 +58,21 @@ def test_random_checkpoint_loads_with_every_tensor(name, tmp_path):
         torch.testing.assert_close(model.state_dict()[key], h.get_tensor(key))
     assert json.loads((out / MARKER).read_text())["random_weights"] is True
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind
+    # the processor makes as many image tokens as the configuration's vision tower and the released
+    # processor do (an 896 x 896 px image: 1,024 Qwen tokens; Gemma 3: mm_tokens_per_image at image_size)
+    import numpy as np
+    from transformers import AutoImageProcessor
+
+    config = model.config
+    pixels = np.zeros((896, 896, 3), dtype=np.uint8)
+    processed = AutoImageProcessor.from_pretrained(out).preprocess(pixels, return_tensors="np")
+    if config.model_type == "gemma3":
+        side = config.vision_config.image_size
+        assert processed["pixel_values"].shape[-2:] == (side, side)
+        assert json.loads((out / "processor_config.json").read_text())["image_seq_length"] == config.mm_tokens_per_image
+    else:
+        merge = config.vision_config.spatial_merge_size
+        assert int(np.prod(processed["image_grid_thw"][0])) // merge**2 == 1024
 
 
 def test_unknown_configuration_is_one_line():

@@ -219,6 +219,8 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
         "model": dims.name, "num_layers": dims.num_layers, "vocab_size": dims.vocab_size, "dtype": SHORT_DTYPES[case.dtype],
         "provider": provider, "N": case.num_images, "L": case.image_len, "seq_len": t.seq_len, "chunk": case.chunk,
         "attention": route, "weights_bytes": weights, "graphs": list(paths),
+        # the cache the prompt fills, K and V of every layer (the memory goal: weights + this + 1.5 GB)
+        "kv_cache_bytes": 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * t.seq_len * np.dtype(SHORT_DTYPES[case.dtype]).itemsize,
         "ttft_s": ttft, "flop_bound": fl["prefill_bound"], "attention_flop_bound": fl["attention_bound"],
         "dense_vs_raw_max_abs_logit_diff": agree,
         "decode_s": decode, "decode_baseline": base, "compiled_tokens_per_s": 1 / decode["mix"],

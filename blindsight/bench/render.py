@@ -125,6 +125,10 @@ def render_model(rec: dict) -> str:
     dec_rows.append(["compiled profile mix", f"{1000 * d['mix']:.1f}", f"{rec['compiled_tokens_per_s']:.2f}",
                      f"{rec['decode_ratio']:.2f}x" if base else ""])
     dec = fmt_table(["graph", "ms per token", "tokens/s", f"vs {base}" if base else ""], dec_rows)
+    if mem and rec.get("kv_cache_bytes"):
+        budget = (rec["weights_bytes"] + rec["kv_cache_bytes"]) / 2**20 + 1536
+        head += (f"\npeak MB: a fresh process per graph, its session and prefill; goal: weights "
+                 f"{rec['weights_bytes'] / 2**20:.0f} + KV cache {rec['kv_cache_bytes'] / 2**20:.0f} + 1536 = {budget:.0f} MB")
     return "\n".join([head, fmt_table(["graph", "TTFT s", "speed-up", "Amdahl bound", "efficiency", "peak MB"], rows),
                       f"\ndecode: one token after the {rec['seq_len']}-token prompt (medians of {rec['decode_repeats']})", dec])
 

@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-tokens", type=int, default=1, help="leading tokens of each image that are sinks (default 1)")
     p.add_argument("--report", metavar="DIR",
                    help="also write DIR/heatmap.png and DIR/report.json (counts, FLOPs saved for --template)")
+    p.add_argument("--prompt-shape", metavar="IMAGES:TOKENS",
+                   help="calibrate on prompts of IMAGES images of about TOKENS tokens each, e.g. 16:1024 for the "
+                        "long prompts a deployment sees (default: 3-5 drawn 224 px images on a VLM, 4-6 segments of "
+                        "about 60 tokens on the built-in weights); the model runs eager attention, so a prompt of S "
+                        "tokens holds S x S x heads scores per layer")
     p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help=f"IMAGES:TOKENS for the report's FLOP figures (default {DEFAULT_TEMPLATE})")
     p.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, metavar="T1,T2,...",
@@ -84,12 +89,20 @@ def _check(args):
     if args.sweep and not args.report:
         raise BlindSightError("--sweep writes into the report folder: add --report DIR")
     template = parse_template(args.template)
+    shape = parse_template(args.prompt_shape) if args.prompt_shape else None
+    if shape is not None and shape.num_images < 1:
+        raise BlindSightError(f"--prompt-shape {args.prompt_shape}: calibration needs at least one image, e.g. 16:1024")
+    if shape is not None and args.model not in pretrained.PRETRAINED and (Path(args.model) / "config.json").is_file():
+        fixed = json.loads((Path(args.model) / "config.json").read_text()).get("mm_tokens_per_image")
+        if fixed and shape.image_len != fixed:
+            raise BlindSightError(f"--prompt-shape {args.prompt_shape}: this model turns every image into {fixed} "
+                                  f"tokens; ask for IMAGES:{fixed}")
     sweeps = parse_thresholds(args.sweep) if args.sweep else []
     if args.model not in pretrained.PRETRAINED and not (Path(args.model) / "config.json").is_file():
         pretrained.load(args.model)  # raises the one-line error naming the choices
     if args.mask == "causal" and args.model not in pretrained.PRETRAINED:
         pretrained.load(args.model, mask="causal")  # refused in one line before the model is read
-    return schedule, template, sweeps
+    return schedule, template, shape, sweeps
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -106,10 +119,15 @@ def run(args) -> dict:
     from blindsight.calibration.sweep import sweep
     from blindsight.records import record_path
 
-    schedule, template, sweeps = _check(args)
+    schedule, template, shape, sweeps = _check(args)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its weight-loading bar
     result = calibrate(
         args.model, num_prompts=args.prompts, seed=args.seed, threshold=schedule,
         min_fraction=args.min_fraction, sink_tokens=args.sink_tokens, progress=not args.quiet, mask=args.mask,
+        shape=shape,
     )
     prof = result.profile
     profile_io.save(prof, args.output)
@@ -119,6 +137,9 @@ def run(args) -> dict:
         "threshold": str(schedule),
         "min_fraction": args.min_fraction,
         "num_prompts": args.prompts,
+        "prompt_shape": args.prompt_shape,
+        "prompt_tokens": prof.calibration["prompt_tokens"],
+        "tokens_per_image": prof.calibration["tokens_per_image"],
         "mask": result.loaded.mask_description,
         "counts": prof.counts(),
     }
@@ -142,13 +163,18 @@ def run(args) -> dict:
     return record
 
 
+def _span(stats: dict) -> str:
+    return str(stats["min"]) if stats["min"] == stats["max"] else f"{stats['min']}-{stats['max']}"
+
+
 def summary(record: dict) -> str:
     from blindsight.attention import DENSITY_ORDER
 
     c = record["counts"]
     lines = [
         f"wrote {record['profile']}: {record['model']}",
-        f"threshold {record['threshold']}, min fraction {record['min_fraction']}, {record['num_prompts']} prompts; "
+        f"threshold {record['threshold']}, min fraction {record['min_fraction']}, {record['num_prompts']} prompts "
+        f"of {_span(record['prompt_tokens'])} tokens ({_span(record['tokens_per_image'])} per image); "
         f"heads: {', '.join(f'{k} {c[k]}' for k in DENSITY_ORDER)}",
     ]
     if "flops" in record:

@@ -23,7 +23,8 @@ from blindsight.models import pretrained
 from blindsight.models.image_blocks import prompt_masks
 from blindsight.records import scrub
 from blindsight.profile import Profile
-from blindsight.prompts import CALIBRATION_SEED, Encoded, calibration_prompts, encode
+from blindsight.flops import Template
+from blindsight.prompts import CALIBRATION_SEED, Encoded, calibration_prompts, encode, filler_for
 
 DEFAULT_PROMPTS = 16
 DEFAULT_SEED = CALIBRATION_SEED
@@ -74,12 +75,22 @@ def prompt_recalls(loaded: pretrained.LoadedModel, prompt: Encoded, sink_tokens:
     return out
 
 
-def encode_calibration(loaded: pretrained.LoadedModel, num_prompts: int, seed: int) -> list[Encoded]:
+def encode_calibration(loaded: pretrained.LoadedModel, num_prompts: int, seed: int,
+                       shape: Template | None = None) -> list[Encoded]:
+    """The calibration prompts; ``shape`` (IMAGES:TOKENS) fixes the images per prompt and their
+    length (e.g. the long prompts a deployment sees) instead of the default 3-6 short ones."""
     if loaded.surrogate:
+        kwargs = {}
+        if shape is not None:
+            kwargs = dict(segments=(shape.num_images, shape.num_images), filler=filler_for(loaded.tokenizer, shape.image_len))
         return [
-            Encoded(*encode(p, loaded.tokenizer, loaded.delimiters)) for p in calibration_prompts(num_prompts, seed)
+            Encoded(*encode(p, loaded.tokenizer, loaded.delimiters))
+            for p in calibration_prompts(num_prompts, seed, **kwargs)
         ]
-    return vlm_calibration_prompts(loaded, num_prompts, seed)
+    if shape is None:
+        return vlm_calibration_prompts(loaded, num_prompts, seed)
+    return vlm_calibration_prompts(loaded, num_prompts, seed, images=(shape.num_images, shape.num_images),
+                                   image_tokens=shape.image_len)
 
 
 def calibrate(
@@ -92,12 +103,13 @@ def calibrate(
     sink_tokens: int = 1,
     progress: bool = True,
     mask: str = "image",
+    shape: Template | None = None,
 ) -> CalibrationResult:
     """Calibrate a model (short name, directory or :class:`LoadedModel`) into a profile;
     ``mask`` as :func:`pretrained.load` (a loaded model keeps its own)."""
     schedule = threshold if isinstance(threshold, ThresholdSchedule) else ThresholdSchedule.parse(threshold)
     loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model, mask=mask)
-    prompts = encode_calibration(loaded, num_prompts, seed)
+    prompts = encode_calibration(loaded, num_prompts, seed, shape)
     recalls = np.stack(
         [
             prompt_recalls(loaded, p, sink_tokens)
@@ -125,6 +137,8 @@ def build_profile(loaded, cat: Categorization, recalls, schedule, min_fraction, 
         "seed": seed,
         "prompt_tokens": {"min": min(lengths), "mean": round(float(np.mean(lengths)), 1), "max": max(lengths)},
         "images_per_prompt": {"min": min(len(p.spans) for p in prompts), "max": max(len(p.spans) for p in prompts)},
+        "tokens_per_image": {"min": min(int(e - s) for p in prompts for s, e in p.spans),
+                             "max": max(int(e - s) for p in prompts for s, e in p.spans)},
         "recall_columns": list(RECALL_CATEGORIES),
         "mean_recall": np.round(recalls.mean(axis=0), 5).tolist(),
         "min_recall": np.round(recalls.min(axis=0), 5).tolist(),

@@ -7,18 +7,23 @@ real calibration, pass prompts of your own images through the same path).
 
 from __future__ import annotations
 
+import json
+import math
 import random
+from pathlib import Path
 
 import numpy as np
 
 from blindsight import families
 from blindsight.attention import find_spans
+from blindsight.errors import BlindSightError
 from blindsight.prompts import Encoded
 
+DEFAULT_SIDE = 224
 SHAPE_COLOURS = [(220, 40, 40), (40, 90, 220), (40, 170, 70), (230, 200, 40), (20, 20, 20), (240, 240, 240)]
 
 
-def drawn_image(rng: random.Random, size: int = 224):
+def drawn_image(rng: random.Random, size: int = DEFAULT_SIDE):
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (size, size), tuple(rng.randrange(90, 200) for _ in range(3)))
@@ -30,22 +35,43 @@ def drawn_image(rng: random.Random, size: int = 224):
     return img
 
 
-def vlm_calibration_prompts(loaded, num_prompts: int, seed: int, images: tuple[int, int] = (3, 5)):
+def image_side(loaded, template: dict, image_tokens: int | None) -> int:
+    """Side in px of a drawn image that the family's processor turns into about ``image_tokens``
+    tokens (Qwen: one token per merged patch block; Gemma 3: a fixed count, resized to its size)."""
+    if image_tokens is None:
+        return DEFAULT_SIDE
+    if "tokens_per_image" in template:
+        fixed = int(template["tokens_per_image"])
+        if image_tokens != fixed:
+            raise BlindSightError(
+                f"{loaded.family} turns every image into {fixed} tokens; ask for IMAGES:{fixed} calibration prompts"
+            )
+        return DEFAULT_SIDE
+    processor = json.loads((Path(loaded.directory) / "preprocessor_config.json").read_text())
+    block = int(processor.get("patch_size", 14)) * int(processor.get("merge_size", 2))
+    return block * max(1, round(math.sqrt(image_tokens)))
+
+
+def vlm_calibration_prompts(loaded, num_prompts: int, seed: int, images: tuple[int, int] = (3, 5),
+                            image_tokens: int | None = None):
     """Encoded prompts (ids, spans from the family's delimiters, pixel inputs in ``extra``),
-    built by bs-run's prompt builder (the family's chat template and image expansion)."""
+    built by bs-run's prompt builder (the family's chat template and image expansion);
+    ``image_tokens``: draw images of the size that gives about that many tokens each
+    (the processor's own bounds still apply)."""
     import torch
 
     from blindsight.models.export_vlm import build_template
     from blindsight.runtime.prompt import PromptBuilder
 
     template = build_template(loaded.family, loaded.model.config, loaded.directory)
+    side = image_side(loaded, template, image_tokens)
     builder = PromptBuilder(loaded.directory, template)
     # what the family's processor returns beside input_ids: 1 marks an image token
     type_key = families.get(loaded.family).token_type_key
     rng = random.Random(f"vlm-calibration-{seed}")
     out = []
     for _ in range(num_prompts):
-        imgs = [drawn_image(rng) for _ in range(rng.randint(*images))]
+        imgs = [drawn_image(rng, side) for _ in range(rng.randint(*images))]
         question = rng.choice(["Describe the differences between these images.", "Which image has the most shapes?",
                                "What colours appear in every image?"])
         p = builder.build(imgs, question)

@@ -40,6 +40,9 @@ QWEN_PATCH = 14
 QWEN_MERGE = 2
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 112 * 112
+# the released Qwen2-VL / Qwen2.5-VL processors' bounds, for full-size configurations
+PUBLISHED_QWEN_MIN_PIXELS = 56 * 56
+PUBLISHED_QWEN_MAX_PIXELS = 28 * 28 * 16384
 
 # Gemma 3 image geometry: 28x28 images, 7-pixel patches (4x4), pooled to 2x2
 # = 4 soft tokens per image.
@@ -128,24 +131,28 @@ def _qwen(spec: families.Family, num_layers: int, num_kv_heads: int):
     return config, families.transformers_class(spec.model_class), tokenizer
 
 
-def _qwen_image_processor():
+def _qwen_image_processor(config=None):
     # the Pil variant: the default one needs torchvision, which is not a dependency
     from transformers import Qwen2VLImageProcessorPil
 
+    # tiny checkpoints keep images small; a full-size configuration gets the released bounds,
+    # so that an image is as many tokens as it would be with the published checkpoint
+    low, high = (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS) if config is None else (PUBLISHED_QWEN_MIN_PIXELS, PUBLISHED_QWEN_MAX_PIXELS)
     return Qwen2VLImageProcessorPil(
-        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        size={"shortest_edge": low, "longest_edge": high},
         patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2)
 
 
-def _save_qwen_processor(spec: families.Family, tokenizer, out: Path) -> None:
-    """Tokenizer, image processor, chat template and processor class, as a released checkpoint has them.
+def _save_qwen_processor(spec: families.Family, tokenizer, out: Path, config=None) -> None:
+    """Tokenizer, image processor, chat template and processor class, as a released checkpoint has them
+    (``config``: a full-size configuration, whose released image-size bounds the processor takes).
 
     Without torchvision transformers cannot build ``Qwen2VLProcessor`` (it
     requires a video processor), so the parts are saved one by one; the
     runtime reads them with AutoTokenizer / AutoImageProcessor.
     """
     tokenizer.save_pretrained(out)
-    _qwen_image_processor().save_pretrained(out)
+    _qwen_image_processor(config).save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": spec.processor_class}, indent=2) + "\n")
 
@@ -175,14 +182,16 @@ def _gemma3(spec: families.Family, num_layers: int, num_kv_heads: int):
     return config, families.transformers_class(spec.model_class), tokenizer
 
 
-def _save_gemma3_processor(spec: families.Family, tokenizer, out: Path) -> None:
+def _save_gemma3_processor(spec: families.Family, tokenizer, out: Path, config=None) -> None:
+    """``config``: a full-size configuration, whose image size and tokens per image the processor takes."""
     from transformers import Gemma3ImageProcessorPil
 
-    image_processor = Gemma3ImageProcessorPil(size={"height": GEMMA_IMAGE, "width": GEMMA_IMAGE},
-                                              do_pan_and_scan=False)
+    side = GEMMA_IMAGE if config is None else int(config.vision_config.image_size)
+    tokens = GEMMA_TOKENS_PER_IMAGE if config is None else int(config.mm_tokens_per_image)
+    image_processor = Gemma3ImageProcessorPil(size={"height": side, "width": side}, do_pan_and_scan=False)
     processor = families.transformers_class(spec.processor_class)(
         image_processor=image_processor, tokenizer=tokenizer,
-        chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=GEMMA_TOKENS_PER_IMAGE)
+        chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=tokens)
     processor.save_pretrained(out)
 
 

@@ -268,7 +268,8 @@ def _quiet():
             lg.setLevel(lv)
 
 
-def _save(onnx_program, out_path: Path, image_blocks: bool = False) -> None:
+def _save(onnx_program, out_path: Path, image_blocks: bool = False, external_from: int = _EXTERNAL_DATA_THRESHOLD) -> None:
+    """Write the program; weights of ``external_from`` bytes or more go to external data."""
     import onnx
 
     from blindsight.attention.schema import IMAGE_BLOCKS_METADATA
@@ -279,7 +280,7 @@ def _save(onnx_program, out_path: Path, image_blocks: bool = False) -> None:
     proto = onnx_program.model_proto
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size < _EXTERNAL_DATA_THRESHOLD:
+    if size < external_from:
         onnx.save_model(proto, str(out_path))
         return
     # Large (real) checkpoints: weights go next to the model file.

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blindsight import families
+from blindsight.passes.query_chunks import DEFAULT_ROWS, chunk_attention_queries
 
 from .dtype import cast_floats, vision_opset
 from .export import _quiet, _save
@@ -104,11 +105,15 @@ def qwen_vision_module(family: str, model: nn.Module) -> QwenVision:
     return QwenVision(visual, windowed=families.get(family).windowed_vision).eval()
 
 
-def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np.ndarray] | None = None) -> Path:
+def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np.ndarray] | None = None,
+                  query_rows: int | None = DEFAULT_ROWS) -> Path:
     """Write the vision encoder of ``model`` to ``out_path``.
 
     ``example`` (Qwen) holds tracing inputs as :func:`qwen_vision_feeds` returns them.
     ``pixel_values`` and ``image_features`` take the dtype of the model's weights.
+    ``query_rows``: every attention runs that many queries at a time
+    (:mod:`blindsight.passes.query_chunks`), so a call holds scores of rows x
+    patches, not patches x patches (None: as exported).
     """
     path = Path(out_path)
     spec = families.get(family)
@@ -135,8 +140,13 @@ def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np
             module, args, dynamo=True, input_names=names, output_names=["image_features"],
             dynamic_shapes=dynamic, optimize=True, report=False, verbose=False, **vision_opset(model.dtype),
         )
+    if query_rows:
+        chunk_attention_queries(program.model, query_rows)
     _save(program, path)
     return path
+
+
+EMBED_EXTERNAL_BYTES = 64 << 20
 
 
 def export_embed(model: nn.Module, out_path) -> Path:
@@ -150,5 +160,8 @@ def export_embed(model: nn.Module, out_path) -> Path:
             output_names=["inputs_embeds"], dynamic_shapes=({0: batch, 1: seq},),
             optimize=True, report=False, verbose=False,
         )
-    _save(program, path)
+    # a real vocabulary's table goes to external data: ONNX Runtime maps the file, so a
+    # prompt pages in the rows of its tokens only instead of holding the whole table
+    # (0.93 GB at Qwen2-VL-2B fp32) in the process
+    _save(program, path, external_from=EMBED_EXTERNAL_BYTES)
     return path

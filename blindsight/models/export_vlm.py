@@ -15,6 +15,8 @@ from blindsight.errors import BlindSightError
 from blindsight.families import FAMILIES
 from blindsight.staging import staged_dir
 
+from blindsight.passes.query_chunks import DEFAULT_ROWS
+
 from .dtype import DTYPE_NAMES, check_dtype, torch_dtype
 from .export import _text_config
 
@@ -173,14 +175,15 @@ def copy_processor_files(model_dir: Path, out_dir: Path) -> list[str]:
 
 
 def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = False, dtype: str = "fp32",
-               logits: str = "last") -> ExportResult:
+               logits: str = "last", vision_query_rows: int | None = DEFAULT_ROWS) -> ExportResult:
     """Export the checkpoint at ``model_dir`` into ``out_dir``.
 
     ``dtype`` (fp32, fp16, bf16): the weights are loaded in it, and every float
     input and output of the three graphs has it (template.json: ``"dtype"``).
     ``logits``: ``"last"`` (the language model's LM head runs on the chunk's last
     position only: what generation reads) or ``"all"`` (every position; template.json:
-    ``"logits"``).
+    ``"logits"``). ``vision_query_rows``: the vision tower's attention runs that many
+    queries at a time (None: one call holds every patch against every other).
 
     The directory is assembled in a temporary sibling and renamed into place:
     a failure never leaves a half-written export.
@@ -217,7 +220,7 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
         export_embed(model, tmp / FILES["embed"])
         bar.update()
         bar.set_postfix_str("vision encoder")
-        export_vision(family, model, tmp / FILES["vision"], example)
+        export_vision(family, model, tmp / FILES["vision"], example, query_rows=vision_query_rows)
         bar.update()
         bar.set_postfix_str("template and processor files")
         template["processor_files"] = copy_processor_files(model_dir, tmp)

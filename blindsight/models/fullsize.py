@@ -129,7 +129,7 @@ def write_random_checkpoint(name: str, out_dir, *, dtype: str = "fp16", seed: in
         config.architectures = [model_class.__name__]
         config.dtype = tdtype
         config.save_pretrained(tmp)
-        save_processor(families.get(spec["family"]), tokenizer, tmp)
+        save_processor(families.get(spec["family"]), tokenizer, tmp, config)
         (tmp / MARKER).write_text(json.dumps({"config": name, "source": spec["_source"], "dtype": dtype, "seed": seed,
                                               "random_weights": True, "overrides": overrides or {}}) + "\n")
     return out

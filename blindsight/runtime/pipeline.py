@@ -151,7 +151,9 @@ class Pipeline:
     def _session(self, path) -> ort.InferenceSession:
         if not Path(path).is_file():
             raise BlindSightError(f"{path} is missing from the export directory; run bs-export again")
-        return make_session(path, provider=self.provider, threads=self.threads, native=self.native,
+        # no CPU arena: each session's arena would keep its own peak (the vision tower's
+        # buffers while the language model prefills), and the process would hold the sum
+        return make_session(path, provider=self.provider, threads=self.threads, native=self.native, arena=False,
                             config=None if self.prepack else NO_PREPACK)
 
     # ------------------------------------------------------------- pieces

@@ -112,13 +112,13 @@ def _chunked(graph: ir.Graph, match, rows: int, tag: str) -> None:
         x = body.op(node.op_type, inputs, attributes=node.attributes)
     x = body.op("Softmax", [x], attributes=softmax.attributes)
     if guard:
-        isnan, where = guard
+        where = guard[1]
         x = body.op("Where", [body.op("IsNaN", [x]), where.inputs[1], x])
     x = body.op("MatMul", [x, v])
     acc_out = body.op("Concat", [acc, x], attributes={"axis": -2})
     cond_out = body.op("Identity", [cond_in])
-    for j, v_ in enumerate(o for n in (*outer.nodes, *body.nodes) for o in n.outputs):
-        v_.name = f"{tag}_{j}"  # unique across the scopes (the saver's default names are per graph)
+    for j, value in enumerate(o for n in (*outer.nodes, *body.nodes) for o in n.outputs):
+        value.name = f"{tag}_{j}"  # unique across the scopes (the saver's default names are per graph)
     loop_body = ir.Graph([it, cond_in, acc], [cond_out, acc_out], nodes=body.nodes, name=tag)
     result = outer.op("Loop", [count, keep_going, empty], attributes={"body": ir.AttrGraph("body", loop_body)})
     result.name = f"{tag}_out"

@@ -33,7 +33,7 @@ def _rank(value: ir.Value) -> int | None:
 
 
 def _match(softmax: ir.Node):
-    """(q, k, chain [(node, main input index)], guard nodes, output MatMul) or None."""
+    """(q, k, chain [(node, main input index)], guard nodes, scores MatMul, Softmax, output MatMul) or None."""
     if softmax.domain not in ("", "ai.onnx"):
         return None
     rank = _rank(softmax.inputs[0])

@@ -41,6 +41,16 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     json.dumps(rec)
     assert "model level: qwen2-vl-2b (shrunk)" in render_model(rec)
 
+    # the peak is the model's: the measuring process never loads torch (a deployment does not)
+    from dataclasses import asdict
+
+    from blindsight.bench.timing import measure_in_child
+
+    child = measure_in_child("blindsight.bench.model", {"case": vars(case), "dims": asdict(case.dims()), "threads": 1,
+                                                        "path": str(tmp_path / f"{case.key()}.mix.onnx"), "provider": "cpu",
+                                                        "native": False, "raw": False})
+    assert child["torch_loaded"] is False and child["peak_rss_mb"] > 0
+
     # the three graphs read one external-data file: the compiles kept the export's references
     files = sorted(p.name for p in tmp_path.iterdir())
     data = [f for f in files if f.endswith(".data")]

@@ -82,6 +82,30 @@ def test_decode_step_inside_an_image_and_after_the_last():
         _check(cfg, spans, past, q_len, batch=1, seed=past)
 
 
+def test_chunk_image_rows_never_read_keys_their_category_hides():
+    """In a KV-cache chunk, image queries of sparse heads skip the keys of earlier
+    images (their sinks aside): NaN in those keys reaches none of their outputs,
+    where a dense compute under a mask (the reference lowering) multiplies the
+    NaN values by zero probabilities. Text queries still read every key."""
+    cfg = AttentionConfig(num_heads=4, kv_num_heads=2, head_size=D, scale=D ** -0.5,
+                          categories=("sink", "intra", "intra_sink", "sink"), is_causal=1, mask_type="none")
+    spans = np.array([[2, 7], [9, 15], [17, 23]], dtype=np.int64)
+    past, q_len = 15, 8  # rows 15, 16 text, 17..22 the third image
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, q_len, D), dtype=np.float32)
+    k = rng.standard_normal((1, 2, past + q_len, D), dtype=np.float32)
+    v = rng.standard_normal((1, 2, past + q_len, D), dtype=np.float32)
+    hidden = [3, 4, 5, 6, 10, 11, 12, 13, 14]  # non-sink tokens of the first two images
+    want = reference_attention(q, k, v, spans, cfg.categories, scale=cfg.scale,
+                               model_mask=_model_mask(1, past, q_len, 0))[:, :, 2:]
+    k[:, :, hidden], v[:, :, hidden] = np.nan, np.nan
+    feeds = dict(query=q, key=k, value=v, image_spans=spans)
+    fast = run(node_session(cfg, "fast"), feeds)[0]
+    np.testing.assert_allclose(fast[:, :, 2:], want, atol=1e-5, rtol=0)
+    assert np.isnan(fast[:, :, :2]).all()  # text rows attend densely, the hidden keys included
+    assert np.isnan(run(node_session(cfg, "reference"), feeds)[0][:, :, 2:]).all()
+
+
 def test_fast_function_has_a_prefill_branch_and_a_cached_branch():
     cfg = AttentionConfig(num_heads=4, kv_num_heads=2, head_size=D, scale=D ** -0.5,
                           categories=("intra",) * 4, mask_type="float", is_causal=0)
@@ -93,12 +117,12 @@ def test_fast_function_has_a_prefill_branch_and_a_cached_branch():
     branches = {a.name: _op_types(a.g) for a in ifs[0].attribute}
     assert "GroupQueryAttention" in branches["then_branch"]  # the fast body still runs the prefill
     assert "GroupQueryAttention" not in branches["else_branch"]
-    # KV-cache steps: text queries (decode) and chunks with image tokens (the reference body) branch apart
+    # KV-cache steps: text queries (decode) and chunks with image tokens (their key sets) branch apart
     inner = [n for n in ifs[0].attribute if n.name == "else_branch"][0].g
     (cached,) = [n for n in inner.node if n.op_type == "If"]
     gathers = {a.name: sum(m.op_type == "Gather" for m in a.g.node) for a in cached.attribute}
     assert gathers["then_branch"] == 0  # the decode route reads the cache in place
-    assert gathers["else_branch"] > 0  # the reference body gathers K/V per head
+    assert gathers["else_branch"] > 0  # the image route gathers its key sets
 
 
 def test_decode_with_padding_and_gemma3_blocks():

@@ -202,10 +202,30 @@ def test_prepack_off_answers_like_on_and_auto_turns_it_off_when_memory_is_short(
         Pipeline(tiny.out, prepack="maybe")
 
 
+def test_pipeline_holds_no_kv_cache_between_answers(tiny):
+    """Nothing of an answer's KV cache stays on the pipeline after it returns: a copy
+    kept there was what a 16-image prompt's peak memory held a third time."""
+    pipe = Pipeline(tiny.out, compiled=True, threads=2, chunk_size=8)
+    pipe.generate(_images(1), CASES[1][0], 3)
+
+    def arrays(x):
+        if isinstance(x, np.ndarray):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from arrays(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                yield from arrays(v)
+
+    held = [a.shape for v in vars(pipe).values() for a in arrays(v)]
+    assert pipe.prefill_feeds is None and not [s for s in held if len(s) == 4], held
+
+
 def test_placement_of_the_prefill_a_pipeline_ran(tiny):
     from blindsight.runtime.placement import node_placement
 
-    pipe = Pipeline(tiny.out, compiled=True, threads=2)
+    pipe = Pipeline(tiny.out, compiled=True, threads=2, keep_prefill_feeds=True)
     pipe.generate(_images(1), CASES[1][0], 2)
     assert "image_spans" in pipe.prefill_feeds and pipe.prefill_feeds["inputs_embeds"].shape[1] > 0
     p = node_placement(pipe.model_path, pipe.prefill_feeds, "cpu", 2)
@@ -226,7 +246,7 @@ def test_gemma3_prefill_logits_equal_transformers_with_token_type_ids(tiny):
         causal = tiny.hf(**kw).logits[0].numpy()
     assert np.abs(want - causal).max() > 1e-3
     for compiled in (False, tiny.dense_path):
-        pipe = Pipeline(tiny.out, compiled=compiled, threads=2)
+        pipe = Pipeline(tiny.out, compiled=compiled, threads=2, keep_prefill_feeds=True)
         pipe.generate_from(built, 1)
         assert pipe.prefill_feeds["token_type_ids"].sum() == (built.input_ids == pipe.template["image_token_id"]).sum()
         got = pipe.lm.run(["logits"], pipe.prefill_feeds)[0][0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import numpy as np
 from blindsight.attention.schema import SHORT_DTYPES
 from blindsight.attention.spans import token_type_ids
 from blindsight.flops import Template, count_flops, model_dims
+from blindsight.flops.dims import ModelDims
 from blindsight.profile import Profile
 
 #: session configuration of every variant (see the module docstring)
@@ -211,8 +212,9 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
     mem = {}
     if memory:
         for k, p in paths.items():
-            mem[k] = measure_in_child("blindsight.bench.model", {"case": vars(case), "path": str(p), "threads": threads,
-                                                                 "provider": provider, "native": native, "raw": k == "raw"})["peak_rss_mb"]
+            mem[k] = measure_in_child("blindsight.bench.model", {"case": vars(case), "dims": asdict(dims), "path": str(p),
+                                                                 "threads": threads, "provider": provider, "native": native,
+                                                                 "raw": k == "raw"})["peak_rss_mb"]
             tick()
     fl = count_flops(dims, layers_of(dims, "mix", case.first_dense), t.spans, t.seq_len, logit_positions=t.seq_len if case.logits == "all" else 1).to_dict()
     rec = {
@@ -241,7 +243,9 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
 
 
 def _child() -> None:
-    """Peak RSS of one variant's prefill in a fresh process (timing.measure_in_child)."""
+    """Peak RSS of one variant's prefill in a fresh process (timing.measure_in_child). The
+    dimensions come from the parent: reading them here would import transformers and
+    torch (0.36 GB resident, measured), which a deployment does not load."""
     import sys
 
     from blindsight.bench.timing import peak_rss_mb, reset_peak_rss, session
@@ -250,11 +254,11 @@ def _child() -> None:
     case = ModelCase(**args["case"])
     native = False if args["raw"] else args["native"]
     sess = session(args["path"], args["threads"], args["provider"], arena=False, native=native, config=SESSION_CONFIG)
-    dims = case.dims()
+    dims = ModelDims(**{k: tuple(v) if isinstance(v, list) else v for k, v in args["dims"].items()})
     feeds = _inputs(sess, case.template, dims, case.dtype, 0, seed=0)
     reset_peak_rss()
     prefill(sess, feeds, case.chunk, dims.image_blocks)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), "torch_loaded": "torch" in sys.modules}))
 
 
 if __name__ == "__main__":

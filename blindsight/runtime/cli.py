@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         from blindsight.runtime.pipeline import Pipeline
 
         pipe = Pipeline(args.out_dir, provider=args.provider, compiled=args.model, threads=args.threads,
-                        native=False if args.no_native else None, chunk_size=args.chunk_size, prepack=args.prepack)
+                        native=False if args.no_native else None, chunk_size=args.chunk_size, prepack=args.prepack,
+                        keep_prefill_feeds=args.provider != "cpu")
         result = pipe.generate(args.image, args.prompt, args.max_new_tokens, chat=not args.no_chat)
         placement = None
         if args.provider != "cpu":

@@ -110,7 +110,8 @@ SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0
 
 class Pipeline:
     def __init__(self, out_dir, provider: str = "cpu", compiled=True, threads: int | None = None,
-                 native: bool | None = None, chunk_size: int | None = None, prepack: str = "auto"):
+                 native: bool | None = None, chunk_size: int | None = None, prepack: str = "auto",
+                 keep_prefill_feeds: bool = False):
         """``prepack`` (auto, on, off): ONNX Runtime's MatMul weight pre-packing
         (:func:`~blindsight.runtime.session.prepack_weights`: auto turns it off
         where a second copy of the weights would not fit). ``chunk_size``: prefill the prompt through the KV cache in chunks of this
@@ -118,10 +119,14 @@ class Pipeline:
         buffers are sized by the chunk, not the prompt; every chunk attends with
         the prompt's spans as one call would (docs/specification.md §2: queries
         at their absolute positions), and for Gemma 3 no chunk boundary falls
-        inside an image block (it moves to the block's edge)."""
+        inside an image block (it moves to the block's edge). ``keep_prefill_feeds``:
+        keep the last prefill call's feeds as ``prefill_feeds`` (a node-placement
+        report reruns them); off by default, since they hold a copy of the KV cache."""
         if chunk_size is not None and chunk_size < 1:
             raise BlindSightError(f"chunk size {chunk_size}: pass a positive number of tokens (or none for one call)")
         self.chunk_size = chunk_size
+        self.keep_prefill_feeds = keep_prefill_feeds
+        self.prefill_feeds = None
         self.out_dir = Path(out_dir)
         self.template = load_template(self.out_dir)
         self.family = self.template["family"]
@@ -224,11 +229,12 @@ class Pipeline:
         prompt's prefill (in chunks of ``chunk_size`` tokens)."""
         bounds = chunk_bounds(embeds.shape[1], self.chunk_size, spans, TOKEN_TYPE_INPUT in self.lm_inputs)
         past = self._empty_past()
-        for start, end in bounds:
-            logits, past = self._run_lm(embeds[:, start:end], positions[..., start:end], past, end, spans)
+        for i, (start, end) in enumerate(bounds):
+            keep = self.keep_prefill_feeds and i == len(bounds) - 1
+            logits, past = self._run_lm(embeds[:, start:end], positions[..., start:end], past, end, spans, keep)
         return logits, past, len(bounds)
 
-    def _run_lm(self, embeds, positions, past: dict, total_len: int, spans):
+    def _run_lm(self, embeds, positions, past: dict, total_len: int, spans, keep: bool = False):
         feeds = {"inputs_embeds": embeds, "position_ids": positions,
                  "attention_mask": np.ones((1, total_len), dtype=np.int64), **past}
         if self.sparse:
@@ -237,8 +243,10 @@ class Pipeline:
             new = embeds.shape[1]
             feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, new, total_len - new, rows=1)
         names = [o.name for o in self.lm.get_outputs()]
-        self._last_feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
-        outs = dict(zip(names, self.lm.run(None, self._last_feeds)))
+        feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
+        if keep:
+            self.prefill_feeds = feeds
+        outs = dict(zip(names, self.lm.run(None, feeds)))
         present = {f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"]
                    for i in range(self.num_layers) for n in ("key", "value")}
         return outs["logits"][0, -1], present
@@ -251,8 +259,7 @@ class Pipeline:
         if max_new_tokens < 1:
             raise BlindSightError(f"max_new_tokens is {max_new_tokens}; it must be at least 1")
         t0 = time.perf_counter()
-        built = self.prompts.build(images, prompt, chat)
-        return self.generate_from(built, max_new_tokens, t0, on_token)
+        return self.generate_from(self.prompts.build(images, prompt, chat), max_new_tokens, t0, on_token)
 
     def generate_from(self, prompt: Prompt, max_new_tokens: int, t0: float | None = None, on_token=None) -> Result:
         t0 = time.perf_counter() if t0 is None else t0
@@ -260,12 +267,15 @@ class Pipeline:
         spans = self.image_spans(ids)
         embeds = self.embeddings(prompt)
         positions, delta = self.position_ids(prompt)
+        # the pixels (0.3 GB for 16 images of 896 px) and the prompt's embeddings are not
+        # needed past the prefill: drop them while the KV cache grows
+        del prompt
         rows = positions.shape[0] if positions.ndim == 3 else 1
         tp = time.perf_counter()
         logits, past, chunks = self.prefill(embeds, positions, spans)
+        del embeds, positions
         token = int(np.argmax(logits))
         t1 = time.perf_counter()
-        self.prefill_feeds = self._last_feeds  # for a node-placement report (runtime.placement)
         tokens = [token]
         if on_token is not None:
             on_token(token)

@@ -4,7 +4,7 @@
 - ``reference``: explicit per-head mask, dense compute (:mod:`.reference`);
 - ``fast``: skips the masked-out work (:mod:`.fast`) on a prefill; on KV-cache
   steps text queries (decode) attend in place and a chunk with image tokens
-  runs the reference body (:func:`prefill_or_cached`).
+  skips the masked-out work too (:func:`prefill_or_cached`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from blindsight.attention.schema import SPANS_INPUT, AttentionConfig
 from blindsight.errors import ModelError
 from blindsight.passes.lowering.builder import OPSET, Builder
 from blindsight.passes.lowering.fast import build_fast
+from blindsight.passes.lowering.fast.image_cached import build_image_cached
 from blindsight.passes.lowering.fast.text_cached import build_text_cached, queries_are_text
 from blindsight.passes.lowering.function import OUTPUT_NAME
 from blindsight.passes.lowering.reference import build_reference
@@ -40,9 +41,10 @@ def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
     """The fast lowering assumes a prefill (query length == key length). With a
     KV cache (past > 0) the queries sit at absolute positions past..past+Sq-1:
     when they are all text (decode steps), every head is dense by docs/specification.md §2 and
-    one grouped MatMul reads the cache in place (:mod:`.fast.text_cached`); a
-    chunk that holds image tokens runs the reference body, which handles any
-    offset. Spans reaching past the keys are cut where the keys end first."""
+    one grouped MatMul reads the cache in place (:mod:`.fast.text_cached`); in a
+    chunk that holds image tokens the image rows of sparse heads read only the
+    keys their category may see (:mod:`.fast.image_cached`). Spans reaching
+    past the keys are cut where the keys end first."""
     if cfg.head_size % GQA_HEAD_MULTIPLE:
         raise ModelError(
             f"layer {cfg.layer}: head size {cfg.head_size} is not a multiple of {GQA_HEAD_MULTIPLE}, which ONNX Runtime's "
@@ -50,12 +52,12 @@ def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
         )
     fast = build_fast(cfg, opset)
     seq_axis = 2 if cfg.qkv_format == "BNSH" else 1
-    # KV-cache steps: text queries take the decode route, a chunk with image tokens the reference body
+    # KV-cache steps: text queries take the decode route, a chunk with image tokens the image route
     b = Builder("kv", cfg.elem_type)
     cached_out = b.op(
         "If", queries_are_text(b, cfg),
         then_branch=_branch(build_text_cached(cfg, opset), "text_cached", cfg.elem_type),
-        else_branch=_branch(build_reference(cfg, opset), "cached", cfg.elem_type),
+        else_branch=_branch(build_image_cached(cfg, opset), "image_cached", cfg.elem_type),
     )
     cached = b.subgraph("kv_cache", [cached_out])
     cond = "kv_is_prefill"
@@ -84,7 +86,7 @@ def prefill_or_cached(cfg: AttentionConfig, opset: int) -> onnx.FunctionProto:
     return helper.make_function(
         fast.domain, fast.name, inputs, [OUTPUT_NAME], nodes, list(fast.opset_import),
         overload=fast.overload,
-        doc_string=fast.doc_string + "; KV-cache steps (past > 0): text queries dense in place, image queries the reference body",
+        doc_string=fast.doc_string + "; KV-cache steps (past > 0): text queries dense in place, image queries on their key sets",
     )
 
 

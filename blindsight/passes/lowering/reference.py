@@ -15,7 +15,7 @@ from blindsight.passes.lowering.function import make_function, rename_output
 from blindsight.passes.lowering.masks import keep_mask, structural_keep
 
 
-def _to_bnsh(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
+def to_bnsh(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
     if cfg.qkv_format == "BNSH":
         return x
     return b.op("Transpose", b.op("Reshape", x, b.i64(0, 0, heads, -1)), perm=[0, 2, 1, 3])
@@ -23,9 +23,9 @@ def _to_bnsh(b: Builder, x: str, cfg: AttentionConfig, heads: int) -> str:
 
 def build_reference(cfg: AttentionConfig, opset: int = OPSET):
     b = Builder("ref", cfg.elem_type)
-    q = _to_bnsh(b, "query", cfg, cfg.num_heads)
-    k = _to_bnsh(b, "key", cfg, cfg.kv_num_heads)
-    v = _to_bnsh(b, "value", cfg, cfg.kv_num_heads)
+    q = to_bnsh(b, "query", cfg, cfg.num_heads)
+    k = to_bnsh(b, "key", cfg, cfg.kv_num_heads)
+    v = to_bnsh(b, "value", cfg, cfg.kv_num_heads)
     if cfg.group > 1:
         per_head = [cfg.kv_head(h) for h in range(cfg.num_heads)]
         k, v = b.gather(k, per_head, 1), b.gather(v, per_head, 1)

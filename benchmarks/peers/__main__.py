@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.peers.cli import entry
+
+sys.exit(entry())

@@ -1,0 +1,116 @@
+"""Each engine's conversion of the prepared checkpoint, made with that engine's own tool and cached.
+
+A conversion lives in ``CACHE/<engine>-<key>/``; the key covers the prepared
+checkpoint (its files and pixel bounds) and the converting tool's versions, and a
+``converted.json`` written last marks it complete, so an interrupted conversion is
+redone rather than used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.peers.errors import PeersError
+
+DONE = "converted.json"
+#: the project's language models, one per compile of the raw export
+PROJECT_MODELS = {"mix": "language_model.mix.onnx", "dense": "language_model.dense.onnx"}
+
+
+def cached(cache: Path, engine: str, prepared: Path, versions: dict, make, extra: str = "") -> dict:
+    """``make(tmp_dir)`` once per key (``extra``: more that the conversion depends on, e.g.
+    a profile's text); returns the conversion's record (dir, seconds, cached)."""
+    key = hashlib.sha256(json.dumps([prepared.name, versions, extra], sort_keys=True).encode()).hexdigest()[:12]
+    out = cache / f"{engine}-{key}"
+    if (out / DONE).is_file():
+        return dict(json.loads((out / DONE).read_text()), dir=str(out), cached=True)
+    tmp = cache / f".{engine}-{key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    info = make(tmp) or {}
+    record = dict(info, seconds=round(time.perf_counter() - t0, 1), checkpoint=prepared.name)
+    (tmp / DONE).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return dict(record, dir=str(out), cached=False)
+
+
+def _tool(cmd: list[str], what: str, log: Path):
+    """Run a conversion tool; its output goes to ``log``, its failure is one line naming the log."""
+    with open(log, "a") as sink:
+        sink.write(f"$ {' '.join(cmd)}\n")
+        sink.flush()
+        rc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or [""]
+        raise PeersError(f"{what} failed (exit {rc}): {last[0][:300]} (full output: {log})")
+
+
+def _bs(command: str, *args: str) -> list[str]:
+    """A project console script run by this interpreter (no reliance on PATH)."""
+    entry = command.replace("-", "_")
+    return [sys.executable, "-c", f"import sys; from blindsight.entry import {entry}; sys.exit({entry}())", *args]
+
+
+def project(prepared: Path, tmp: Path, profile: Path | None) -> dict:
+    """bs-export, then bs-compile twice: the mix profile (or the given one) and all dense."""
+    from blindsight.profile import Profile, load as load_profile
+
+    log = tmp.parent / f"{tmp.name}.log"
+    log.unlink(missing_ok=True)
+    export = tmp / "export"
+    _tool(_bs("bs-export", str(prepared), "-o", str(export), "--quiet"), "bs-export", log)
+    template = json.loads((export / "template.json").read_text())
+    layers, heads, kv = int(template["num_layers"]), int(template["num_heads"]), int(template["num_kv_heads"])
+    if profile is not None:
+        mix = load_profile(profile)
+        mix_doc = mix.to_json()
+    else:
+        # the benchmarks' mixed layer in every layer, the first layer dense as calibrated profiles keep it
+        mix_doc = Profile.mixed(layers, heads, first_dense=True, num_kv_heads=kv,
+                                model="peers harness: hand-made mix (random weights have nothing to calibrate)").to_json()
+    dense_doc = Profile.uniform("dense", layers, heads, num_kv_heads=kv, model="peers harness: all dense").to_json()
+    for name, doc in (("mix", mix_doc), ("dense", dense_doc)):
+        path = export / f"profile.{name}.json"
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        _tool(_bs("bs-compile", str(export / template["files"]["language_model"]), "--profile", str(path),
+                  "-o", str(export / PROJECT_MODELS[name])), f"bs-compile ({name})", log)
+    return {"tool": "bs-export, bs-compile", "mix_profile": mix_doc["model"]}
+
+
+#: run by the OpenVINO venv's interpreter after optimum-cli: the tokenizer and the
+#: processor files are (re)written from the checkpoint itself, so a tokenizer that
+#: optimum could not convert, or a processor it saved with other bounds, cannot differ
+OPENVINO_FINISH = """
+import shutil, sys
+from pathlib import Path
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+for name in ("preprocessor_config.json", "chat_template.jinja", "chat_template.json", "tokenizer_config.json", "tokenizer.json"):
+    if (src / name).is_file():
+        shutil.copyfile(src / name, out / name)
+if not (out / "openvino_tokenizer.xml").is_file() or not (out / "openvino_detokenizer.xml").is_file():
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+    tok, detok = convert_tokenizer(AutoTokenizer.from_pretrained(src), with_detokenizer=True)
+    ov.save_model(tok, out / "openvino_tokenizer.xml")
+    ov.save_model(detok, out / "openvino_detokenizer.xml")
+"""
+
+
+def openvino(prepared: Path, tmp: Path, python: Path, weight_format: str = "fp32") -> dict:
+    log = tmp.parent / f"{tmp.name}.log"
+    log.unlink(missing_ok=True)
+    model = tmp / "model"
+    cli = python.parent / "optimum-cli"
+    _tool([str(cli), "export", "openvino", "-m", str(prepared), "--task", "image-text-to-text",
+           "--weight-format", weight_format, str(model)], "optimum-cli export openvino", log)
+    _tool([str(python), "-c", OPENVINO_FINISH, str(prepared), str(model)], "saving the OpenVINO tokenizer", log)
+    return {"tool": f"optimum-cli export openvino --task image-text-to-text --weight-format {weight_format}"}

@@ -1,0 +1,66 @@
+"""The variants the harness can run: which engine, with which settings, and what each one is."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from benchmarks.peers.errors import PeersError
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    engine: str  # "project" or "openvino": which worker and venv run it
+    settings: dict  # what the engine's worker needs beyond the shared spec
+    dense: bool  # computes the dense model: its greedy tokens should equal every other dense variant's
+    precision: str  # "fp32" (the matched comparison) or "default" (the engine's own choice)
+    what: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("mix", "project", {"model": "mix"}, False, "fp32",
+            "the project: profile mix compiled, native kernel"),
+    Variant("dense", "project", {"model": "dense"}, True, "fp32",
+            "the project: all-dense compile, native kernel"),
+    Variant("raw", "project", {"model": "raw"}, True, "fp32",
+            "the project: raw bs-export (eager attention), no compile"),
+    Variant("ov-sdpa", "openvino", {"mode": "sdpa", "precision": "f32"}, True, "fp32",
+            "OpenVINO GenAI: dense, stateful SDPA"),
+    Variant("ov-paged", "openvino", {"mode": "paged", "precision": "f32"}, True, "fp32",
+            "OpenVINO GenAI: dense, paged attention, prefill in chunks of --chunk-size"),
+    Variant("ov-trishape", "openvino", {"mode": "trishape", "precision": "f32"}, False, "fp32",
+            "OpenVINO GenAI: sparse prefill TRISHAPE, paged, chunks of --chunk-size"),
+    Variant("ov-xattention", "openvino", {"mode": "xattention", "precision": "f32"}, False, "fp32",
+            "OpenVINO GenAI: sparse prefill XATTENTION, paged, chunks of --chunk-size"),
+    Variant("ov-default-precision", "openvino", {"mode": "sdpa", "precision": "default"}, True, "default",
+            "OpenVINO GenAI: dense, stateful SDPA, the CPU plugin's own precision (bf16 where the CPU has it)"),
+)}
+
+GROUPS = {
+    "all": list(VARIANTS),
+    "project": [n for n, v in VARIANTS.items() if v.engine == "project"],
+    "openvino": [n for n, v in VARIANTS.items() if v.engine == "openvino"],
+}
+
+
+def select(spec: str) -> list[Variant]:
+    """Comma-separated variant or group names, in the given order, each once."""
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item in GROUPS:
+            names += GROUPS[item]
+        elif item in VARIANTS:
+            names.append(item)
+        else:
+            raise PeersError(f"unknown variant {item!r}; choose from {', '.join(VARIANTS)} "
+                             f"or the groups {', '.join(GROUPS)}")
+    if not names:
+        raise PeersError("no variants selected; pass --variants with at least one name")
+    return [VARIANTS[n] for n in dict.fromkeys(names)]
+
+
+def describe() -> str:
+    width = max(map(len, VARIANTS))
+    return "\n".join(f"  {n:<{width}}  {v.what}" for n, v in VARIANTS.items())

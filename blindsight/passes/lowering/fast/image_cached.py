@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from blindsight.attention import category_mask, is_dense, key_only_mask, model_mask, sees_own_image
+from blindsight.attention import category_mask, is_dense, model_mask, sees_own_image
 from blindsight.attention.schema import SPANS_INPUT, AttentionConfig
-from blindsight.attention.semantics import clauses
+from blindsight.attention.semantics import SAME_IMAGE, clauses
 from blindsight.passes.lowering.builder import OPSET, Builder
 from blindsight.passes.lowering.facts import SpanFacts
 from blindsight.passes.lowering.function import make_function, rename_output
@@ -63,9 +63,9 @@ class _Chunk:
     def key_set(self, category: str) -> str | None:
         """1-D key positions the image rows of ``category`` may see, or None for all."""
         b, f = self.b, self.facts
-        if any(not c.key_only for c in clauses(category) if c.name != "same_image"):
+        if any(not c.key_only for c in clauses(category) if c is not SAME_IMAGE):
             return None  # a clause that reads the query beyond its image: no cheaper key set
-        by_facts = f.visible_keys(category, b) if key_only_mask(category) is not None else None
+        by_facts = f.visible_keys(category, b)
         own = self.own_image_keys() if sees_own_image(category) else None
         flags = by_facts if own is None else own if by_facts is None else b.op("Or", by_facts, own)
         return None if flags is None else b.nonzero(flags)

@@ -93,10 +93,10 @@ def _check(args):
     if shape is not None and shape.num_images < 1:
         raise BlindSightError(f"--prompt-shape {args.prompt_shape}: calibration needs at least one image, e.g. 16:1024")
     if shape is not None and args.model not in pretrained.PRETRAINED and (Path(args.model) / "config.json").is_file():
+        from blindsight.calibration.vlm_prompts import check_image_tokens
+
         fixed = json.loads((Path(args.model) / "config.json").read_text()).get("mm_tokens_per_image")
-        if fixed and shape.image_len != fixed:
-            raise BlindSightError(f"--prompt-shape {args.prompt_shape}: this model turns every image into {fixed} "
-                                  f"tokens; ask for IMAGES:{fixed}")
+        check_image_tokens(fixed, shape.image_len, f"--prompt-shape {args.prompt_shape}")
     sweeps = parse_thresholds(args.sweep) if args.sweep else []
     if args.model not in pretrained.PRETRAINED and not (Path(args.model) / "config.json").is_file():
         pretrained.load(args.model)  # raises the one-line error naming the choices

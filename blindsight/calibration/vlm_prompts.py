@@ -7,10 +7,8 @@ real calibration, pass prompts of your own images through the same path).
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 
@@ -35,21 +33,25 @@ def drawn_image(rng: random.Random, size: int = DEFAULT_SIDE):
     return img
 
 
+def check_image_tokens(fixed: int | None, image_tokens: int, what: str) -> None:
+    """Refuse ``image_tokens`` per image for a model whose processor gives every image ``fixed``
+    tokens (Gemma 3's ``mm_tokens_per_image``); ``what`` names the request in the message."""
+    if fixed and image_tokens != fixed:
+        raise BlindSightError(f"{what}: this model turns every image into {fixed} tokens; ask for IMAGES:{fixed}")
+
+
 def image_side(loaded, template: dict, image_tokens: int | None) -> int:
     """Side in px of a drawn image that the family's processor turns into about ``image_tokens``
     tokens (Qwen: one token per merged patch block; Gemma 3: a fixed count, resized to its size)."""
+    from blindsight.runtime.images import ImageProcessor
+
     if image_tokens is None:
         return DEFAULT_SIDE
     if "tokens_per_image" in template:
-        fixed = int(template["tokens_per_image"])
-        if image_tokens != fixed:
-            raise BlindSightError(
-                f"{loaded.family} turns every image into {fixed} tokens; ask for IMAGES:{fixed} calibration prompts"
-            )
+        check_image_tokens(int(template["tokens_per_image"]), image_tokens, f"{image_tokens} tokens per image")
         return DEFAULT_SIDE
-    processor = json.loads((Path(loaded.directory) / "preprocessor_config.json").read_text())
-    block = int(processor.get("patch_size", 14)) * int(processor.get("merge_size", 2))
-    return block * max(1, round(math.sqrt(image_tokens)))
+    processor = ImageProcessor.from_directory(loaded.directory, loaded.family)
+    return processor.patch_size * processor.merge_size * max(1, round(math.sqrt(image_tokens)))
 
 
 def vlm_calibration_prompts(loaded, num_prompts: int, seed: int, images: tuple[int, int] = (3, 5),

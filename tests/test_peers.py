@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,7 @@ def test_a_failing_worker_is_one_line_in_the_run(tmp_path):
     (["CKPT", "--image", "CKPT/config.json", "--question", "q"], "is not an image"),
     (["CKPT", "--image", "IMG", "--question", "q", "--threads", "0"], "--threads is 0"),
     (["CKPT", "--image", "IMG", "--question", "q", "--sparse", "stride=4"], "expected KEY=VALUE"),
+    (["CKPT", "--image", "IMG", "--question", "q", "--variants", "dense,llama-f16"], "vision tower has 1 block(s)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, args, message):
     subs = {"CKPT": str(tiny.checkpoint), "IMG": str(tiny.images[0]), "MISSING": str(tmp_path / "missing")}
@@ -272,7 +274,231 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
+def test_llamacpp_variants_picked_by_a_group_are_left_out_for_a_shallow_tower(tiny):
+    from benchmarks.peers.cli import check_args, parser
+
+    args = parser().parse_args([str(tiny.checkpoint), "--image", str(tiny.images[0]), "--question", "q",
+                                "--variants", "dense,llamacpp"])
+    assert [v.name for v in check_args(args)] == ["dense"]
+    args = parser().parse_args([str(tiny.checkpoint), "--image", str(tiny.images[0]), "--question", "q",
+                                "--variants", "llamacpp"])
+    with pytest.raises(PeersError, match="no other variant is selected"):
+        check_args(args)
+
+
 def test_help_names_every_variant():
     proc = peers("--help")
     assert proc.returncode == 0
     assert all(name in proc.stdout for name in variants.VARIANTS)
+
+
+# ------------------------------------------------------------------ llama.cpp, without llama.cpp
+
+def _llamacpp_worker():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+    import worker_llamacpp
+
+    return worker_llamacpp
+
+
+def test_llamacpp_token_bounds_match_the_pixel_bounds():
+    """1,003,520 px is 1,280 tokens of 28 x 28 px: an 896 x 896 px image (1,024 tokens) is not resized."""
+    bounds = checkpoint.token_bounds({"min_pixels": 3136, "max_pixels": 1003520, "patch_size": 14, "merge_size": 2})
+    assert bounds == {"min_tokens": 4, "max_tokens": 1280, "patch_size": 14, "merge_size": 2}
+    assert (896 // 28) ** 2 <= bounds["max_tokens"]
+
+
+def test_llamacpp_context_covers_the_prompt(tiny):
+    """The KV cache the worker asks for holds the prompt as the tokenizer counts it, and the answer."""
+    w = _llamacpp_worker()
+    n_ctx = w.context_length(list(IMAGES.values()), 14, 2, 1280, QUESTION, 8)
+    assert n_ctx % 256 == 0
+    assert expected_prompt_tokens(tiny) + 8 <= n_ctx <= expected_prompt_tokens(tiny) + 8 + 512
+    # an image above the bound counts as the bound, not as its size
+    assert w.context_length([(4480, 4480)], 14, 2, 1280, QUESTION, 8) < 1280 + 512
+
+
+def test_llamacpp_log_split_reads_mtmd_lines():
+    """Lines as mtmd-helper prints them (llama-cpp-python 0.3.36, two images)."""
+    w = _llamacpp_worker()
+    log = ("encoding image slice...\nimage slice encoded in 1520 ms\ndecoding image batch 1/1, n_tokens_batch = 1024\n"
+           "image decoded (batch 1/1) in 830 ms\nencoding image slice...\nimage slice encoded in 1480 ms\n"
+           "decoding image batch 1/2, n_tokens_batch = 512\nimage decoded (batch 1/2) in 400 ms\n"
+           "image decoded (batch 2/2) in 410 ms\n")
+    assert w.parse_log(log) == {"encode_s": 3.0, "encoded_images": 2, "image_decode_s": 1.64}
+    assert w.parse_log("nothing here")["encoded_images"] == 0
+
+
+def test_llamacpp_stderr_capture_takes_what_c_code_writes_to_fd_2(capfd):
+    w = _llamacpp_worker()
+    with w.CapturedStderr() as captured:
+        os.write(2, b"image slice encoded in 7 ms\n")  # as C code writes: to the descriptor, past sys.stderr
+    assert "encoded in 7 ms" in captured.text
+    assert "encoded in 7 ms" in capfd.readouterr().err  # echoed back, so the run's log keeps it
+
+
+def test_llamacpp_prompt_counts_come_from_the_chunks():
+    """Counted over mtmd's chunks (text, image, text, image, text) with a stand-in mtmd module."""
+    w = _llamacpp_worker()
+    chunks = [("text", 12), ("image", 16), ("text", 2), ("image", 12), ("text", 15)]
+    mtmd = SimpleNamespace(
+        MTMD_INPUT_CHUNK_TYPE_TEXT=0, MTMD_INPUT_CHUNK_TYPE_IMAGE=1,
+        mtmd_tokenize=lambda ctx, c, *a: 0,
+        mtmd_input_chunks_size=lambda c: len(c),
+        mtmd_input_chunks_get=lambda c, i: c[i],
+        mtmd_input_chunk_get_n_tokens=lambda chunk: chunk[1],
+        mtmd_input_chunk_get_type=lambda chunk: 1 if chunk[0] == "image" else 0)
+    clocks = w.Clocks(mtmd)
+    assert mtmd.mtmd_tokenize(None, chunks) == 0
+    assert (clocks.prompt_tokens, clocks.image_tokens) == (57, 28)
+    assert clocks.seconds["tokenize"] >= 0
+
+
+def test_llamacpp_token_recorder_keeps_sampled_ids_in_order():
+    w = _llamacpp_worker()
+    stream = iter([5, 9, 2])
+    llm = SimpleNamespace(sample=lambda *a, **k: next(stream))
+    recorder = w.TokenRecorder(llm)
+    assert [llm.sample() for _ in range(3)] == [5, 9, 2]
+    assert recorder.ids == [5, 9, 2] and recorder.times == sorted(recorder.times)
+
+
+def test_llamacpp_spec_names_the_conversion_files(tiny, tmp_path):
+    from benchmarks.peers.cli import spec_for
+
+    args = SimpleNamespace(image=tiny.images, question=QUESTION, threads=2, chunk_size=512, max_new_tokens=4,
+                           warmup=False, prepared=tiny.checkpoint,
+                           processor={"min_pixels": 3136, "max_pixels": 12544, "patch_size": 14, "merge_size": 2})
+    spec = spec_for(variants.VARIANTS["llama-f16"], {"dir": str(tmp_path)}, args)
+    assert spec["model"] == str(tmp_path / "model-f16.gguf") and spec["mmproj"] == str(tmp_path / "mmproj-f16.gguf")
+    assert (spec["kv_type"], spec["flash_attn"], spec["min_tokens"], spec["max_tokens"]) == ("f16", True, 4, 16)
+    assert spec["chat_template"] == (tiny.checkpoint / "chat_template.jinja").read_text()
+    assert variants.select("llamacpp") == [variants.VARIANTS["llama-f32"], variants.VARIANTS["llama-f16"]]
+
+
+def _fake_sdist(path: Path, files: dict) -> Path:
+    import io
+    import tarfile
+
+    prefix = f"llama_cpp_python-{envs.LLAMACPP_VERSION}/"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(prefix + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_llamacpp_converter_is_unpacked_from_the_sdist(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_sdist(wheels / f"llama_cpp_python-{envs.LLAMACPP_VERSION}.tar.gz", {
+        "vendor/llama.cpp/convert_hf_to_gguf.py": "print('convert')\n",
+        "vendor/llama.cpp/conversion/base.py": "class TextModel: pass\n",
+        "vendor/llama.cpp/gguf-py/gguf/__init__.py": "\n",
+        "vendor/llama.cpp/src/llama.cpp": "// not wanted\n",
+        "llama_cpp/llama.py": "# not wanted\n"})
+    script = envs.unpack_converter(wheels, tmp_path / "out")
+    assert script.read_text() == "print('convert')\n"
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert got == ["conversion/base.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    _fake_sdist(wheels / f"llama_cpp_python-{envs.LLAMACPP_VERSION}.tar.gz", {"README.md": "x"})
+    with pytest.raises(PeersError, match="has no vendor/llama.cpp/convert_hf_to_gguf.py"):
+        envs.unpack_converter(wheels, tmp_path / "again")
+
+
+def test_llamacpp_converter_repairs_only_what_a_local_tokenizer_lacks(tmp_path):
+    """The launcher runs the converter as a script with its arguments; a pre-tokenizer the
+    converter does not know becomes qwen2's and a known one stays; a vocabulary without
+    merges gets the one no-op merge, one with merges keeps its own."""
+    from benchmarks.peers.convert import LLAMACPP_CONVERT
+
+    (tmp_path / "conversion").mkdir()
+    (tmp_path / "conversion" / "__init__.py").write_text("")
+    (tmp_path / "conversion" / "base.py").write_text(
+        "class TextModel:\n"
+        "    def get_vocab_base_pre(self, tokenizer):\n"
+        "        if tokenizer == 'known':\n"
+        "            return 'llama-bpe'\n"
+        "        raise NotImplementedError('BPE pre-tokenizer was not recognized')\n")
+    (tmp_path / "gguf-py" / "gguf").mkdir(parents=True)
+    (tmp_path / "gguf-py" / "gguf" / "__init__.py").write_text(
+        "class SpecialVocab:\n"
+        "    def __init__(self, merges):\n"
+        "        self.load_merges, self.merges = True, merges\n"
+        "    def add_to_gguf(self, gw, quiet=False):\n"
+        "        gw.extend(self.merges)\n")
+    script = tmp_path / "convert_hf_to_gguf.py"
+    script.write_text("import sys, gguf\nfrom conversion.base import TextModel\n"
+                      "merges = [] if sys.argv[2] == 'none' else ['a b']\n"
+                      "written = []\ngguf.SpecialVocab(merges).add_to_gguf(written)\n"
+                      "print(sys.argv[1:], TextModel().get_vocab_base_pre(sys.argv[1]), written)\n")
+    for tok, merges, expected in (("known", "some", "llama-bpe ['a b']"), ("local", "none", "qwen2 ['! !']")):
+        proc = subprocess.run([sys.executable, "-c", LLAMACPP_CONVERT, str(script), tok, merges, "--outtype", "f32"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == f"['{tok}', '{merges}', '--outtype', 'f32'] {expected}"
+
+
+def test_llamacpp_no_op_merge_leaves_the_tokenization_alone(tiny):
+    """llama.cpp splits a merged symbol that is not a token back into single-byte tokens:
+    the added merge's result must not be a token, and both its halves must be."""
+    vocab = json.loads((tiny.checkpoint / "tokenizer.json").read_text())["model"]["vocab"]
+    left, right = "! !".split()
+    assert left in vocab and right in vocab and left + right not in vocab
+
+
+def test_llamacpp_prompt_is_the_checkpoints_template_with_image_urls(tiny):
+    """The worker's prompt text against transformers' own rendering of the same template."""
+    from transformers import AutoTokenizer
+
+    w = _llamacpp_worker()
+    urls = [Path(p).resolve().as_uri() for p in tiny.images]
+    fmt = w.prompt_format(checkpoint.chat_template(tiny.checkpoint), urls, QUESTION)
+    assert fmt.startswith("{% raw %}") and fmt.endswith("{% endraw %}")
+    content = [{"type": "image"} for _ in urls] + [{"type": "text", "text": QUESTION}]
+    reference = AutoTokenizer.from_pretrained(tiny.checkpoint).apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    for url in urls:
+        reference = reference.replace(w.IMAGE_BLOCK, url, 1)
+    assert fmt[len("{% raw %}"):-len("{% endraw %}")] == reference
+    with pytest.raises(SystemExit, match="wrote 0 image blocks for 2 images"):
+        w.prompt_format("{{ messages[0]['content'][-1]['text'] }}", urls, QUESTION)
+
+
+def test_chat_template_is_found_where_transformers_looks(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "from config"}))
+    assert checkpoint.chat_template(tmp_path) == "from config"
+    (tmp_path / "chat_template.jinja").write_text("from jinja")
+    assert checkpoint.chat_template(tmp_path) == "from jinja"
+    with pytest.raises(PeersError, match="has no chat template"):
+        checkpoint.chat_template(tmp_path / "nothing")
+
+
+def test_converter_view_puts_a_transformers5_tokenizer_config_in_457_terms(tiny, tmp_path):
+    from benchmarks.peers.convert import converter_view
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in tiny.checkpoint.iterdir():
+        (src / item.name).symlink_to(item.resolve())
+    (src / "tokenizer_config.json").unlink()
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<|a|>"], "eos_token": "<|im_end|>"}))
+    view = converter_view(src, tmp_path / "view")
+    doc = json.loads((view / "tokenizer_config.json").read_text())
+    assert doc == {"tokenizer_class": "PreTrainedTokenizerFast", "additional_special_tokens": ["<|a|>"],
+                   "eos_token": "<|im_end|>"}
+    assert json.loads((src / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    assert (view / "config.json").is_symlink() and (view / "tokenizer.json").resolve() == (tiny.checkpoint / "tokenizer.json").resolve()
+    # a config transformers 4.57 reads as it is stays a link to the original
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"}))
+    assert (converter_view(src, tmp_path / "view2") / "tokenizer_config.json").is_symlink()
+
+
+def test_llamacpp_venv_pins_cpu_torch_and_the_converters_transformers(tmp_path):
+    pins = envs.PINS["llamacpp"]
+    assert f"llama-cpp-python=={envs.LLAMACPP_VERSION}" in pins and "torch==2.13.0" in pins
+    assert "transformers==4.57.6" in pins and not any(p.startswith("torchvision") for p in pins)
+    assert envs.venv_path(tmp_path, "llamacpp") != envs.venv_path(tmp_path, "openvino")

@@ -62,7 +62,8 @@ def prepare(src: Path, cache: Path, min_pixels: int | None = None, max_pixels: i
     lo, hi = pixel_bounds(processor, min_pixels, max_pixels)
     key = hashlib.sha256(f"{fingerprint(src)}:{lo}:{hi}".encode()).hexdigest()[:12]
     out = cache / f"checkpoint-{key}"
-    settings = {"min_pixels": lo, "max_pixels": hi, "source": str(src.resolve())}
+    settings = {"min_pixels": lo, "max_pixels": hi, "source": str(src.resolve()),
+                "patch_size": int(processor.get("patch_size") or 14), "merge_size": int(processor.get("merge_size") or 2)}
     if (out / PROCESSOR).is_file():
         return out, settings
     tmp = cache / f".checkpoint-{key}.{os.getpid()}"
@@ -75,3 +76,25 @@ def prepare(src: Path, cache: Path, min_pixels: int | None = None, max_pixels: i
     (tmp / PROCESSOR).write_text(json.dumps(fixed, indent=2) + "\n")
     tmp.rename(out)
     return out, settings
+
+
+def token_bounds(processor: dict) -> dict:
+    """The pixel bounds in image tokens (llama.cpp takes them so), with the patch and merge
+    sizes: one image token covers (patch x merge)^2 pixels."""
+    area = (processor["patch_size"] * processor["merge_size"]) ** 2
+    return {"min_tokens": max(1, processor["min_pixels"] // area), "max_tokens": processor["max_pixels"] // area,
+            "patch_size": processor["patch_size"], "merge_size": processor["merge_size"]}
+
+
+def chat_template(path: Path) -> str:
+    """The checkpoint's chat template: chat_template.jinja, chat_template.json or
+    tokenizer_config.json's, as transformers looks for it."""
+    path = Path(path)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            template = json.loads((path / name).read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+    raise PeersError(f"{path} has no chat template (chat_template.jinja, chat_template.json or in tokenizer_config.json)")

@@ -16,8 +16,12 @@ from benchmarks.peers import checkpoint, convert, envs, report, variants
 from benchmarks.peers.errors import PeersError
 
 HERE = Path(__file__).resolve().parent
-WORKERS = {"project": HERE / "worker_project.py", "openvino": HERE / "worker_openvino.py"}
+WORKERS = {"project": HERE / "worker_project.py", "openvino": HERE / "worker_openvino.py",
+           "llamacpp": HERE / "worker_llamacpp.py"}
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blindsight-peers"
+#: convert_hf_to_gguf.py fails on a shallower Qwen2-VL vision tower
+#: ("Can not map tensor 'visual.merger.mlp.2.bias'" with 1 block)
+LLAMACPP_MIN_DEPTH = 3
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 SPARSE_KEYS = ("num_last_dense_tokens_in_prefill", "num_retained_start_tokens_in_cache",
                "num_retained_recent_tokens_in_cache", "xattention_threshold", "xattention_block_size",
@@ -30,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time to first token of the project beside other engines on one checkpoint, the same "
                     "images, question and threads. Each engine converts the checkpoint with its own tool "
-                    "(cached) and runs in its own process (OpenVINO in a venv made on first use); repeats "
+                    "(cached) and runs in its own process (OpenVINO and llama.cpp in venvs made on first use); repeats "
                     "are interleaved across variants and the table shows medians.",
         epilog="variants (or the groups all, project, openvino):\n" + variants.describe() + "\n\n"
                "example: bs-checkpoint tiny-qwen2-vl -o tiny && python -m benchmarks.peers tiny "
@@ -67,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> list[variants.Variant]:
     chosen = variants.select(args.variants)
-    checkpoint.check_checkpoint(args.checkpoint)
+    config = checkpoint.check_checkpoint(args.checkpoint)
     for image in args.image:
         if not image.is_file():
             raise PeersError(f"image {image} does not exist")
@@ -94,6 +98,19 @@ def check_args(args) -> list[variants.Variant]:
             args.sparse_config[key] = float(value) if key == "xattention_threshold" else int(value)
         except ValueError:
             raise PeersError(f"--sparse {item!r}: {value!r} is not a number") from None
+    depth = (config.get("vision_config") or {}).get("depth")
+    llama = [v.name for v in chosen if v.engine == "llamacpp"]
+    if llama and depth is not None and depth < LLAMACPP_MIN_DEPTH:
+        why = (f"{args.checkpoint}'s vision tower has {depth} block(s); llama.cpp's converter maps one of at least "
+               f"{LLAMACPP_MIN_DEPTH} (bs-checkpoint's tiny checkpoints have 1)")
+        named = {item.strip() for item in args.variants.split(",")}
+        if named & set(llama):
+            raise PeersError(f"{why}: leave out the llamacpp variants or use a deeper checkpoint")
+        # picked by a group: run the rest and say so
+        chosen = [v for v in chosen if v.engine != "llamacpp"]
+        if not chosen:
+            raise PeersError(f"{why}, and no other variant is selected")
+        print(f"peers: leaving out {', '.join(llama)}: {why}", file=sys.stderr)
     return chosen
 
 
@@ -122,6 +139,11 @@ def spec_for(v: variants.Variant, conversion: dict, args) -> dict:
             return dict(shared, export_dir=str(export), model="dense", native=None)
         return dict(shared, export_dir=str(export), model=str(export / convert.PROJECT_MODELS[model]),
                     native=args.kernel == "native")
+    if v.engine == "llamacpp":
+        folder, outtype = Path(conversion["dir"]), v.settings["outtype"]
+        files = {part: str(folder / name.format(outtype=outtype)) for part, name in convert.LLAMACPP_FILES.items()}
+        return dict(shared, **files, kv_type=v.settings["kv_type"], flash_attn=v.settings["flash_attn"],
+                    chat_template=checkpoint.chat_template(args.prepared), **checkpoint.token_bounds(args.processor))
     return dict(shared, model_dir=str(Path(conversion["dir"]) / "model"), sparse=args.sparse_config, **v.settings)
 
 
@@ -158,6 +180,11 @@ def set_up_engines(chosen, prepared: Path, args, say):
         if engine == "project":
             extra = args.profile.read_text() if args.profile else ""
             make = lambda tmp: convert.project(prepared, tmp, args.profile)  # noqa: E731
+        elif engine == "llamacpp":
+            # the GGUF types the chosen variants run; a changed launcher makes new files
+            outtypes = tuple(sorted({v.settings["outtype"] for v in chosen if v.engine == engine}))
+            extra = convert.LLAMACPP_CONVERT + " ".join(outtypes)
+            make = lambda tmp, e=engine, o=outtypes: convert.llamacpp(prepared, tmp, pythons[e], o)  # noqa: E731
         else:
             extra = ""
             make = lambda tmp, e=engine: convert.openvino(prepared, tmp, pythons[e])  # noqa: E731
@@ -189,6 +216,7 @@ def main(argv=None) -> int:
         os.environ[var] = str(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
     prepared, processor = checkpoint.prepare(args.checkpoint, args.cache, args.min_pixels, args.max_pixels)
+    args.processor, args.prepared = processor, prepared
     say(f"checkpoint {args.checkpoint} -> {prepared} (pixels {processor['min_pixels']}..{processor['max_pixels']})")
 
     pythons, versions, conversions, setup = set_up_engines(chosen, prepared, args, say)

@@ -114,3 +114,90 @@ def openvino(prepared: Path, tmp: Path, python: Path, weight_format: str = "fp32
            "--weight-format", weight_format, str(model)], "optimum-cli export openvino", log)
     _tool([str(python), "-c", OPENVINO_FINISH, str(prepared), str(model)], "saving the OpenVINO tokenizer", log)
     return {"tool": f"optimum-cli export openvino --task image-text-to-text --weight-format {weight_format}"}
+
+
+#: run by the llama.cpp venv's interpreter: convert_hf_to_gguf.py as its own command
+#: line runs it, with two repairs for tokenizers made locally (as bs-checkpoint makes them):
+#: - a pre-tokenizer whose hash the script does not list gets Qwen2's, which Qwen2-VL and
+#:   Qwen2.5-VL use (the published tokenizers are listed and keep their detection);
+#: - a BPE vocabulary without merges (byte-level, 256 tokens) gets one merge of two ASCII
+#:   characters whose result is not a token: llama.cpp refuses a BPE vocabulary without
+#:   merges, and splits a merged symbol that is not a token back into its single-byte
+#:   tokens, so the text tokenizes as before (the harness checks the counts and tokens)
+LLAMACPP_CONVERT = """
+import os, runpy, sys
+from pathlib import Path
+script = Path(sys.argv[1])
+sys.path.insert(0, str(script.parent))
+if 'NO_LOCAL_GGUF' not in os.environ:
+    sys.path.insert(1, str(script.parent / 'gguf-py'))
+import gguf
+from conversion.base import TextModel
+detect = TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return detect(self, tokenizer)
+    except NotImplementedError:
+        print("convert: pre-tokenizer not in the converter's list; using qwen2's (a Qwen checkpoint)", file=sys.stderr)
+        return "qwen2"
+TextModel.get_vocab_base_pre = get_vocab_base_pre
+add_to_gguf = gguf.SpecialVocab.add_to_gguf
+def add_with_merges(self, gw, *args, **kwargs):
+    if self.load_merges and not self.merges:
+        print("convert: the BPE vocabulary has no merges; adding the no-op merge '! !'", file=sys.stderr)
+        self.merges = ["! !"]
+    return add_to_gguf(self, gw, *args, **kwargs)
+gguf.SpecialVocab.add_to_gguf = add_with_merges
+sys.argv = [str(script)] + sys.argv[2:]
+runpy.run_path(str(script), run_name="__main__")
+"""
+#: the files of a llama.cpp conversion
+LLAMACPP_FILES = {"model": "model-{outtype}.gguf", "mmproj": "mmproj-{outtype}.gguf"}
+
+
+#: tokenizer classes that transformers 5 writes and the converter's transformers 4.57 cannot
+#: import; the tokenizer itself is tokenizer.json, which the generic fast class reads
+TRANSFORMERS5_TOKENIZERS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def converter_view(prepared: Path, view: Path) -> Path:
+    """The checkpoint as convert_hf_to_gguf.py's transformers (4.57) can read it: symlinks to
+    its files, with a tokenizer_config.json written by transformers 5 put in 4.57's terms."""
+    view.mkdir(parents=True)
+    for item in prepared.iterdir():
+        (view / item.name).symlink_to(item.resolve())
+    config = prepared / "tokenizer_config.json"
+    if config.is_file():
+        doc = json.loads(config.read_text())
+        before = dict(doc)
+        if doc.get("tokenizer_class") in TRANSFORMERS5_TOKENIZERS:
+            doc["tokenizer_class"] = TRANSFORMERS5_TOKENIZERS[doc["tokenizer_class"]]
+        if isinstance(doc.get("extra_special_tokens"), list):
+            # transformers 5 writes a list here; 4.57 reads a mapping, and lists extra tokens elsewhere
+            extra = doc.pop("extra_special_tokens")
+            if extra:
+                doc["additional_special_tokens"] = extra
+        if doc != before:
+            (view / config.name).unlink()
+            (view / config.name).write_text(json.dumps(doc, indent=2) + "\n")
+    return view
+
+
+def llamacpp(prepared: Path, tmp: Path, python: Path, outtypes=("f32", "f16")) -> dict:
+    """The language model and the vision projector, each as a GGUF per ``outtypes``."""
+    from benchmarks.peers.envs import CONVERTER
+
+    log = tmp.parent / f"{tmp.name}.log"
+    log.unlink(missing_ok=True)
+    script = python.parent.parent / CONVERTER / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise PeersError(f"{script} is missing: remove the llama.cpp venv {python.parent.parent} to have it made again")
+    source = converter_view(prepared, tmp / "checkpoint")
+    for outtype in outtypes:
+        for part, name in LLAMACPP_FILES.items():
+            extra = ["--mmproj"] if part == "mmproj" else []
+            _tool([str(python), "-c", LLAMACPP_CONVERT, str(script), str(source), *extra, "--outtype", outtype,
+                   "--outfile", str(tmp / name.format(outtype=outtype))], f"convert_hf_to_gguf.py ({part}, {outtype})", log)
+    shutil.rmtree(source)
+    return {"tool": "convert_hf_to_gguf.py (llama-cpp-python's sdist), --mmproj for the vision projector",
+            "outtypes": list(outtypes)}

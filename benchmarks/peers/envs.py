@@ -43,9 +43,31 @@ OPENVINO_NO_DEPS = ("optimum-intel==2.2.0",)
 OPENVINO_REPORTED = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "optimum",
                      "transformers", "torch", "numpy")
 
-PINS = {"openvino": OPENVINO_PINS}
-NO_DEPS = {"openvino": OPENVINO_NO_DEPS}
-REPORTED = {"openvino": OPENVINO_REPORTED,
+#: llama-cpp-python builds llama.cpp from its sdist (about 14 minutes on 2 cores): the
+#: wheel is built once into the venvs folder and every later venv installs it from
+#: there. The sdist also carries the converter (convert_hf_to_gguf.py with its
+#: conversion package and gguf-py), which no wheel installs; its requirements
+#: (transformers 4.57.6, sentencepiece, protobuf < 5) are pinned beside it.
+LLAMACPP_VERSION = "0.3.36"
+LLAMACPP_PINS = (
+    f"llama-cpp-python=={LLAMACPP_VERSION}",
+    "torch==2.13.0",
+    "transformers==4.57.6",
+    "numpy==2.2.6",
+    "sentencepiece==0.2.3",
+    "protobuf==4.25.9",
+    "pyyaml",
+    "tqdm",
+    "requests",
+    "Pillow>=9.1",
+)
+LLAMACPP_REPORTED = ("llama-cpp-python", "transformers", "torch", "numpy", "sentencepiece")
+#: where the converter is unpacked inside the llama.cpp venv
+CONVERTER = "llama.cpp"
+
+PINS = {"openvino": OPENVINO_PINS, "llamacpp": LLAMACPP_PINS}
+NO_DEPS = {"openvino": OPENVINO_NO_DEPS, "llamacpp": ()}
+REPORTED = {"openvino": OPENVINO_REPORTED, "llamacpp": LLAMACPP_REPORTED,
             "project": ("blindsight-ort", "onnxruntime", "onnx", "numpy", "transformers", "torch")}
 READY = "peers-ready.json"
 
@@ -76,8 +98,15 @@ def create(engine: str, venv: Path, log=print) -> float:
     _run([sys.executable, "-m", "venv", "--clear", str(venv)], f"creating the venv {venv}")
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     _run(pip + ["--upgrade", "pip"], "upgrading pip in the venv")
-    _run(pip + list(PINS[engine]), f"installing {' '.join(PINS[engine])} into {venv}")
-    _run(pip + ["--no-deps", *NO_DEPS[engine]], f"installing {' '.join(NO_DEPS[engine])} into {venv}")
+    extra = []
+    if engine == "llamacpp":
+        wheels = llamacpp_sources(venv.parent, log)
+        extra = ["--find-links", str(wheels)]
+    _run(pip + extra + list(PINS[engine]), f"installing {' '.join(PINS[engine])} into {venv}")
+    if NO_DEPS[engine]:
+        _run(pip + ["--no-deps", *NO_DEPS[engine]], f"installing {' '.join(NO_DEPS[engine])} into {venv}")
+    if engine == "llamacpp":
+        unpack_converter(venv.parent / "wheels", venv / CONVERTER)
     broken = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('torchvision') is not None)"],
                             capture_output=True, text=True).stdout.strip()
     if broken != "False":
@@ -86,6 +115,43 @@ def create(engine: str, venv: Path, log=print) -> float:
     (venv / READY).write_text(json.dumps({"pins": list(PINS[engine] + NO_DEPS[engine]), "seconds": round(seconds, 1)}) + "\n")
     log(f"{engine} venv ready in {seconds:.0f} s")
     return seconds
+
+
+def llamacpp_sources(root: Path, log=print) -> Path:
+    """``root/wheels`` with llama-cpp-python's sdist and the wheel built from it (once)."""
+    wheels = Path(root) / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    sdist = wheels / f"llama_cpp_python-{LLAMACPP_VERSION}.tar.gz"
+    if not sdist.is_file():
+        _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={LLAMACPP_VERSION}", "-d", str(wheels)], "downloading the llama-cpp-python sdist")
+    if not list(wheels.glob(f"llama_cpp_python-{LLAMACPP_VERSION}-*.whl")):
+        log(f"building llama-cpp-python {LLAMACPP_VERSION} (once; about 14 min on 2 cores)")
+        # by name, not from the sdist file: pip's own wheel cache then answers if it built this release before
+        _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", f"llama-cpp-python=={LLAMACPP_VERSION}",
+              "-w", str(wheels)], "building the llama-cpp-python wheel")
+    return wheels
+
+
+def unpack_converter(wheels: Path, dest: Path) -> Path:
+    """convert_hf_to_gguf.py, its conversion package and gguf-py from the sdist into ``dest``."""
+    import tarfile
+
+    sdist = Path(wheels) / f"llama_cpp_python-{LLAMACPP_VERSION}.tar.gz"
+    prefix = f"llama_cpp_python-{LLAMACPP_VERSION}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+            if rel and rel.startswith(wanted) and (m.isfile() or m.isdir()):
+                m.name = rel
+                members.append(m)
+        if not any(m.name == "convert_hf_to_gguf.py" for m in members):
+            raise PeersError(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+        tar.extractall(dest, members=members, filter="data")
+    return dest / "convert_hf_to_gguf.py"
 
 
 def _run(cmd: list[str], what: str):

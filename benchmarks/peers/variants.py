@@ -10,7 +10,7 @@ from benchmarks.peers.errors import PeersError
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    engine: str  # "project" or "openvino": which worker and venv run it
+    engine: str  # "project", "openvino" or "llamacpp": which worker and venv run it
     settings: dict  # what the engine's worker needs beyond the shared spec
     dense: bool  # computes the dense model: its greedy tokens should equal every other dense variant's
     precision: str  # "fp32" (the matched comparison) or "default" (the engine's own choice)
@@ -34,12 +34,17 @@ VARIANTS = {v.name: v for v in (
             "OpenVINO GenAI: sparse prefill XATTENTION, paged, chunks of --chunk-size"),
     Variant("ov-default-precision", "openvino", {"mode": "sdpa", "precision": "default"}, True, "default",
             "OpenVINO GenAI: dense, stateful SDPA, the CPU plugin's own precision (bf16 where the CPU has it)"),
+    Variant("llama-f32", "llamacpp", {"outtype": "f32", "kv_type": "f32", "flash_attn": True}, True, "fp32",
+            "llama.cpp (llama-cpp-python, mtmd): f32 GGUF, f32 KV cache, flash attention, batches of --chunk-size"),
+    Variant("llama-f16", "llamacpp", {"outtype": "f16", "kv_type": "f16", "flash_attn": True}, True, "default",
+            "llama.cpp: f16 GGUF (the converter's default type) and f16 KV cache (llama.cpp's default), flash attention"),
 )}
 
 GROUPS = {
     "all": list(VARIANTS),
     "project": [n for n, v in VARIANTS.items() if v.engine == "project"],
     "openvino": [n for n, v in VARIANTS.items() if v.engine == "openvino"],
+    "llamacpp": [n for n, v in VARIANTS.items() if v.engine == "llamacpp"],
 }
 
 

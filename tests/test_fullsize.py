@@ -53,9 +53,18 @@ def test_random_checkpoint_loads_with_every_tensor(name, tmp_path):
     _, model_class, _, _ = full_config(name, SMALL[name])
     model, info = model_class.from_pretrained(out, local_files_only=True, dtype=torch.float16, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # stored under the names, and with the values, that transformers' save_pretrained writes for
+    # the loaded model, as published checkpoints are (llama.cpp's converter reads Qwen2-VL's
+    # vision tower as visual.*, not model.visual.*)
+    model.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    saved = {}
+    for f in (tmp_path / "saved").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            saved.update({k: h.get_tensor(k) for k in h.keys()})
+    assert set(index["weight_map"]) == set(saved)
     with safe_open(str(out / shards[0]), "pt") as h:
-        key = next(iter(h.keys()))
-        torch.testing.assert_close(model.state_dict()[key], h.get_tensor(key))
+        for key in h.keys():
+            torch.testing.assert_close(saved[key], h.get_tensor(key))
     assert json.loads((out / MARKER).read_text())["random_weights"] is True
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left behind
     # the processor makes as many image tokens as the configuration's vision tower and the released

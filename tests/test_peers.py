@@ -441,6 +441,44 @@ def test_llamacpp_converter_repairs_only_what_a_local_tokenizer_lacks(tmp_path):
         assert proc.stdout.strip() == f"['{tok}', '{merges}', '--outtype', 'f32'] {expected}"
 
 
+def _fake_llamacpp_venv(root: Path, writes_tensors: bool) -> Path:
+    """A venv layout whose converter writes a GGUF stand-in (a tensor count) and whose
+    gguf-py reads it back; the interpreter is this one."""
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "python").symlink_to(sys.executable)
+    conv = root / envs.CONVERTER
+    (conv / "conversion").mkdir(parents=True)
+    (conv / "conversion" / "__init__.py").write_text("")
+    (conv / "conversion" / "base.py").write_text("class TextModel:\n    def get_vocab_base_pre(self, t):\n        return 'qwen2'\n")
+    (conv / "gguf-py" / "gguf").mkdir(parents=True)
+    (conv / "gguf-py" / "gguf" / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "class SpecialVocab:\n    def add_to_gguf(self, gw):\n        pass\n"
+        "class GGUFReader:\n    def __init__(self, path):\n        self.tensors = [0] * int(Path(path).read_text())\n")
+    (conv / "convert_hf_to_gguf.py").write_text(
+        "import sys\nfrom pathlib import Path\n"
+        "args = sys.argv[1:]\nsrc, out = Path(args[0]), Path(args[args.index('--outfile') + 1])\n"
+        "assert (src / 'config.json').is_file()\n"
+        f"out.write_text('0' if '--mmproj' in args and not {writes_tensors} else '5')\n")
+    return root / "bin" / "python"
+
+
+def test_llamacpp_conversion_refuses_an_empty_gguf(tiny, tmp_path):
+    """A checkpoint whose tensors the converter does not recognise gives an empty projector
+    file (no error from the converter): the conversion says so instead of caching it."""
+    from benchmarks.peers import convert
+
+    good = _fake_llamacpp_venv(tmp_path / "good", writes_tensors=True)
+    (tmp_path / "out").mkdir()
+    record = convert.llamacpp(tiny.checkpoint, tmp_path / "out", good, ("f32",))
+    assert record["outtypes"] == ["f32"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mmproj-f32.gguf", "model-f32.gguf"]
+    bad = _fake_llamacpp_venv(tmp_path / "bad", writes_tensors=False)
+    (tmp_path / "out2").mkdir()
+    with pytest.raises(PeersError, match="wrote no tensors to mmproj-f32.gguf"):
+        convert.llamacpp(tiny.checkpoint, tmp_path / "out2", bad, ("f32",))
+
+
 def test_llamacpp_no_op_merge_leaves_the_tokenization_alone(tiny):
     """llama.cpp splits a merged symbol that is not a token back into single-byte tokens:
     the added merge's result must not be a token, and both its halves must be."""

@@ -151,6 +151,23 @@ gguf.SpecialVocab.add_to_gguf = add_with_merges
 sys.argv = [str(script)] + sys.argv[2:]
 runpy.run_path(str(script), run_name="__main__")
 """
+#: run by the llama.cpp venv's interpreter: the tensors in a GGUF file, read with the converter's gguf-py
+GGUF_TENSORS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import gguf
+print(len(gguf.GGUFReader(sys.argv[2]).tensors))
+"""
+
+
+def gguf_tensor_count(python: Path, converter_dir: Path, path: Path) -> int:
+    proc = subprocess.run([str(python), "-c", GGUF_TENSORS, str(converter_dir / "gguf-py"), str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PeersError(f"reading {path.name} with gguf-py failed: {(proc.stderr.strip().splitlines() or [''])[-1][:300]}")
+    return int(proc.stdout.strip())
+
+
 #: the files of a llama.cpp conversion
 LLAMACPP_FILES = {"model": "model-{outtype}.gguf", "mmproj": "mmproj-{outtype}.gguf"}
 
@@ -196,8 +213,14 @@ def llamacpp(prepared: Path, tmp: Path, python: Path, outtypes=("f32", "f16")) -
     for outtype in outtypes:
         for part, name in LLAMACPP_FILES.items():
             extra = ["--mmproj"] if part == "mmproj" else []
+            out = tmp / name.format(outtype=outtype)
             _tool([str(python), "-c", LLAMACPP_CONVERT, str(script), str(source), *extra, "--outtype", outtype,
-                   "--outfile", str(tmp / name.format(outtype=outtype))], f"convert_hf_to_gguf.py ({part}, {outtype})", log)
+                   "--outfile", str(out)], f"convert_hf_to_gguf.py ({part}, {outtype})", log)
+            if gguf_tensor_count(python, script.parent, out) == 0:
+                # the converter selects tensors by their published names and writes an empty file otherwise
+                raise PeersError(f"convert_hf_to_gguf.py wrote no tensors to {out.name}: the checkpoint's tensors are "
+                                 "not stored under the published names (e.g. model.visual.* instead of visual.*); "
+                                 "write it with transformers' save_pretrained or a current bs-checkpoint")
     shutil.rmtree(source)
     return {"tool": "convert_hf_to_gguf.py (llama-cpp-python's sdist), --mmproj for the vision projector",
             "outtypes": list(outtypes)}

@@ -74,6 +74,25 @@ def _fill(name: str, shape, family: str, dtype):
     return torch.randn(shape, dtype=dtype).mul_(0.02)
 
 
+def published_names(model, names: list[str]) -> dict[str, str]:
+    """In-memory parameter name -> the name a published checkpoint stores it under.
+
+    transformers 5 renames a checkpoint's tensors when it loads them (Qwen2-VL's
+    ``visual.*`` becomes ``model.visual.*``) and reverts that in ``save_pretrained``;
+    tools that read the safetensors themselves (llama.cpp's converter, genai's
+    builder) expect the published names. transformers' own reversal is asked here
+    with one placeholder tensor per name, matched back by identity."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    placeholders = {n: torch.empty(0) for n in names}
+    reverted = revert_weight_conversion(model, dict(placeholders))
+    back = {id(t): n for n, t in reverted.items()}
+    if len(reverted) != len(names) or any(id(t) not in back for t in placeholders.values()):
+        return {n: n for n in names}  # a conversion that merges or splits tensors: keep transformers' names
+    return {n: back[id(t)] for n, t in placeholders.items()}
+
+
 def write_random_checkpoint(name: str, out_dir, *, dtype: str = "fp16", seed: int = 0, shard_bytes: int = SHARD_BYTES,
                             progress: bool = True, overrides: dict | None = None) -> Path:
     """Write a random checkpoint directory of full-size ``name`` at ``out_dir``.
@@ -94,6 +113,7 @@ def write_random_checkpoint(name: str, out_dir, *, dtype: str = "fp16", seed: in
     # shared tensors (tied embeddings) once, under their first name, as save_pretrained keeps them
     saved = model.state_dict().keys()
     tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n in saved]
+    stored = published_names(model, [n for n, _ in tensors])
     out = Path(out_dir)
     with staged_dir(out) as tmp:
         torch.manual_seed(seed)
@@ -114,7 +134,7 @@ def write_random_checkpoint(name: str, out_dir, *, dtype: str = "fp16", seed: in
                 value = _fill(pname, tuple(t.shape), spec["family"], tdtype)
                 if shard_size + value.numel() * value.element_size() > shard_bytes:
                     flush()
-                shard[pname] = value
+                shard[stored[pname]] = value
                 shard_size += value.numel() * value.element_size()
                 bar.update(value.numel() * value.element_size())
             flush()

@@ -373,7 +373,10 @@ def test_llamacpp_spec_names_the_conversion_files(tiny, tmp_path):
     assert spec["model"] == str(tmp_path / "model-f16.gguf") and spec["mmproj"] == str(tmp_path / "mmproj-f16.gguf")
     assert (spec["kv_type"], spec["flash_attn"], spec["min_tokens"], spec["max_tokens"]) == ("f16", True, 4, 16)
     assert spec["chat_template"] == (tiny.checkpoint / "chat_template.jinja").read_text()
-    assert variants.select("llamacpp") == [variants.VARIANTS["llama-f32"], variants.VARIANTS["llama-f16"]]
+    assert [v.name for v in variants.select("llamacpp")] == ["llama-f32", "llama-f32-fa", "llama-f16"]
+    # llama.cpp's flash attention casts K and V to f16: only the variant without it is judged as fp32
+    judged = [v for v in variants.VARIANTS.values() if v.engine == "llamacpp" and v.dense and v.precision == "fp32"]
+    assert [v.name for v in judged] == ["llama-f32"] and judged[0].settings["flash_attn"] is False
 
 
 def _fake_sdist(path: Path, files: dict) -> Path:

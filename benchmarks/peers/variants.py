@@ -34,8 +34,13 @@ VARIANTS = {v.name: v for v in (
             "OpenVINO GenAI: sparse prefill XATTENTION, paged, chunks of --chunk-size"),
     Variant("ov-default-precision", "openvino", {"mode": "sdpa", "precision": "default"}, True, "default",
             "OpenVINO GenAI: dense, stateful SDPA, the CPU plugin's own precision (bf16 where the CPU has it)"),
-    Variant("llama-f32", "llamacpp", {"outtype": "f32", "kv_type": "f32", "flash_attn": True}, True, "fp32",
-            "llama.cpp (llama-cpp-python, mtmd): f32 GGUF, f32 KV cache, flash attention, batches of --chunk-size"),
+    Variant("llama-f32", "llamacpp", {"outtype": "f32", "kv_type": "f32", "flash_attn": False}, True, "fp32",
+            "llama.cpp (llama-cpp-python, mtmd): f32 GGUF, f32 KV cache, no flash attention (llama-cpp-python's "
+            "default), batches of --chunk-size"),
+    # llama.cpp casts K and V to f16 for flash attention (mtmd's clip.cpp and the language
+    # model's graph): not the fp32 model, so its tokens are compared but not judged
+    Variant("llama-f32-fa", "llamacpp", {"outtype": "f32", "kv_type": "f32", "flash_attn": True}, True, "default",
+            "llama.cpp: f32 GGUF and KV cache with flash attention (K and V cast to f16 inside attention)"),
     Variant("llama-f16", "llamacpp", {"outtype": "f16", "kv_type": "f16", "flash_attn": True}, True, "default",
             "llama.cpp: f16 GGUF (the converter's default type) and f16 KV cache (llama.cpp's default), flash attention"),
 )}

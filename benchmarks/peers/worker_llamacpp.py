@@ -14,9 +14,9 @@ engines) instead of the handler's own, which adds a system message: mtmd
 tokenizes text and images (resizing each image), then each image chunk is encoded by
 the vision tower and decoded by the language model, text chunks are decoded, and the
 completion samples. llama.cpp reports no split of that, so the worker times it from
-the outside: the Python wrappers of ``mtmd_tokenize`` and ``mtmd_encode_chunk`` are
-wrapped with clocks (the helper that evaluates an image chunk calls the encoder
-through the same library, so its time comes from mtmd's own log line instead).
+the outside: the Python wrapper of ``mtmd_tokenize`` gets a clock, and the encoder's
+time comes from mtmd's own log line (the helper that evaluates an image chunk calls
+the encoder inside the C library, where no Python wrapper sees it).
 """
 
 from __future__ import annotations
@@ -191,6 +191,7 @@ def measure(spec: dict) -> dict:
     sizes = [Image.open(p).size for p in spec["images"]]
     n_ctx = context_length(sizes, spec["patch_size"], spec["merge_size"], spec["max_tokens"], spec["question"],
                            int(spec["max_new_tokens"]) + 8)
+
     class CheckpointTemplate(Qwen25VLChatHandler):
         DEFAULT_SYSTEM_MESSAGE = None
         CHAT_FORMAT = prompt_format(spec["chat_template"], image_urls(spec), spec["question"])

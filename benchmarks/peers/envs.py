@@ -43,7 +43,7 @@ OPENVINO_NO_DEPS = ("optimum-intel==2.2.0",)
 OPENVINO_REPORTED = ("openvino", "openvino-genai", "openvino-tokenizers", "optimum-intel", "optimum",
                      "transformers", "torch", "numpy")
 
-#: llama-cpp-python builds llama.cpp from its sdist (about 14 minutes on 2 cores): the
+#: llama-cpp-python builds llama.cpp from its sdist (tens of minutes on 2 cores): the
 #: wheel is built once into the venvs folder and every later venv installs it from
 #: there. The sdist also carries the converter (convert_hf_to_gguf.py with its
 #: conversion package and gguf-py), which no wheel installs; its requirements
@@ -126,7 +126,7 @@ def llamacpp_sources(root: Path, log=print) -> Path:
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
               f"llama-cpp-python=={LLAMACPP_VERSION}", "-d", str(wheels)], "downloading the llama-cpp-python sdist")
     if not list(wheels.glob(f"llama_cpp_python-{LLAMACPP_VERSION}-*.whl")):
-        log(f"building llama-cpp-python {LLAMACPP_VERSION} (once; about 14 min on 2 cores)")
+        log(f"building llama-cpp-python {LLAMACPP_VERSION} (once; tens of minutes on 2 cores)")
         # by name, not from the sdist file: pip's own wheel cache then answers if it built this release before
         _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", f"llama-cpp-python=={LLAMACPP_VERSION}",
               "-w", str(wheels)], "building the llama-cpp-python wheel")

@@ -351,7 +351,7 @@ def test_llamacpp_prompt_counts_come_from_the_chunks():
     clocks = w.Clocks(mtmd)
     assert mtmd.mtmd_tokenize(None, chunks) == 0
     assert (clocks.prompt_tokens, clocks.image_tokens) == (57, 28)
-    assert clocks.seconds["tokenize"] >= 0
+    assert clocks.tokenize_s >= 0
 
 
 def test_llamacpp_token_recorder_keeps_sampled_ids_in_order():

@@ -57,13 +57,17 @@ def fingerprint(path: Path) -> str:
 
 def prepare(src: Path, cache: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[Path, dict]:
     """The prepared checkpoint under ``cache`` and the processor settings written into it."""
-    check_checkpoint(src)
+    from blindsight.runtime.images import ImageProcessor
+
+    config = check_checkpoint(src)
     processor = json.loads((src / PROCESSOR).read_text())
+    # patch and merge sizes as the project's own image processor reads them (with Qwen's defaults)
+    image = ImageProcessor(processor, config["model_type"])
     lo, hi = pixel_bounds(processor, min_pixels, max_pixels)
     key = hashlib.sha256(f"{fingerprint(src)}:{lo}:{hi}".encode()).hexdigest()[:12]
     out = cache / f"checkpoint-{key}"
     settings = {"min_pixels": lo, "max_pixels": hi, "source": str(src.resolve()),
-                "patch_size": int(processor.get("patch_size") or 14), "merge_size": int(processor.get("merge_size") or 2)}
+                "patch_size": image.patch_size, "merge_size": image.merge_size}
     if (out / PROCESSOR).is_file():
         return out, settings
     tmp = cache / f".checkpoint-{key}.{os.getpid()}"

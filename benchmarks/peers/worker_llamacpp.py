@@ -81,19 +81,19 @@ class CapturedStderr:
 
 
 class Clocks:
-    """Wraps functions of the handler's mtmd module with wall clocks (seconds summed per name)
-    and counts the prompt's tokens from the chunks mtmd_tokenize made."""
+    """Wraps the handler's ``mtmd_tokenize`` with a wall clock (seconds summed in ``tokenize_s``)
+    and counts the prompt's tokens from the chunks it made."""
 
     def __init__(self, mtmd):
         self.mtmd = mtmd
-        self.seconds = {"tokenize": 0.0}
+        self.tokenize_s = 0.0
         self.prompt_tokens = self.image_tokens = None
         original = mtmd.mtmd_tokenize
 
         def tokenize(ctx, chunks, *args):
             t0 = time.perf_counter()
             result = original(ctx, chunks, *args)
-            self.seconds["tokenize"] += time.perf_counter() - t0
+            self.tokenize_s += time.perf_counter() - t0
             if result == 0:
                 self.count(chunks)
             return result
@@ -218,7 +218,7 @@ def measure(spec: dict) -> dict:
         raise SystemExit(f"mtmd logged {logged['encoded_images']} encoded images for {len(spec['images'])} images: "
                          "cannot split the time to first token")
     # before the language model: mtmd's tokenization (image loading, resizing, patches) and the vision tower
-    vision = clocks.seconds["tokenize"] + logged["encode_s"]
+    vision = clocks.tokenize_s + logged["encode_s"]
     ids = tokens.ids
     generated = len(ids)
     return {
@@ -233,7 +233,7 @@ def measure(spec: dict) -> dict:
         "text": text,
         "generate_s": generate_s,
         "details": {"n_ctx": n_ctx, "n_batch": int(spec["chunk_size"]), "kv_type": spec["kv_type"],
-                    "flash_attn": bool(spec["flash_attn"]), "tokenize_s": clocks.seconds["tokenize"], **logged,
+                    "flash_attn": bool(spec["flash_attn"]), "tokenize_s": clocks.tokenize_s, **logged,
                     "llama_cpp_python": getattr(llama_cpp, "__version__", None)},
     }
 

@@ -133,6 +133,25 @@ def test_conversion_is_cached(tiny, project_run):
     assert again["cached"] is True and first["cached"] is False and again["dir"] == first["dir"]
 
 
+def test_project_conversion_follows_the_exporter_code(tmp_path, monkeypatch):
+    """A changed exporter or compiler source makes a new cached conversion; other
+    project files do not."""
+    import blindsight
+
+    from benchmarks.peers import convert
+
+    pkg = tmp_path / "blindsight"
+    for d in (*convert.PROJECT_WRITERS, "runtime"):
+        (pkg / d).mkdir(parents=True)
+        (pkg / d / "a.py").write_text(f"# {d}\n")
+    monkeypatch.setattr(blindsight, "__file__", str(pkg / "__init__.py"))
+    first = convert.project_code_digest()
+    (pkg / "runtime" / "a.py").write_text("# changed\n")
+    assert convert.project_code_digest() == first
+    (pkg / "passes" / "a.py").write_text("# changed\n")
+    assert convert.project_code_digest() != first
+
+
 # ------------------------------------------------------------------ checks on made-up runs
 
 def run(variant, ttft, prompt=100, image=64, tokens=(5, 6, 7), repeat=0):

@@ -55,12 +55,14 @@ def test_query_chunks_give_the_exported_features(family, tmp_path):
 
 
 def test_bs_export_writes_the_tower_in_query_chunks(tmp_path):
-    """bs-export's default: every attention of the tower in chunks, nothing else changed."""
+    """bs-export's chunked vision attention: every attention of the tower in chunks,
+    nothing else changed."""
     from blindsight.models.checkpoints import make_tiny_checkpoint
     from blindsight.models.export_vlm import export_vlm
 
     ckpt = make_tiny_checkpoint("qwen2_vl", tmp_path / "ckpt", seed=5)
-    graph = onnx.load(str(export_vlm(ckpt, tmp_path / "export").out_dir / "vision.onnx")).graph
+    out = export_vlm(ckpt, tmp_path / "export", vision_attention="chunked").out_dir
+    graph = onnx.load(str(out / "vision.onnx")).graph
     loops = [n for n in graph.node if n.op_type == "Loop"]
     assert loops and not [n for n in graph.node if n.op_type == "Softmax"]
     assert all(any(x.op_type == "Softmax" for x in n.attribute[0].g.node) for n in loops)

@@ -178,7 +178,7 @@ def set_up_engines(chosen, prepared: Path, args, say):
         versions[engine] = envs.versions(engine, pythons[engine])
         say(f"{engine}: " + ", ".join(f"{k} {v}" for k, v in versions[engine].items() if v))
         if engine == "project":
-            extra = args.profile.read_text() if args.profile else ""
+            extra = convert.project_code_digest() + (args.profile.read_text() if args.profile else "")
             make = lambda tmp: convert.project(prepared, tmp, args.profile)  # noqa: E731
         elif engine == "llamacpp":
             # the GGUF types the chosen variants run; a changed launcher makes new files

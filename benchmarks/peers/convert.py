@@ -59,6 +59,22 @@ def _bs(command: str, *args: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from blindsight.entry import {entry}; sys.exit({entry}())", *args]
 
 
+#: the project's code that decides what bs-export and bs-compile write
+PROJECT_WRITERS = ("models", "passes", "compiler", "attention")
+
+
+def project_code_digest() -> str:
+    """A digest of the project's exporter and compiler sources: the project's cached
+    conversion is made again when they change, not only when its version does."""
+    import blindsight
+
+    root = Path(blindsight.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(p for d in PROJECT_WRITERS for p in (root / d).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def project(prepared: Path, tmp: Path, profile: Path | None) -> dict:
     """bs-export, then bs-compile twice: the mix profile (or the given one) and all dense."""
     from blindsight.profile import Profile, load as load_profile

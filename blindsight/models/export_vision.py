@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blindsight import families
+from blindsight.passes.fused_attention import fuse_attention
 from blindsight.passes.query_chunks import DEFAULT_ROWS, chunk_attention_queries
 
 from .dtype import cast_floats, vision_opset
@@ -106,14 +107,17 @@ def qwen_vision_module(family: str, model: nn.Module) -> QwenVision:
 
 
 def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np.ndarray] | None = None,
-                  query_rows: int | None = DEFAULT_ROWS) -> Path:
+                  query_rows: int | None = DEFAULT_ROWS, fused: bool = True) -> Path:
     """Write the vision encoder of ``model`` to ``out_path``.
 
     ``example`` (Qwen) holds tracing inputs as :func:`qwen_vision_feeds` returns them.
     ``pixel_values`` and ``image_features`` take the dtype of the model's weights.
     ``query_rows``: every attention runs that many queries at a time
     (:mod:`blindsight.passes.query_chunks`), so a call holds scores of rows x
-    patches, not patches x patches (None: as exported).
+    patches, not patches x patches (None: as exported). ``fused`` (with
+    ``query_rows``): where a call's mask keeps every key (one image per call), the
+    attention runs on ONNX Runtime's fused MultiHeadAttention instead
+    (:mod:`blindsight.passes.fused_attention`); the chunks stay as its fallback.
     """
     path = Path(out_path)
     spec = families.get(family)
@@ -140,7 +144,9 @@ def export_vision(family: str, model: nn.Module, out_path, example: dict[str, np
             module, args, dynamo=True, input_names=names, output_names=["image_features"],
             dynamic_shapes=dynamic, optimize=True, report=False, verbose=False, **vision_opset(model.dtype),
         )
-    if query_rows:
+    if query_rows and fused:
+        fuse_attention(program.model, query_rows)
+    elif query_rows:
         chunk_attention_queries(program.model, query_rows)
     _save(program, path)
     return path

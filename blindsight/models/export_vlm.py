@@ -22,6 +22,8 @@ from .export import _text_config
 
 FORMAT = "blindsight-export"
 VERSION = 1
+#: how the vision tower's attention runs (blindsight.passes.fused_attention)
+VISION_ATTENTION = ("fused", "chunked")
 FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "language_model": "language_model.onnx"}
 # What a checkpoint holds besides weights: tokenizer, processors, templates, configs.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".onnx_data", ".h5", ".msgpack", ".ckpt")
@@ -175,7 +177,8 @@ def copy_processor_files(model_dir: Path, out_dir: Path) -> list[str]:
 
 
 def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = False, dtype: str = "fp32",
-               logits: str = "last", vision_query_rows: int | None = DEFAULT_ROWS) -> ExportResult:
+               logits: str = "last", vision_query_rows: int | None = DEFAULT_ROWS,
+               vision_attention: str = "fused") -> ExportResult:
     """Export the checkpoint at ``model_dir`` into ``out_dir``.
 
     ``dtype`` (fp32, fp16, bf16): the weights are loaded in it, and every float
@@ -184,6 +187,8 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
     position only: what generation reads) or ``"all"`` (every position; template.json:
     ``"logits"``). ``vision_query_rows``: the vision tower's attention runs that many
     queries at a time (None: one call holds every patch against every other).
+    ``vision_attention``: ``"fused"`` (ONNX Runtime's MultiHeadAttention where a call
+    holds one image, the chunks otherwise) or ``"chunked"`` (the chunks only).
 
     The directory is assembled in a temporary sibling and renamed into place:
     a failure never leaves a half-written export.
@@ -197,6 +202,8 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
     family, config = detect_family(model_dir)
     check_dtype(dtype)
     check_logits(logits)
+    if vision_attention not in VISION_ATTENTION:
+        raise ExportError(f"vision attention {vision_attention!r}: choose one of {', '.join(VISION_ATTENTION)}")
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite or choose another -o")
     if out_dir.resolve() == model_dir.resolve():
@@ -220,7 +227,8 @@ def export_vlm(model_dir, out_dir, *, progress: bool = False, overwrite: bool = 
         export_embed(model, tmp / FILES["embed"])
         bar.update()
         bar.set_postfix_str("vision encoder")
-        export_vision(family, model, tmp / FILES["vision"], example, query_rows=vision_query_rows)
+        export_vision(family, model, tmp / FILES["vision"], example, query_rows=vision_query_rows,
+                      fused=vision_attention == "fused")
         bar.update()
         bar.set_postfix_str("template and processor files")
         template["processor_files"] = copy_processor_files(model_dir, tmp)

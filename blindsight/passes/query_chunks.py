@@ -32,7 +32,7 @@ def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
-def _match(softmax: ir.Node):
+def match_attention(softmax: ir.Node):
     """(q, k, chain [(node, main input index)], guard nodes, scores MatMul, Softmax, output MatMul) or None."""
     if softmax.domain not in ("", "ai.onnx"):
         return None
@@ -78,7 +78,9 @@ def _match(softmax: ir.Node):
     return q, k, chain, guard, scores, softmax, out
 
 
-def _chunked(graph: ir.Graph, match, rows: int, tag: str) -> None:
+def chunk_loop(match, rows: int, tag: str) -> tuple[list[ir.Node], ir.Value]:
+    """The nodes of a ``Loop`` that computes ``match``'s attention ``rows`` queries at a
+    time, and its result; nothing is inserted or removed."""
     q, k, chain, guard, scores, softmax, out = match
     v = out.inputs[1]
     outer = ir.tape.Tape()
@@ -123,12 +125,20 @@ def _chunked(graph: ir.Graph, match, rows: int, tag: str) -> None:
     result = outer.op("Loop", [count, keep_going, empty], attributes={"body": ir.AttrGraph("body", loop_body)})
     result.name = f"{tag}_out"
     result.type, result.shape = out.outputs[0].type, out.outputs[0].shape
-    graph.insert_before(out, outer.nodes)
-    ir.convenience.replace_all_uses_with(out.outputs[0], result)
-    if out.outputs[0].is_graph_output():
-        index = graph.outputs.index(out.outputs[0])
-        result.name, graph.outputs[index] = out.outputs[0].name, result
-        out.outputs[0].name = None
+    return list(outer.nodes), result
+
+
+def replace_attention(graph: ir.Graph, match, nodes: list[ir.Node], result: ir.Value) -> None:
+    """Insert ``nodes`` before ``match``'s output MatMul, let ``result`` take the place of
+    its output and remove the matched nodes."""
+    q, k, chain, guard, scores, softmax, out = match
+    graph.insert_before(out, nodes)
+    old = out.outputs[0]
+    if old.is_graph_output():  # the graph's output first: the uses' replacement refuses one
+        index = graph.outputs.index(old)
+        name, old.name = old.name, None
+        result.name, graph.outputs[index] = name, result
+    ir.convenience.replace_all_uses_with(old, result)
     graph.remove([scores, *(n for n, _ in chain), softmax, *guard, out], safe=True)
 
 
@@ -137,7 +147,7 @@ def chunk_attention_queries(model: ir.Model, rows: int = DEFAULT_ROWS) -> int:
     ``rows`` queries at a time; returns how many were rewritten."""
     if rows < 1:
         raise ValueError(f"rows must be positive, got {rows}")
-    matches = [m for node in list(model.graph) if node.op_type == "Softmax" and (m := _match(node))]
+    matches = [m for node in list(model.graph) if node.op_type == "Softmax" and (m := match_attention(node))]
     for i, m in enumerate(matches):
-        _chunked(model.graph, m, rows, f"query_chunks_{i}")
+        replace_attention(model.graph, m, *chunk_loop(m, rows, f"query_chunks_{i}"))
     return len(matches)

@@ -25,15 +25,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .query_chunks import DEFAULT_ROWS, chunk_loop, match_attention, replace_attention
+from .query_chunks import DEFAULT_ROWS, _const, chunk_loop, match_attention, replace_attention
 
 MS_DOMAIN = "com.microsoft"
 #: the types ONNX Runtime's CPU provider runs MultiHeadAttention in (1.31: no bfloat16)
 FUSED_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-
-
-def _const(tape: ir.tape.Tape, values, dtype=np.int64) -> ir.Value:
-    return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(values, dtype=dtype))})
 
 
 def _scalar(value: ir.Value) -> float | None:

@@ -22,7 +22,6 @@ chunked.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from .query_chunks import DEFAULT_ROWS, _const, chunk_loop, match_attention, replace_attention
@@ -111,7 +110,7 @@ def fuse_attention(model: ir.Model, rows: int = DEFAULT_ROWS) -> tuple[int, int]
             # negatives have a nonzero magnitude); computed once, before the first
             # attention that reads this mask
             peak = outer.op("ReduceMax", [outer.op("Abs", [mask])], attributes={"keepdims": 0})
-            zero = outer.op("Constant", [], attributes={"value": ir.tensor(np.zeros((), dtype=mask.dtype.numpy()))})
+            zero = _const(outer, 0, mask.dtype.numpy())
             conditions[id(mask)] = outer.op("Equal", [peak, zero])
             for j, value in enumerate(x for n in outer.nodes for x in n.outputs):
                 value.name = f"{tag}_mask_{j}"

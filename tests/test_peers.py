@@ -123,14 +123,19 @@ def test_table_and_check_lines_are_printed(project_run):
     assert out[5].startswith("greedy tokens: the dense variants (dense, raw) agree")
 
 
-def test_conversion_is_cached(tiny, project_run):
+def test_conversion_is_cached_and_prepack_reaches_the_sessions(tiny, project_run):
     out = tiny.root / "again.json"
     proc = peers(tiny.checkpoint, "--image", tiny.images[0], "--question", QUESTION, "--variants", "raw",
-                 "--cache", tiny.cache, "--venvs", tiny.venvs, "-o", out, "--max-new-tokens", 2)
+                 "--cache", tiny.cache, "--venvs", tiny.venvs, "-o", out, "--max-new-tokens", 2, "--prepack", "off")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    again = json.loads(out.read_text())["conversions"]["project"]
+    record = json.loads(out.read_text())
+    again = record["conversions"]["project"]
     first = project_run.record["conversions"]["project"]
     assert again["cached"] is True and first["cached"] is False and again["dir"] == first["dir"]
+    # auto keeps pre-packing for weights this small; off is what the worker's pipeline ran
+    assert project_run.record["settings"]["prepack"] == "auto" and record["settings"]["prepack"] == "off"
+    assert all(r["details"]["prepack"] is True for r in project_run.record["runs"])
+    assert record["runs"][0]["details"]["prepack"] is False
 
 
 def test_project_conversion_follows_the_exporter_code(tmp_path, monkeypatch):

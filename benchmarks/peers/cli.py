@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, help="the project's head profile for the mix variant (default: a hand-made mix)")
     p.add_argument("--kernel", choices=("native", "bodies"), default="native",
                    help="where the project's compiled variants run attention: the native kernel (default) or the function bodies")
+    p.add_argument("--prepack", choices=("auto", "on", "off"), default="auto",
+                   help="ONNX Runtime's MatMul weight pre-packing in the project's variants, as bs-run's --prepack "
+                        "(default auto: off where two copies of the weights would not fit in 60%% of the free memory)")
     p.add_argument("--sparse", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a field of OpenVINO's SparseAttentionConfig ({', '.join(SPARSE_KEYS)})")
     p.add_argument("--warmup", action="store_true", help="one untimed one-token answer in each run's process first")
@@ -134,6 +137,7 @@ def spec_for(v: variants.Variant, conversion: dict, args) -> dict:
     if v.engine == "project":
         export = Path(conversion["dir"]) / "export"
         model = v.settings["model"]
+        shared["prepack"] = args.prepack
         if model == "raw":
             # no BlindSightAttention node: the kernel choice does not apply
             return dict(shared, export_dir=str(export), model="dense", native=None)
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
         "machine": machine(), "checkpoint": str(args.checkpoint.resolve()), "processor": processor,
         "images": [str(p.resolve()) for p in args.image], "question": args.question,
         "settings": {"threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size,
-                     "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "kernel": args.kernel,
+                     "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "kernel": args.kernel, "prepack": args.prepack,
                      "sparse": args.sparse_config, "profile": str(args.profile) if args.profile else None},
         "variants": {v.name: {"engine": v.engine, "what": v.what, "dense": v.dense, "precision": v.precision,
                               **summary.get(v.name, {"runs": 0})} for v in chosen},

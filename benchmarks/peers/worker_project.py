@@ -3,7 +3,7 @@
 Run as ``python worker_project.py SPEC.json`` in an interpreter where blindsight is
 installed. Spec keys: export_dir, model (a language-model .onnx path, or "dense"
 for the raw export), native, images, question, threads, chunk_size,
-max_new_tokens, warmup, out.
+prepack (auto, on, off), max_new_tokens, warmup, out.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def measure(spec: dict) -> dict:
     from blindsight.runtime.pipeline import Pipeline
 
     pipe = Pipeline(spec["export_dir"], compiled=spec["model"], threads=spec["threads"],
-                    native=spec["native"], chunk_size=spec["chunk_size"])
+                    native=spec["native"], chunk_size=spec["chunk_size"], prepack=spec.get("prepack", "auto"))
     if spec["warmup"]:
         pipe.generate(spec["images"], spec["question"], max_new_tokens=1)
     t0 = time.perf_counter()

@@ -278,6 +278,20 @@ def test_a_failing_worker_is_one_line_in_the_run(tmp_path):
     assert r["error"].startswith("exit 1: ") and "not a bs-export directory" in r["error"]
 
 
+def test_a_worker_killed_by_a_signal_is_named(tmp_path):
+    """A worker the kernel kills (SIGKILL, as the out-of-memory killer does) says so, not a bare -9."""
+    interpreter = tmp_path / "python"
+    interpreter.write_text("#!/bin/sh\necho loading the model\nkill -9 $$\n")
+    interpreter.chmod(0o755)
+    spec = {"threads": 1}
+    r = run_one(variants.VARIANTS["ov-sdpa"], spec, interpreter, tmp_path, 0, timeout=60)
+    assert r["error"].startswith("exit -9, killed by SIGKILL (the kernel's out-of-memory killer")
+    assert "loading the model" in r["error"]
+    interpreter.write_text("#!/bin/sh\nkill -15 $$\n")
+    assert run_one(variants.VARIANTS["ov-sdpa"], spec, interpreter, tmp_path, 1, timeout=60)["error"].startswith(
+        "exit -15, killed by SIGTERM: ")
+
+
 # ------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize("args, message", [

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,20 @@ def spec_for(v: variants.Variant, conversion: dict, args) -> dict:
     return dict(shared, model_dir=str(Path(conversion["dir"]) / "model"), sparse=args.sparse_config, **v.settings)
 
 
+def exit_reason(rc: int) -> str:
+    """A worker's exit status in words; a kill by signal is named, SIGKILL with its usual cause."""
+    if rc >= 0:
+        return f"exit {rc}"
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = f"signal {-rc}"
+    if -rc == signal.SIGKILL:
+        # a worker is never killed by the harness: a SIGKILL comes from outside, most often the kernel
+        return f"exit {rc}, killed by {name} (the kernel's out-of-memory killer sends it; see dmesg)"
+    return f"exit {rc}, killed by {name}"
+
+
 def run_one(v: variants.Variant, spec: dict, python: Path, logs: Path, repeat: int, timeout: float) -> dict:
     """One worker process; its output goes to a log, a failure becomes the run's ``error``."""
     log = logs / f"{v.name}-r{repeat}.log"
@@ -169,7 +184,7 @@ def run_one(v: variants.Variant, spec: dict, python: Path, logs: Path, repeat: i
     wall = time.perf_counter() - t0
     if rc != 0 or not out.is_file():
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-        return {"variant": v.name, "repeat": repeat, "error": f"exit {rc}: {(lines or [''])[-1][:300]} (log: {log})"}
+        return {"variant": v.name, "repeat": repeat, "error": f"{exit_reason(rc)}: {(lines or [''])[-1][:300]} (log: {log})"}
     return dict(json.loads(out.read_text()), variant=v.name, repeat=repeat, process_wall_s=round(wall, 2))
 
 

@@ -98,6 +98,9 @@ def test_project_variants_end_to_end(tiny, project_run):
     assert record["checks"]["greedy_tokens"]["compared"] == ["dense", "raw"]
     assert record["versions"]["project"]["onnxruntime"]
     assert record["settings"]["threads"] == 2 and record["processor"]["max_pixels"] == 12544
+    # the patches before the merger: merge_size^2 = 4 per image token
+    assert sum(record["vision_patches"]) == 4 * IMAGE_TOKENS
+    assert record["openvino_merger_mask_bytes"] == 4 * (4 * IMAGE_TOKENS) ** 2
 
 
 def test_project_variants_answer_as_the_pipeline_does(tiny, project_run):
@@ -276,6 +279,16 @@ def test_a_failing_worker_is_one_line_in_the_run(tmp_path):
             "threads": 1, "chunk_size": 16, "max_new_tokens": 1, "warmup": False}
     r = run_one(v, spec, Path(sys.executable), tmp_path, 0, timeout=120)
     assert r["error"].startswith("exit 1: ") and "not a bs-export directory" in r["error"]
+
+
+def test_openvino_mask_warning_grows_with_the_square_of_the_images():
+    from benchmarks.peers.cli import openvino_memory_warning
+
+    # 896 x 896 px at Qwen2-VL's 14 px patches: 4,096 patches an image
+    assert openvino_memory_warning([4096] * 4, 23.5) is None  # 1.07 GB
+    line = openvino_memory_warning([4096] * 16, 23.5)
+    assert "65,536 patches of the 16 images" in line and "17.2 GB" in line and "23.5 GiB" in line
+    assert openvino_memory_warning([4096] * 16, None) is None
 
 
 def test_a_worker_killed_by_a_signal_is_named(tmp_path):

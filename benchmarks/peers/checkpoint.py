@@ -90,6 +90,31 @@ def token_bounds(processor: dict) -> dict:
             "patch_size": processor["patch_size"], "merge_size": processor["merge_size"]}
 
 
+def vision_patches(images, processor: dict) -> list[int]:
+    """Patches the vision tower sees per image (before the merger folds merge_size^2 of
+    them into one image token), by Qwen's resize rule within the pixel bounds."""
+    from PIL import Image
+
+    from blindsight.runtime.images import smart_resize
+
+    factor = processor["patch_size"] * processor["merge_size"]
+    counts = []
+    for path in images:
+        with Image.open(path) as im:
+            width, height = im.size
+        h, w = smart_resize(height, width, factor, processor["min_pixels"], processor["max_pixels"])
+        counts.append((h // processor["patch_size"]) * (w // processor["patch_size"]))
+    return counts
+
+
+def openvino_merger_mask_bytes(patches: list[int]) -> int:
+    """OpenVINO GenAI runs Qwen2-VL's vision blocks once over the patches of all images of
+    the prompt, with an f32 attention mask [1, N, N] (N = all patches) as the optimum-intel
+    export's ``attention_mask`` input: its size grows with the square of the image count."""
+    n = sum(patches)
+    return 4 * n * n
+
+
 def chat_template(path: Path) -> str:
     """The checkpoint's chat template: chat_template.jinja, chat_template.json or
     tokenizer_config.json's, as transformers looks for it."""

@@ -152,6 +152,16 @@ def spec_for(v: variants.Variant, conversion: dict, args) -> dict:
     return dict(shared, model_dir=str(Path(conversion["dir"]) / "model"), sparse=args.sparse_config, **v.settings)
 
 
+def openvino_memory_warning(patches: list[int], memory_gib: float | None) -> str | None:
+    """A line when OpenVINO's vision merger mask alone would take over half of this machine's memory."""
+    mask = checkpoint.openvino_merger_mask_bytes(patches)
+    if not memory_gib or mask <= 0.5 * memory_gib * 2**30:
+        return None
+    return (f"OpenVINO GenAI's vision merger takes an f32 mask over all {sum(patches):,} patches of the "
+            f"{len(patches)} images at once: {mask / 1e9:.1f} GB beside the weights on this {memory_gib} GiB "
+            f"machine; its runs may be killed for memory")
+
+
 def exit_reason(rc: int) -> str:
     """A worker's exit status in words; a kill by signal is named, SIGKILL with its usual cause."""
     if rc >= 0:
@@ -238,6 +248,11 @@ def main(argv=None) -> int:
     args.processor, args.prepared = processor, prepared
     say(f"checkpoint {args.checkpoint} -> {prepared} (pixels {processor['min_pixels']}..{processor['max_pixels']})")
 
+    patches = checkpoint.vision_patches(args.image, processor)
+    warning = openvino_memory_warning(patches, machine().get("memory_gib"))
+    if warning and any(v.engine == "openvino" for v in chosen):
+        # not refused: a machine with swap or a later OpenVINO may still run it
+        print(f"peers: {warning}", file=sys.stderr)
     pythons, versions, conversions, setup = set_up_engines(chosen, prepared, args, say)
     logs = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=args.cache))
     runs = run_interleaved(chosen, conversions, pythons, logs, args, say)
@@ -249,6 +264,7 @@ def main(argv=None) -> int:
         "format": "blindsight-peers", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(), "checkpoint": str(args.checkpoint.resolve()), "processor": processor,
         "images": [str(p.resolve()) for p in args.image], "question": args.question,
+        "vision_patches": patches, "openvino_merger_mask_bytes": checkpoint.openvino_merger_mask_bytes(patches),
         "settings": {"threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size,
                      "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "kernel": args.kernel, "prepack": args.prepack,
                      "sparse": args.sparse_config, "profile": str(args.profile) if args.profile else None},

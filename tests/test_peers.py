@@ -302,7 +302,7 @@ def test_a_worker_killed_by_a_signal_is_named(tmp_path):
     assert "loading the model" in r["error"]
     interpreter.write_text("#!/bin/sh\nkill -15 $$\n")
     assert run_one(variants.VARIANTS["ov-sdpa"], spec, interpreter, tmp_path, 1, timeout=60)["error"].startswith(
-        "exit -15, killed by SIGTERM: ")
+        "exit -15, killed by SIGTERM (log: ")
 
 
 # ------------------------------------------------------------------ bad input

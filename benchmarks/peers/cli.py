@@ -194,7 +194,8 @@ def run_one(v: variants.Variant, spec: dict, python: Path, logs: Path, repeat: i
     wall = time.perf_counter() - t0
     if rc != 0 or not out.is_file():
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-        return {"variant": v.name, "repeat": repeat, "error": f"{exit_reason(rc)}: {(lines or [''])[-1][:300]} (log: {log})"}
+        last = f": {lines[-1][:300]}" if lines else ""
+        return {"variant": v.name, "repeat": repeat, "error": f"{exit_reason(rc)}{last} (log: {log})"}
     return dict(json.loads(out.read_text()), variant=v.name, repeat=repeat, process_wall_s=round(wall, 2))
 
 

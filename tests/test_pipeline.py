@@ -194,9 +194,9 @@ def test_prepack_off_answers_like_on_and_auto_turns_it_off_when_memory_is_short(
         names = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
         total += os.path.getsize(g) + sum(os.path.getsize(g.parent / n) for n in names)
     assert sum(session.weight_bytes(g) for g in graphs) == total
-    monkeypatch.setattr(session, "available_memory", lambda: int(2 * total / 0.6) + 1)
+    monkeypatch.setattr(session, "available_memory", lambda: int(total / 0.6) + 1)
     assert Pipeline(tiny.out, threads=2).prepack
-    monkeypatch.setattr(session, "available_memory", lambda: int(2 * total / 0.6) - 1)
+    monkeypatch.setattr(session, "available_memory", lambda: int(total / 0.6) - 1)
     assert not Pipeline(tiny.out, threads=2).prepack
     with pytest.raises(BlindSightError, match="--prepack"):
         Pipeline(tiny.out, prepack="maybe")

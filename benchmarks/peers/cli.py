@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
                    help="where the project's compiled variants run attention: the native kernel (default) or the function bodies")
     p.add_argument("--prepack", choices=("auto", "on", "off"), default="auto",
                    help="ONNX Runtime's MatMul weight pre-packing in the project's variants, as bs-run's --prepack "
-                        "(default auto: off where two copies of the weights would not fit in 60%% of the free memory)")
+                        "(default auto: off where one copy of the weights would not fit in 60%% of the free memory)")
     p.add_argument("--sparse", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a field of OpenVINO's SparseAttentionConfig ({', '.join(SPARSE_KEYS)})")
     p.add_argument("--warmup", action="store_true", help="one untimed one-token answer in each run's process first")

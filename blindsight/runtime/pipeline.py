@@ -114,7 +114,7 @@ class Pipeline:
                  keep_prefill_feeds: bool = False):
         """``prepack`` (auto, on, off): ONNX Runtime's MatMul weight pre-packing
         (:func:`~blindsight.runtime.session.prepack_weights`: auto turns it off
-        where a second copy of the weights would not fit). ``chunk_size``: prefill the prompt through the KV cache in chunks of this
+        where a packed copy of the weights would not fit). ``chunk_size``: prefill the prompt through the KV cache in chunks of this
         many tokens (None: in one call). Each chunk's activations and attention
         buffers are sized by the chunk, not the prompt; every chunk attends with
         the prompt's spans as one call would (docs/specification.md §2: queries
@@ -136,7 +136,7 @@ class Pipeline:
         self.provider, self.threads, self.native = provider, threads, native
         files = self.template["files"]
         graphs = [self.model_path, self.out_dir / files["embed"], self.out_dir / files["vision"]]
-        #: whether the sessions pre-pack their MatMul weights (a private second copy)
+        #: whether the sessions pre-pack their MatMul weights (a private packed copy)
         self.prepack = prepack_weights([g for g in graphs if Path(g).is_file()], prepack)
         self.prompts = PromptBuilder(self.out_dir, self.template)
         self.lm = self._session(self.model_path)

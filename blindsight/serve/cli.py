@@ -50,7 +50,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                    "bounds a long prompt's prefill memory by N; same answers")
     p.add_argument("--prepack", default="auto", choices=("auto", "on", "off"),
                    help="ONNX Runtime's MatMul weight pre-packing (as bs-run): auto (default) turns it off where a "
-                   "second copy of the weights would not fit in memory")
+                   "packed copy of the weights would not fit in memory")
 
 
 def engine_kwargs(args) -> dict:

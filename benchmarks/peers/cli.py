@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     say(f"checkpoint {args.checkpoint} -> {prepared} (pixels {processor['min_pixels']}..{processor['max_pixels']})")
 
     patches = checkpoint.vision_patches(args.image, processor)
-    warning = openvino_memory_warning(patches, machine().get("memory_gib"))
+    host = machine()
+    warning = openvino_memory_warning(patches, host.get("memory_gib"))
     if warning and any(v.engine == "openvino" for v in chosen):
         # not refused: a machine with swap or a later OpenVINO may still run it
         print(f"peers: {warning}", file=sys.stderr)
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     tokens = report.check_tokens(summary, [v.name for v in chosen if v.dense and v.precision == "fp32"], args.first_tokens)
     record = {
         "format": "blindsight-peers", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(), "checkpoint": str(args.checkpoint.resolve()), "processor": processor,
+        "machine": host, "checkpoint": str(args.checkpoint.resolve()), "processor": processor,
         "images": [str(p.resolve()) for p in args.image], "question": args.question,
         "vision_patches": patches, "openvino_merger_mask_bytes": checkpoint.openvino_merger_mask_bytes(patches),
         "settings": {"threads": args.threads, "repeats": args.repeats, "chunk_size": args.chunk_size,

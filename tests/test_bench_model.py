@@ -33,7 +33,8 @@ def test_model_level_times_one_model_three_ways(tmp_path):
     rec = run(case, tmp_path, threads=1, repeats=1, decode_repeats=2, native=False, memory=True)
     t = Template(2, 24)
     assert (rec["seq_len"], rec["num_layers"], rec["vocab_size"]) == (t.seq_len, 3, 700)
-    assert set(rec["ttft_s"]) == {"raw", "dense", "mix"} and set(rec["decode_s"]) == {"raw", "mix"}
+    assert set(rec["ttft_s"]) == {"raw", "dense", "mix"} and set(rec["decode_s"]) == {"raw", "mix", "mix-plain"}
+    assert rec["bound_vs_plain_decode"] == pytest.approx(rec["decode_s"]["mix-plain"] / rec["decode_s"]["mix"])
     assert rec["speedup"] == pytest.approx(rec["ttft_s"]["dense"] / rec["ttft_s"]["mix"])
     assert rec["decode_ratio"] == pytest.approx(rec["decode_s"]["raw"] / rec["decode_s"]["mix"])
     assert rec["attention"] == "function bodies (native kernel off)"
@@ -124,9 +125,26 @@ def test_model_level_without_the_raw_export_compares_with_all_dense(tmp_path):
 
     case = ModelCase("qwen2-vl-2b", 2, 24, "fp32", SMALL)
     rec = run(case, tmp_path, threads=1, repeats=1, decode_repeats=1, native=False, memory=False, graphs=("dense", "mix"))
-    assert set(rec["ttft_s"]) == {"dense", "mix"} and set(rec["decode_s"]) == {"dense", "mix"}
+    assert set(rec["ttft_s"]) == {"dense", "mix"} and set(rec["decode_s"]) == {"dense", "mix", "mix-plain"}
     assert rec["decode_baseline"] == "dense" and rec["dense_vs_raw_max_abs_logit_diff"] is None
     assert rec["decode_ratio"] == pytest.approx(rec["decode_s"]["dense"] / rec["decode_s"]["mix"])
     assert "vs_raw_export" not in rec and rec["weights_bytes"] > 0
     table = render_model(rec)
-    assert "raw export" not in table and "vs dense" in table
+    assert "raw export" not in table and "vs dense" in table and "plain session.run" in table
+
+
+def test_model_level_decode_step_is_the_plain_run_with_its_cache_in_buffers(tmp_path):
+    """The decode step the model level times (the pipeline's: the cache in buffers that
+    ONNX Runtime writes into) computes what a plain session.run does from the same
+    random cache: the same logits, and its cache grows by one token per call."""
+    from blindsight.bench.model import ModelCase, _inputs, build, decode_step, open_sessions
+
+    case = ModelCase("qwen2-vl-2b", 2, 24, "fp32", SMALL)
+    dims, t = case.dims(), case.template
+    sess = open_sessions({"mix": build(case, tmp_path, progress=False)["mix"]}, threads=1, native=False)["mix"]
+    plain = sess.run(["logits", "present.2.value"], _inputs(sess, t, dims, "fp32", t.seq_len, seed=2))
+    step = decode_step(sess, t, dims, "fp32", steps=2)
+    first = step()
+    np.testing.assert_allclose(first["logits"], plain[0], rtol=0, atol=1e-6)
+    assert np.abs(first["logits"] - step()["logits"]).max() > 0  # the second call sees one more token
+    assert plain[1].shape[2] == t.seq_len + 1

@@ -302,13 +302,15 @@ def test_chunked_prefill_equals_one_shot(tiny, variant):
     spans = pipe.image_spans(built.input_ids)
     embeds = pipe.embeddings(built)
     pos, _ = pipe.position_ids(built)
-    want_logits, want_past, chunks = pipe.prefill(embeds, pos, spans)
+    want_logits, want_cache, chunks = pipe.prefill(embeds, pos, spans)
+    want_past = want_cache.past()
     assert chunks == 1
     s = built.input_ids.size
     want_tokens = pipe.generate_from(built, NEW_TOKENS).token_ids
     for size in (1, 5, 16, s // 2 + 1, s - 1, s + 7):
         pipe.chunk_size = size
-        logits, past, chunks = pipe.prefill(embeds, pos, spans)
+        logits, cache, chunks = pipe.prefill(embeds, pos, spans)
+        past = cache.past()
         assert (chunks > 1) if size < s else (chunks == 1)
         np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4, err_msg=f"chunk size {size}")
         for name, value in want_past.items():
@@ -341,3 +343,50 @@ def test_chunk_bounds_cover_the_prompt_and_never_split_an_image_block(data):
             token_type_ids(np.array(spans, dtype=np.int64).reshape(-1, 2), b - a, a)  # raises on a split
     else:
         assert [b - a for a, b in bounds[:-1]] == [size] * (len(bounds) - 1)
+
+
+def test_cache_written_through_the_binding_equals_plain_runs(tiny):
+    """The pipeline's KV cache, which ONNX Runtime writes into the pipeline's own
+    buffers through an IOBinding, equals what plain ``session.run`` calls return
+    (each call's Concat output fed back as an array): the logits and every cache
+    tensor after a chunked prefill and after each decode step, with a capacity
+    hint far too small so that the buffers grow twice on the way."""
+    from blindsight.attention.spans import chunk_bounds, token_type_ids
+    from blindsight.runtime.positions import decode_position_ids
+
+    pipe = Pipeline(tiny.out, threads=2, chunk_size=5)
+    built = pipe.prompts.build(_images(2), CASES[0][0])
+    spans = pipe.image_spans(built.input_ids)
+    embeds = pipe.embeddings(built)
+    pos, delta = pipe.position_ids(built)
+    s = built.input_ids.size
+    inputs = {i.name for i in pipe.lm.get_inputs()}
+    outputs = [o.name for o in pipe.lm.get_outputs()]
+
+    def plain(emb, p, past, start):
+        feeds = {"inputs_embeds": emb, "position_ids": p, "image_spans": spans,
+                 "attention_mask": np.ones((1, start + emb.shape[1]), np.int64), **past}
+        if "token_type_ids" in inputs:
+            feeds["token_type_ids"] = token_type_ids(spans, emb.shape[1], start, rows=1)
+        out = dict(zip(outputs, pipe.lm.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+        return out["logits"][0, -1], {k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")}
+
+    bounds = chunk_bounds(s, 5, spans, "token_type_ids" in inputs)
+    assert len(bounds) > 2
+    want_past = pipe._empty_past()
+    for start, end in bounds:
+        want_logits, want_past = plain(embeds[:, start:end], pos[..., start:end], want_past, start)
+    logits, cache, _ = pipe.prefill(embeds, pos, spans, capacity=3)
+    rows = pos.shape[0] if pos.ndim == 3 else 1
+    for step in range(4):
+        np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-6, err_msg=f"step {step}")
+        got = cache.past()
+        assert sorted(got) == sorted(want_past) and cache.length == s + step
+        for name, value in want_past.items():
+            np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=f"{name}, step {step}")
+        token = np.array([[int(np.argmax(want_logits))]], np.int64)
+        emb = pipe.embed.run(None, {"input_ids": token})[0]
+        p = decode_position_ids(s + step + delta, rows)
+        want_logits, want_past = plain(emb, p, want_past, s + step)
+        logits = pipe._call(emb, p, cache, spans)
+    assert cache.capacity >= s + 4

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         if do_decode:
             total += 1 + 2 * repeats * len(contexts)
         if do_model:
-            total += 1 + len(model_graphs) * (model_repeats + (1 if memory else 0)) + min(len(model_graphs), 2) * args.decode_repeats
+            total += 1 + len(model_graphs) * (model_repeats + (1 if memory else 0)) + (min(len(model_graphs), 2) + 1) * args.decode_repeats
         if do_genai:
             total += len(genai_case.precisions) * (1 + 3 * (genai_repeats + 1))
         record = {"machine": machine(), "threads": args.threads, "repeats": repeats, "quick": args.quick,

@@ -34,6 +34,8 @@ from blindsight.profile import Profile
 SESSION_CONFIG = {"session.disable_prepacking": "1"}
 #: the graphs a model-level run can time: the raw export, the all-dense compile, the profile mix
 GRAPHS = ("raw", "dense", "mix")
+#: the decode row of the compiled mix run as a plain session.run (no cache buffers)
+PLAIN = "mix-plain"
 #: the warm-up prompt: every kernel runs once before the timed prefills
 WARMUP = Template(1, 16)
 
@@ -145,6 +147,30 @@ def prefill(sess, feeds: dict, chunk: int | None, image_blocks: bool = False):
     return outs["logits"]
 
 
+def decode_step(sess, t: Template, dims, dtype, steps: int):
+    """A decode step as the pipeline runs it: one new token on a random cache of
+    ``t.seq_len`` tokens held in :class:`~blindsight.runtime.kv_cache.KVBuffers`,
+    which ONNX Runtime writes the new cache into; each call adds its token (the
+    context grows by one per call, as in generation); a call returns the outputs
+    other than the cache."""
+    from blindsight.runtime.kv_cache import KVBuffers, cache_names, run_with_cache
+
+    feeds = _inputs(sess, t, dims, dtype, t.seq_len, seed=2)
+    past = {k: feeds.pop(k) for k in list(feeds) if k.startswith("past_key_values.")}
+    # room for the warm-up round and every timed step
+    cache = KVBuffers(cache_names(dims.num_layers), dims.num_kv_heads, dims.head_dim, t.seq_len + steps + 2,
+                      SHORT_DTYPES[dtype])
+    cache.load(past)
+    del past
+
+    def call():
+        n = cache.length
+        feeds["attention_mask"] = np.ones((1, n + 1), dtype=np.int64)
+        feeds["position_ids"] = np.full(feeds["position_ids"].shape, n, dtype=np.int64)
+        return run_with_cache(sess, feeds, cache, 1)
+    return call
+
+
 def open_sessions(paths: dict[str, Path], threads: int, provider: str = "cpu", native: bool | None = None) -> dict:
     """The graphs' sessions as they are timed: no arena, SESSION_CONFIG, the raw export on
     ONNX operators and the compiled graphs on the route ``native`` picks."""
@@ -203,11 +229,13 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
     ttft, _ = time_to_first_token(sessions, case, dims, repeats, progress)
     base = "raw" if "raw" in sessions else "dense" if "dense" in sessions else None
     decode_graphs = [k for k in (base, "mix") if k]
-    step = {k: _inputs(sessions[k], t, dims, case.dtype, t.seq_len, seed=2) for k in decode_graphs}
-    decode = interleaved({k: (lambda s=sessions[k], f=step[k]: s.run(None, f)) for k in decode_graphs}, decode_repeats,
-                         progress=progress)
+    steps = {k: decode_step(sessions[k], t, dims, case.dtype, decode_repeats) for k in decode_graphs}
+    # the same step as a plain session.run, the cache in and out as fresh arrays (what the pipeline did before)
+    plain = _inputs(sessions["mix"], t, dims, case.dtype, t.seq_len, seed=2)
+    steps[PLAIN] = lambda s=sessions["mix"], f=plain: s.run(None, f)
+    decode = interleaved(steps, decode_repeats, progress=progress)
     process_peak = peak_rss_mb()
-    del sessions, step
+    del sessions, steps, plain
     gc.collect()
     mem = {}
     if memory:
@@ -226,6 +254,7 @@ def run(case: ModelCase, work_dir: Path, threads: int = 2, repeats: int = 3, dec
         "ttft_s": ttft, "flop_bound": fl["prefill_bound"], "attention_flop_bound": fl["attention_bound"],
         "dense_vs_raw_max_abs_logit_diff": agree,
         "decode_s": decode, "decode_baseline": base, "compiled_tokens_per_s": 1 / decode["mix"],
+        "decode_cache": "bound", "bound_vs_plain_decode": decode[PLAIN] / decode["mix"],
         "peak_rss_mb": mem or None, "process_peak_rss_mb": process_peak,
         "session_config": SESSION_CONFIG, "repeats": repeats, "decode_repeats": decode_repeats,
     }

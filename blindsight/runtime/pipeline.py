@@ -23,6 +23,7 @@ from blindsight import families
 from blindsight.errors import BlindSightError
 from blindsight.attention.schema import SPANS_INPUT, TOKEN_TYPE_INPUT
 from blindsight.attention.spans import chunk_bounds, token_type_ids
+from blindsight.runtime.kv_cache import KVBuffers, cache_names, run_with_cache
 from blindsight.runtime.positions import decode_position_ids, mrope_position_ids
 from blindsight.runtime.prompt import Prompt, PromptBuilder
 from blindsight.attention import Delimiters, find_spans
@@ -222,34 +223,50 @@ class Pipeline:
     def _empty_past(self) -> dict:
         kv, hd = int(self.template["num_kv_heads"]), int(self.template["head_dim"])
         empty = np.zeros((1, kv, 0, hd), dtype=self.dtype)
-        return {f"past_key_values.{i}.{n}": empty for i in range(self.num_layers) for n in ("key", "value")}
+        return {f"past_key_values.{n}": empty for n in cache_names(self.num_layers)}
 
-    def prefill(self, embeds, positions, spans) -> tuple[np.ndarray, dict, int]:
+    def new_cache(self, capacity: int) -> KVBuffers:
+        """An empty KV cache for an answer of ``capacity`` tokens (prompt and new tokens)."""
+        return KVBuffers(cache_names(self.num_layers), int(self.template["num_kv_heads"]),
+                         int(self.template["head_dim"]), capacity, self.dtype)
+
+    def prefill(self, embeds, positions, spans, capacity: int | None = None) -> tuple[np.ndarray, KVBuffers, int]:
         """The last position's logits, the KV cache and the number of chunks of one
-        prompt's prefill (in chunks of ``chunk_size`` tokens)."""
+        prompt's prefill (in chunks of ``chunk_size`` tokens); ``capacity``: the tokens
+        the cache is sized for (default: the prompt's)."""
         bounds = chunk_bounds(embeds.shape[1], self.chunk_size, spans, TOKEN_TYPE_INPUT in self.lm_inputs)
-        past = self._empty_past()
+        cache = self.new_cache(capacity or embeds.shape[1])
         for i, (start, end) in enumerate(bounds):
             keep = self.keep_prefill_feeds and i == len(bounds) - 1
-            logits, past = self._run_lm(embeds[:, start:end], positions[..., start:end], past, end, spans, keep)
-        return logits, past, len(bounds)
+            logits = self._call(embeds[:, start:end], positions[..., start:end], cache, spans, keep)
+        return logits, cache, len(bounds)
 
-    def _run_lm(self, embeds, positions, past: dict, total_len: int, spans, keep: bool = False):
+    def _call(self, embeds, positions, cache: KVBuffers, spans, keep: bool = False) -> np.ndarray:
+        """One language-model call on top of ``cache`` (which then holds its tokens too);
+        returns the last position's logits. ONNX Runtime writes the new cache
+        straight into ``cache``'s buffers (:mod:`blindsight.runtime.kv_cache`)."""
+        new = embeds.shape[1]
+        total_len = cache.length + new
         feeds = {"inputs_embeds": embeds, "position_ids": positions,
-                 "attention_mask": np.ones((1, total_len), dtype=np.int64), **past}
+                 "attention_mask": np.ones((1, total_len), dtype=np.int64)}
         if self.sparse:
             feeds[SPANS_INPUT] = spans
         if TOKEN_TYPE_INPUT in self.lm_inputs:  # Gemma 3: its image blocks, from the same spans
-            new = embeds.shape[1]
             feeds[TOKEN_TYPE_INPUT] = token_type_ids(spans, new, total_len - new, rows=1)
-        names = [o.name for o in self.lm.get_outputs()]
         feeds = {k: v for k, v in feeds.items() if k in self.lm_inputs}
-        if keep:
-            self.prefill_feeds = feeds
-        outs = dict(zip(names, self.lm.run(None, feeds)))
-        present = {f"past_key_values.{i}.{n}": outs[f"present.{i}.{n}"]
-                   for i in range(self.num_layers) for n in ("key", "value")}
-        return outs["logits"][0, -1], present
+        if keep:  # a copy: the buffers are overwritten as decoding goes on
+            self.prefill_feeds = {**feeds, **{k: v.copy() for k, v in cache.past().items()}}
+        logits = run_with_cache(self.lm, feeds, cache, new)["logits"]
+        return logits[0, -1]
+
+    def _run_lm(self, embeds, positions, past: dict, total_len: int, spans, keep: bool = False):
+        """One call from a cache given as ``past_key_values.*`` arrays: (last logits,
+        ``past_key_values.*`` of the new cache). ``total_len``: past and new tokens."""
+        cache = self.new_cache(total_len)
+        cache.load(past)
+        if cache.length + embeds.shape[1] != total_len:
+            raise BlindSightError(f"{cache.length} cached + {embeds.shape[1]} new tokens is not {total_len}")
+        return self._call(embeds, positions, cache, spans, keep), cache.past()
 
     # ------------------------------------------------------------- generation
 
@@ -272,7 +289,7 @@ class Pipeline:
         del prompt
         rows = positions.shape[0] if positions.ndim == 3 else 1
         tp = time.perf_counter()
-        logits, past, chunks = self.prefill(embeds, positions, spans)
+        logits, cache, chunks = self.prefill(embeds, positions, spans, capacity=ids.size + max_new_tokens)
         del embeds, positions
         token = int(np.argmax(logits))
         t1 = time.perf_counter()
@@ -282,7 +299,7 @@ class Pipeline:
         while len(tokens) < max_new_tokens and token not in self.eos:
             step = ids.size + len(tokens) - 1
             emb = self.embed.run(None, {"input_ids": np.array([[token]], dtype=np.int64)})[0]
-            logits, past = self._run_lm(emb, decode_position_ids(step + delta, rows), past, step + 1, spans)
+            logits = self._call(emb, decode_position_ids(step + delta, rows), cache, spans)
             token = int(np.argmax(logits))
             tokens.append(token)
             if on_token is not None:

@@ -4,8 +4,8 @@ The exported language model returns its cache as ``present.{i}.{key,value}`` =
 Concat(past, new tokens) ([B, kv_heads, S, head_dim]), a fresh tensor at every
 call. Left to ONNX Runtime, each of those tensors is a new allocation: at
 Qwen2-VL-2B's size after 16K tokens, 56 tensors of 17 MB, every page of them
-faulted in and zeroed by the kernel at every decode step, then unmapped
-(measured: 626 ms a step, of which 60 ms is the Concat's copy itself).
+faulted in and zeroed by the kernel at every decode step, then unmapped: most
+of a step's time at that length (docs/runtime.md, "The KV cache in decode").
 
 :class:`KVBuffers` keeps two flat buffers per cache tensor, long enough for
 the whole answer (prompt and new tokens). A call reads its past from the

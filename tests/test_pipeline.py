@@ -350,7 +350,7 @@ def test_cache_written_through_the_binding_equals_plain_runs(tiny):
     buffers through an IOBinding, equals what plain ``session.run`` calls return
     (each call's Concat output fed back as an array): the logits and every cache
     tensor after a chunked prefill and after each decode step, with a capacity
-    hint far too small so that the buffers grow twice on the way."""
+    hint far too small, so that the buffers grow several times on the way."""
     from blindsight.attention.spans import chunk_bounds, token_type_ids
     from blindsight.runtime.positions import decode_position_ids
 

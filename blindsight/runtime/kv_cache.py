@@ -13,8 +13,8 @@ prefix of one and, through an IOBinding, ONNX Runtime's Concat writes the
 present straight into the prefix of the other; the next call swaps them. The
 prefix of a flat buffer is a contiguous [1, kv_heads, S, head_dim] tensor for
 any S, so no copy is made outside the graph. The pages are touched once, as
-the cache grows; the memory held is what a call holds anyway (its past and
-its present).
+the cache grows. A call holds its past and its present, as a plain run does;
+between calls both buffers stay resident (a plain run had freed the past).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class KVBuffers:
         """Bind the past (the current buffers) and the present (``new`` tokens
         longer, in the other buffers) of the next call."""
         if self.length + new > self.capacity:
-            held = {k: v.copy() for k, v in self.past().items()}
+            held = self.past()  # views that keep the old buffers alive until loaded
             self._allocate(max(self.length + new, 2 * self.capacity))
             self.load(held)
         for n in self.names:

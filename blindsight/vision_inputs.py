@@ -68,6 +68,27 @@ def vision_window_index(grid_thw, spatial_merge_size: int, window_size: int, pat
     return index.astype(np.int64), cu[keep]
 
 
+def unpad_patches(pixel_values, image_grid_thw):
+    """``pixel_values`` with each image's patches back to back.
+
+    onnxruntime-genai's Qwen processor (0.18.0) pads every image's patches to the
+    largest image's count when the images of a prompt differ in size: image i's
+    patches are rows ``i * largest`` onward, then zeros (measured). Its per-image
+    vision loop slices them for a tower that takes ``image_grid_thw``; a tower that
+    takes the index tensors instead gets the rows it reads here. Rows already back to
+    back (one image, or images of one size) are returned as they are."""
+    grid = _grid(image_grid_thw)
+    counts = np.prod(grid, axis=1)
+    rows = np.asarray(pixel_values).shape[0]
+    if rows == int(counts.sum()):
+        return pixel_values
+    largest = int(counts.max()) if counts.size else 0
+    if rows != largest * len(counts):
+        raise ValueError(f"pixel_values has {rows} rows; image_grid_thw {grid.tolist()} asks for {int(counts.sum())} "
+                         f"back to back or {largest * len(counts)} padded per image")
+    return np.concatenate([pixel_values[i * largest:i * largest + int(n)] for i, n in enumerate(counts)])
+
+
 def qwen_vision_feeds(family: str, vision_config: dict, pixel_values, image_grid_thw) -> dict[str, np.ndarray]:
     """Every input of a Qwen ``vision.onnx`` from the processor's outputs.
 

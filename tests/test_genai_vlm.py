@@ -1,5 +1,6 @@
 """bs-compile --genai: a tiny random Qwen2.5-VL bs-export as one onnxruntime-genai
-VLM (genai's image processor, vision, embedding, the compiled decoder).
+VLM (genai's image processor, vision, embedding, the compiled decoder), and a
+Qwen2-VL export under genai's qwen2_5_vl type.
 
 The wrappers are checked in onnxruntime against the graphs they wrap; genai's
 greedy tokens against the project's Pipeline, which runs the source graphs
@@ -26,8 +27,10 @@ NEW_TOKENS = 8
 HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
 # Qwen geometry of the tiny checkpoint (14-px patches, 2x2 merge): 84x56 px is a
 # 1x4x6 patch grid (6 image tokens), 56x84 px 1x6x4
-IMAGES = {"wide.png": (56, 84), "tall.png": (84, 56)}
-PROMPTS = {"one image": ["wide.png"], "two images": ["wide.png", "tall.png"]}
+# 1x6x4; 56x56 px is 1x4x4, fewer patches: genai's processor pads them to the first's count
+IMAGES = {"wide.png": (56, 84), "tall.png": (84, 56), "small.png": (56, 56)}
+PROMPTS = {"one image": ["wide.png"], "two images": ["wide.png", "tall.png"],
+           "two sizes": ["small.png", "tall.png", "wide.png"]}
 
 
 def bs_compile(*args):
@@ -179,11 +182,17 @@ def _genai_run(folder: Path, images: list[Path]):
     from blindsight.runtime.prompt import Prompt
 
     model = og.Model(str(folder))
-    text = ("<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * len(images)
-            + "What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
-    inputs = model.create_multimodal_processor()(text, images=og.Images.open(*map(str, images)))
-    prompt = Prompt(inputs["input_ids"].as_numpy().reshape(-1).astype(np.int64), inputs["pixel_values"].as_numpy(),
-                    inputs["image_grid_thw"].as_numpy(), text, len(images))
+    processor = model.create_multimodal_processor()
+
+    def text(n):
+        return ("<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * n
+                + "What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
+
+    inputs = processor(text(len(images)), images=og.Images.open(*map(str, images)))
+    # the reference's pixels: genai's processor on each image alone, back to back
+    pixels = np.concatenate([processor(text(1), images=og.Images.open(str(i)))["pixel_values"].as_numpy() for i in images])
+    prompt = Prompt(inputs["input_ids"].as_numpy().reshape(-1).astype(np.int64), pixels,
+                    inputs["image_grid_thw"].as_numpy(), text(len(images)), len(images))
     add_vision_inputs(inputs, folder)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt.input_ids.size + NEW_TOKENS, do_sample=False)
@@ -237,10 +246,10 @@ def test_bs_compile_genai_bad_input_is_one_line(vlm, tmp_path):
     export = vlm["export"]
     save(Profile.uniform("dense", LAYERS, HEADS, num_kv_heads=KV_HEADS), tmp_path / "p.json")
     prof = ("--profile", tmp_path / "p.json")
-    qwen2 = tmp_path / "qwen2_vl_export"
-    shutil.copytree(export, qwen2)
-    template = json.loads((qwen2 / "template.json").read_text())
-    (qwen2 / "template.json").write_text(json.dumps({**template, "family": "qwen2_vl"}))
+    gemma = tmp_path / "gemma3_export"
+    shutil.copytree(export, gemma)
+    template = json.loads((gemma / "template.json").read_text())
+    (gemma / "template.json").write_text(json.dumps({**template, "family": "gemma3"}))
     plain = tmp_path / "plain"
     plain.mkdir()
     taken = tmp_path / "taken"
@@ -251,7 +260,7 @@ def test_bs_compile_genai_bad_input_is_one_line(vlm, tmp_path):
         ((plain, "--genai", *prof, "-o", out), "not one"),
         ((export, "--genai", *prof), "pass -o OUT_DIR"),
         ((export, *prof, "-o", out), "pass --genai"),
-        ((qwen2, "--genai", *prof, "-o", out), "qwen2_vl", "qwen2_5_vl"),
+        ((gemma, "--genai", *prof, "-o", out), "gemma3", "qwen2_5_vl, qwen2_vl"),
         ((export, "--genai", *prof, "-o", taken), "--overwrite"),
         ((export, "--genai", *prof, "-o", export / "inside"), "inside it"),
         ((export, "--genai", "--profile", vlm["root"] / "missing.json", "-o", out), "missing.json"),
@@ -264,3 +273,57 @@ def test_bs_compile_genai_bad_input_is_one_line(vlm, tmp_path):
     r = bs_compile(export, "--genai", *prof, "-o", taken, "--overwrite", "--no-native")
     assert r.returncode == 0, r.stderr
     assert not (taken / "notes.txt").exists() and (taken / "language_model.genai.onnx").is_file()
+
+
+@pytest.fixture(scope="module")
+def qwen2_vlm(tmp_path_factory):
+    """A tiny Qwen2-VL export (its tower takes no window index) as genai folders:
+    all-dense on the function bodies, and a sparse profile."""
+    from PIL import Image
+
+    from blindsight.compiler.genai_vlm import write_genai_vlm
+    from blindsight.compiler.pipeline import compile_model
+    from blindsight.models.checkpoints import make_tiny_checkpoint
+    from blindsight.models.export_vlm import export_vlm
+
+    root = tmp_path_factory.mktemp("genai_qwen2_vl")
+    export = export_vlm(make_tiny_checkpoint("qwen2_vl", root / "checkpoint", seed=3), root / "export").out_dir
+    rng = np.random.default_rng(1)
+    for name, (h, w) in IMAGES.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    sparse = Profile([[("sink", "intra", "sink", "intra_sink")[(h + layer) % 4] for h in range(HEADS)]
+                      for layer in range(LAYERS)], num_kv_heads=KV_HEADS)
+    write_genai_vlm(export, Profile.uniform("dense", LAYERS, HEADS, num_kv_heads=KV_HEADS), root / "dense", native=False)
+    write_genai_vlm(export, sparse, root / "sparse")
+    sparse_lm = compile_model(export / "language_model.onnx", sparse, root / "lm.sparse.onnx").output
+    return dict(root=root, export=export, dense=root / "dense", sparse=root / "sparse", sparse_lm=sparse_lm)
+
+
+def test_qwen2_vl_export_is_written_under_genais_qwen2_5_vl_type(qwen2_vlm):
+    template = json.loads((qwen2_vlm["export"] / "template.json").read_text())
+    assert template["family"] == "qwen2_vl" and "window_index" not in template["vision_inputs"]
+    config = json.loads((qwen2_vlm["dense"] / "genai_config.json").read_text())
+    assert config["model"]["type"] == "qwen2_5_vl"
+    assert config["model"]["vision"]["filename"] == "vision.onnx"
+
+
+@pytest.mark.skipif(not HAS_GENAI, reason="onnxruntime-genai is not installed (pip install 'blindsight-ort[genai]')")
+def test_onnxruntime_genai_runs_a_qwen2_vl_export_like_the_source_graphs(qwen2_vlm):
+    """genai's qwen2_5_vl type on a Qwen2-VL export: its processor, position ids and
+    pipeline give the tokens of the project's Pipeline on the source graphs
+    (all-dense) and on the compiled graph (sparse), for one and for two images."""
+    from blindsight.runtime.pipeline import Pipeline
+
+    root = qwen2_vlm["root"]
+    source = Pipeline(qwen2_vlm["export"], compiled=False, native=False)
+    sparse = Pipeline(qwen2_vlm["export"], compiled=qwen2_vlm["sparse_lm"])
+    sparse_changes = False
+    for label, names in PROMPTS.items():
+        images = [root / n for n in names]
+        dense_tokens, prompt = _genai_run(qwen2_vlm["dense"], images)
+        assert len(dense_tokens) == NEW_TOKENS, label
+        assert dense_tokens == source.generate_from(prompt, NEW_TOKENS).token_ids, label
+        sparse_tokens, _ = _genai_run(qwen2_vlm["sparse"], images)
+        assert sparse_tokens == sparse.generate_from(prompt, NEW_TOKENS).token_ids, label
+        sparse_changes |= sparse_tokens != dense_tokens
+    assert sparse_changes

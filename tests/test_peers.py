@@ -1,9 +1,12 @@
-"""The peers harness (benchmarks/peers) without any peer engine installed: the driver
-end to end on the project's variants of a tiny checkpoint, the cross-engine checks
-on made-up runs, the prepared checkpoint, and one-line errors for bad input."""
+"""The peers harness (benchmarks/peers): the driver end to end on the project's
+variants of a tiny checkpoint and, where onnxruntime-genai is installed, on genai's
+(its builder's decoder and the project's compiles in genai folders); the
+cross-engine checks on made-up runs, the prepared checkpoint, OpenVINO's and
+llama.cpp's pieces without those engines, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -226,6 +229,9 @@ def test_table_shows_a_failed_variant_with_its_reason():
 def test_variant_selection_keeps_order_and_expands_groups():
     assert [v.name for v in variants.select("raw,project")] == ["raw", "mix", "dense"]
     assert all(v.engine == "openvino" for v in variants.select("openvino"))
+    # the variant named genai is genai's own decoder; its group has another name
+    assert [v.name for v in variants.select("genai")] == ["genai"]
+    assert [v.name for v in variants.select("onnxruntime-genai")] == ["genai", "genai-dense", "genai-mix"]
     with pytest.raises(PeersError, match="unknown variant 'fast'"):
         variants.select("dense,fast")
 
@@ -315,6 +321,8 @@ def test_a_worker_killed_by_a_signal_is_named(tmp_path):
     (["CKPT", "--image", "IMG", "--question", "q", "--threads", "0"], "--threads is 0"),
     (["CKPT", "--image", "IMG", "--question", "q", "--sparse", "stride=4"], "expected KEY=VALUE"),
     (["CKPT", "--image", "IMG", "--question", "q", "--variants", "dense,llama-f16"], "vision tower has 1 block(s)"),
+    (["CKPT", "--image", "IMG", "--question", "q", "--variants", "genai", "--genai-python", "NOPE/python"],
+     "--genai-python NOPE/python does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, args, message):
     subs = {"CKPT": str(tiny.checkpoint), "IMG": str(tiny.images[0]), "MISSING": str(tmp_path / "missing")}
@@ -341,6 +349,127 @@ def test_help_names_every_variant():
     proc = peers("--help")
     assert proc.returncode == 0
     assert all(name in proc.stdout for name in variants.VARIANTS)
+
+
+# ------------------------------------------------------------------ onnxruntime-genai
+
+HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
+needs_genai = pytest.mark.skipif(not HAS_GENAI, reason="onnxruntime-genai is not installed (pip install -e '.[genai]')")
+
+
+@pytest.fixture(scope="module")
+def genai_run(tiny, project_run):
+    """The driver over genai's three variants and the project's dense, with this
+    interpreter as genai's (it has onnxruntime-genai and the builder's requirements)."""
+    out = tiny.root / "genai.json"
+    args = [tiny.checkpoint, "--question", QUESTION, "--variants", "dense,onnxruntime-genai", "--threads", 2, "--chunk-size", CHUNK,
+            "--max-new-tokens", 4, "--cache", tiny.cache, "--venvs", tiny.venvs, "--genai-python", sys.executable,
+            "-o", out]
+    for image in tiny.images:
+        args += ["--image", image]
+    proc = peers(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return SimpleNamespace(proc=proc, record=json.loads(out.read_text()))
+
+
+@needs_genai
+def test_genai_variants_answer_as_the_pipeline_does(tiny, genai_run):
+    """genai's builder decoder and the all-dense compile in genai give the tokens of the
+    project's Pipeline on the raw export; the mix in genai those of the Pipeline on the
+    compiled mix; every variant saw the prompt counted outside the project."""
+    from blindsight.runtime.pipeline import Pipeline
+
+    record = genai_run.record
+    assert list(record["variants"]) == ["dense", "genai", "genai-dense", "genai-mix"]
+    export = Path(record["conversions"]["project"]["dir"]) / "export"
+    images = [str(p) for p in tiny.images]
+    raw = Pipeline(export, compiled=False, native=False).generate(images, QUESTION, max_new_tokens=4).token_ids
+    mix = Pipeline(export, compiled=export / "language_model.mix.onnx").generate(images, QUESTION, max_new_tokens=4).token_ids
+    prompt = expected_prompt_tokens(tiny)
+    for name, want in (("genai", raw), ("genai-dense", raw), ("genai-mix", mix)):
+        v = record["variants"][name]
+        assert v["runs"] == 1 and not v["failed"], name
+        assert v["tokens"] == want, name
+        assert v["prompt_tokens"] == prompt and v["image_tokens"] == IMAGE_TOKENS, name
+        m = v["median"]
+        assert 0 < m["vision_s"] < m["ttft_s"] and 0 < m["prefill_s"] < m["ttft_s"], name
+    assert record["checks"]["greedy_tokens"]["compared"] == ["dense", "genai", "genai-dense"]
+    assert record["checks"]["token_counts"]["agree"] is True
+    assert record["versions"]["genai"]["onnxruntime-genai"] == envs.GENAI_VERSION
+    assert record["setup"]["genai"]["interpreter"] == sys.executable
+
+
+@needs_genai
+def test_genai_folders_hold_the_builders_decoder_and_the_compiles(tiny, genai_run):
+    """The builder folder's decoder is genai's own (GroupQueryAttention, one cache buffer,
+    no BlindSightAttention) beside the export's tower; the compiled folders' decoders
+    hold BlindSightAttention and name the native kernel; the vision runs were timed."""
+    import onnx
+
+    record = genai_run.record
+    root = Path(record["conversions"]["genai"]["dir"])
+    ops = {}
+    for folder in ("builder", "dense", "mix"):
+        config = json.loads((root / folder / "genai_config.json").read_text())
+        assert config["model"]["type"] == "qwen2_5_vl", folder
+        decoder = onnx.load(root / folder / config["model"]["decoder"]["filename"], load_external_data=False)
+        ops[folder] = {n.op_type for n in decoder.graph.node}
+        assert (root / folder / "vision.onnx").read_bytes() == (Path(record["conversions"]["project"]["dir"]) / "export" /
+                                                                  "vision.onnx").read_bytes(), folder
+    builder = json.loads((root / "builder" / "genai_config.json").read_text())
+    assert "GroupQueryAttention" in ops["builder"] and "BlindSightAttention" not in ops["builder"]
+    assert builder["search"]["past_present_share_buffer"] is True
+    assert "BlindSightAttention" in ops["dense"] and "BlindSightAttention" in ops["mix"]
+    from blindsight import native
+
+    mix = json.loads((root / "mix" / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert ("custom_ops_library" in mix) == (native.library_path() is not None)
+    for run in record["runs"]:
+        if run["variant"].startswith("genai"):
+            d = run["details"]
+            assert len(d["vision_runs_s"]) == 1 and d["vision_runs_s"][0] > 0 and d["embedding_run_s"] > 0
+            assert run["vision_s"] >= d["processor_and_index_inputs_s"] + d["vision_runs_s"][0]
+
+
+def test_builder_checkpoint_gives_qwen2_vl_as_qwen2_5_vl(tiny, tmp_path):
+    """The builder's view of a Qwen2-VL checkpoint: transformers loads it as Qwen2.5-VL
+    with every text weight equal to the checkpoint's own; other families are refused."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks.peers.convert import builder_checkpoint
+
+    view = tmp_path / "view"
+    assert "Qwen2-VL given as Qwen2.5-VL" in builder_checkpoint(tiny.checkpoint, view)
+    config = json.loads((view / "config.json").read_text())
+    original = json.loads((tiny.checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert {k: v for k, v in config["text_config"].items() if k != "model_type"} == \
+        {k: v for k, v in original["text_config"].items() if k != "model_type"}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(view, dtype=torch.float32)
+    weights = {k: v for f in tiny.checkpoint.glob("*.safetensors") for k, v in load_file(f).items()}
+    text = {k: v for k, v in weights.items() if not k.startswith(("visual.", "model.visual."))}
+    state = model.state_dict()
+    assert len(text) > 10
+    for key, value in text.items():
+        name = key if key in state else key.replace("model.", "model.language_model.", 1)
+        assert (state[name].numpy() == value).all(), key
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(PeersError, match="is gemma3"):
+        builder_checkpoint(other, tmp_path / "view2")
+
+
+def test_genai_venv_pins_cpu_torch_and_genai(tmp_path):
+    pins = envs.PINS["genai"]
+    assert f"onnxruntime-genai=={envs.GENAI_VERSION}" in pins and "torch==2.13.0" in pins
+    assert not any(p.startswith("torchvision") for p in pins)
+    assert envs.venv_path(tmp_path, "genai") not in (envs.venv_path(tmp_path, "openvino"), envs.venv_path(tmp_path, "llamacpp"))
+    given = tmp_path / "python"
+    assert envs.python_of("genai", tmp_path, given=given) == (given, None)
+    assert not list(tmp_path.iterdir())  # no venv made when an interpreter is given
 
 
 # ------------------------------------------------------------------ llama.cpp, without llama.cpp

@@ -17,8 +17,10 @@ from benchmarks.peers import checkpoint, convert, envs, report, variants
 from benchmarks.peers.errors import PeersError
 
 HERE = Path(__file__).resolve().parent
-WORKERS = {"project": HERE / "worker_project.py", "openvino": HERE / "worker_openvino.py",
-           "llamacpp": HERE / "worker_llamacpp.py"}
+WORKERS = {"project": HERE / "worker_project.py", "genai": HERE / "worker_genai.py",
+           "openvino": HERE / "worker_openvino.py", "llamacpp": HERE / "worker_llamacpp.py"}
+#: the checkout the harness runs from: the genai worker imports blindsight.vision_inputs from it
+REPOSITORY = HERE.parent.parent
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blindsight-peers"
 #: convert_hf_to_gguf.py fails on a shallower Qwen2-VL vision tower
 #: ("Can not map tensor 'visual.merger.mlp.2.bias'" with 1 block)
@@ -35,9 +37,10 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time to first token of the project beside other engines on one checkpoint, the same "
                     "images, question and threads. Each engine converts the checkpoint with its own tool "
-                    "(cached) and runs in its own process (OpenVINO and llama.cpp in venvs made on first use); repeats "
+                    "(cached) and runs in its own process (onnxruntime-genai, OpenVINO and llama.cpp in venvs made on first "
+                    "use); repeats "
                     "are interleaved across variants and the table shows medians.",
-        epilog="variants (or the groups all, project, openvino):\n" + variants.describe() + "\n\n"
+        epilog="variants (or the groups all, project, onnxruntime-genai, openvino, llamacpp):\n" + variants.describe() + "\n\n"
                "example: bs-checkpoint tiny-qwen2-vl -o tiny && python -m benchmarks.peers tiny "
                "--image a.png --image b.png --question 'What differs?' --variants all")
     p.add_argument("checkpoint", type=Path, help="a Qwen2-VL / Qwen2.5-VL checkpoint directory (e.g. written by bs-checkpoint)")
@@ -68,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "conversions",
                    help=f"conversions and run logs (default {DEFAULT_CACHE / 'conversions'})")
     p.add_argument("--venvs", type=Path, default=DEFAULT_CACHE / "venvs", help=f"peer venvs (default {DEFAULT_CACHE / 'venvs'})")
+    p.add_argument("--genai-python", type=Path, metavar="PYTHON",
+                   help="an interpreter with onnxruntime-genai 0.18.0 and its model builder's requirements (torch, "
+                        "transformers, onnx-ir) to run the genai variants with, instead of the venv made for them "
+                        "(e.g. the project's own after pip install -e '.[genai,export]')")
     p.add_argument("-o", "--output", type=Path, default=Path("peers.json"), help="the JSON record (default peers.json)")
     p.add_argument("--quiet", action="store_true", help="print only the table and the checks")
     return p
@@ -93,6 +100,8 @@ def check_args(args) -> list[variants.Variant]:
             raise PeersError(f"{name} is {value}; it must be at least {low}")
     if args.profile is not None and not args.profile.is_file():
         raise PeersError(f"profile {args.profile} does not exist")
+    if args.genai_python is not None and not args.genai_python.is_file():
+        raise PeersError(f"--genai-python {args.genai_python} does not exist; name a Python interpreter")
     args.sparse_config = {}
     for item in args.sparse:
         key, sep, value = item.partition("=")
@@ -144,12 +153,25 @@ def spec_for(v: variants.Variant, conversion: dict, args) -> dict:
             return dict(shared, export_dir=str(export), model="dense", native=None)
         return dict(shared, export_dir=str(export), model=str(export / convert.PROJECT_MODELS[model]),
                     native=args.kernel == "native")
+    if v.engine == "genai":
+        return dict(shared, model_dir=str(Path(conversion["dir"]) / convert.GENAI_FOLDERS[v.settings["folder"]]),
+                    prompt=args.genai_prompt, repository=str(REPOSITORY))
     if v.engine == "llamacpp":
         folder, outtype = Path(conversion["dir"]), v.settings["outtype"]
         files = {part: str(folder / name.format(outtype=outtype)) for part, name in convert.LLAMACPP_FILES.items()}
         return dict(shared, **files, kv_type=v.settings["kv_type"], flash_attn=v.settings["flash_attn"],
                     chat_template=checkpoint.chat_template(args.prepared), **checkpoint.token_bounds(args.processor))
     return dict(shared, model_dir=str(Path(conversion["dir"]) / "model"), sparse=args.sparse_config, **v.settings)
+
+
+def genai_prompt(conversions: dict, args) -> str:
+    """The question through the checkpoint's chat template, one image placeholder per image:
+    the text genai's processor takes (it expands each placeholder to the image's tokens)."""
+    from blindsight.runtime.prompt import PromptBuilder
+
+    export = Path(conversions["project"]["dir"]) / "export"
+    template = json.loads((export / "template.json").read_text())
+    return PromptBuilder(export, template).render(args.question, len(args.image))
 
 
 def openvino_memory_warning(patches: list[int], memory_gib: float | None) -> str | None:
@@ -202,14 +224,27 @@ def run_one(v: variants.Variant, spec: dict, python: Path, logs: Path, repeat: i
 def set_up_engines(chosen, prepared: Path, args, say):
     """Per engine: its interpreter (venv made on first use), versions and cached conversion."""
     pythons, versions, conversions, setup = {}, {}, {}, {}
-    for engine in dict.fromkeys(v.engine for v in chosen):
-        pythons[engine], venv_seconds = envs.python_of(engine, args.venvs, say)
+    engines = list(dict.fromkeys(v.engine for v in chosen))
+    if "genai" in engines:
+        # genai's folders hold the project's export (its vision tower, embedding and compiles)
+        engines = ["project"] + [e for e in engines if e != "project"]
+    for engine in engines:
+        pythons[engine], venv_seconds = envs.python_of(engine, args.venvs, say,
+                                                       args.genai_python if engine == "genai" else None)
         setup[engine] = {"interpreter": str(pythons[engine]), "venv_made_seconds": venv_seconds}
         versions[engine] = envs.versions(engine, pythons[engine])
         say(f"{engine}: " + ", ".join(f"{k} {v}" for k, v in versions[engine].items() if v))
         if engine == "project":
             extra = convert.project_code_digest() + (args.profile.read_text() if args.profile else "")
             make = lambda tmp: convert.project(prepared, tmp, args.profile)  # noqa: E731
+        elif engine == "genai":
+            folders = tuple(sorted({v.settings["folder"] for v in chosen if v.engine == engine}))
+            export = Path(conversions["project"]["dir"]) / "export"
+            native = args.kernel == "native"
+            # a new project conversion, another kernel or other folders make new genai folders
+            extra = f"{Path(conversions['project']['dir']).name} {' '.join(folders)} native={native}"
+            make = lambda tmp, e=engine, f=folders, x=export, n=native: convert.genai(  # noqa: E731
+                prepared, tmp, pythons[e], x, f, n)
         elif engine == "llamacpp":
             # the GGUF types the chosen variants run; a changed launcher makes new files
             outtypes = tuple(sorted({v.settings["outtype"] for v in chosen if v.engine == engine}))
@@ -256,6 +291,7 @@ def main(argv=None) -> int:
         # not refused: a machine with swap or a later OpenVINO may still run it
         print(f"peers: {warning}", file=sys.stderr)
     pythons, versions, conversions, setup = set_up_engines(chosen, prepared, args, say)
+    args.genai_prompt = genai_prompt(conversions, args) if any(v.engine == "genai" for v in chosen) else None
     logs = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=args.cache))
     runs = run_interleaved(chosen, conversions, pythons, logs, args, say)
 

@@ -240,3 +240,100 @@ def llamacpp(prepared: Path, tmp: Path, python: Path, outtypes=("f32", "f16")) -
     shutil.rmtree(source)
     return {"tool": "convert_hf_to_gguf.py (llama-cpp-python's sdist), --mmproj for the vision projector",
             "outtypes": list(outtypes)}
+
+
+#: onnxruntime-genai's folders: its builder's decoder, and the project's compiles written by bs-compile --genai
+GENAI_FOLDERS = {"builder": "builder", "mix": "mix", "dense": "dense"}
+
+
+def builder_checkpoint(prepared: Path, dest: Path) -> str:
+    """The checkpoint as genai's model builder reads it; returns what was changed.
+
+    The builder (0.18.0) knows Qwen2.5-VL, not Qwen2-VL. Their text decoders are one
+    architecture (Qwen2 layers with M-RoPE over the same sections, biases on q/k/v), and
+    the builder writes the text decoder only, so a Qwen2-VL checkpoint is given to it
+    as a Qwen2.5-VL one: the same weight files (linked), the same text config, and a
+    one-block vision config whose tensors that share a name with Qwen2-VL's have their
+    shapes (transformers loads the model whole: the other vision tensors are left
+    out or made up, and the builder reads none of them)."""
+    config = json.loads((prepared / "config.json").read_text())
+    dest.mkdir(parents=True)
+    for item in prepared.iterdir():
+        if item.name != "config.json":
+            (dest / item.name).symlink_to(item.resolve())
+    kind = config.get("model_type")
+    changed = "nothing (a Qwen2.5-VL checkpoint)"
+    if kind == "qwen2_vl":
+        vision, text = config["vision_config"], config.get("text_config") or config
+        config = dict(config, architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl")
+        if "text_config" in config:
+            config["text_config"] = dict(text, model_type="qwen2_5_vl_text")
+        config["vision_config"] = {
+            "model_type": "qwen2_5_vl", "depth": 1, "hidden_size": vision["embed_dim"], "num_heads": vision["num_heads"],
+            "intermediate_size": 16, "hidden_act": "silu", "patch_size": vision["patch_size"],
+            "temporal_patch_size": vision["temporal_patch_size"], "in_channels": vision.get("in_channels", 3),
+            "spatial_merge_size": vision["spatial_merge_size"], "out_hidden_size": text["hidden_size"],
+            "fullatt_block_indexes": [0], "window_size": 112}
+        changed = "Qwen2-VL given as Qwen2.5-VL (architectures, model_type, a one-block vision config)"
+    elif kind != "qwen2_5_vl":
+        raise PeersError(f"onnxruntime-genai's builder takes Qwen2.5-VL (and here Qwen2-VL); {prepared} is {kind}")
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return changed
+
+
+def genai_builder_folder(export: Path, builder: Path, out: Path) -> None:
+    """A genai VLM folder around the builder's decoder: genai's image processor, the
+    export's vision tower and embedding with the image merge (bs-compile --genai's
+    wrappers; the builder writes no vision or embedding model), and the builder's
+    decoder files, moved in, with its own genai_config decoder and cache settings."""
+    from blindsight.compiler import genai_vlm as gv
+    from blindsight.compiler.genai import _link_or_copy
+
+    template = gv.read_template(export)
+    files = template["files"]
+    out.mkdir(parents=True)
+    vision = gv._load(export / files["vision"])
+    embed = gv.embed_wrapper(gv._load(export / files["embed"]), int(template["image_token_id"]), int(template["hidden_size"]))
+    for name in sorted(gv._external_files(vision) | gv._external_files(embed) | {files["vision"]}):
+        _link_or_copy(export / name, out / name)
+    for name in gv.COPIED:
+        if (export / name).is_file():
+            shutil.copy2(export / name, out / name)
+    gv._save(embed, out / gv.EMBED)
+    own = json.loads((builder / "genai_config.json").read_text())
+    decoder = own["model"]["decoder"]
+    for name in [decoder["filename"]] + [p.name for p in builder.iterdir() if p.name.startswith(decoder["filename"] + ".")]:
+        (builder / name).rename(out / name)
+    preprocessor = json.loads((export / "preprocessor_config.json").read_text())
+    (out / gv.PROCESSOR_CONFIG).write_text(json.dumps(gv.processor_config(preprocessor, template["vision"]), indent=2) + "\n")
+    config = gv.genai_config(template, gv._read_json(export / "config.json"), gv._read_json(export / "generation_config.json"), None)
+    config["model"]["decoder"] = decoder
+    config["search"]["past_present_share_buffer"] = own["search"]["past_present_share_buffer"]
+    (out / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
+
+
+def genai(prepared: Path, tmp: Path, python: Path, export: Path, folders, native: bool) -> dict:
+    """genai's builder on the checkpoint (fp32, CPU, embeddings left to the embedding model),
+    then the VLM folders: ``folders`` of :data:`GENAI_FOLDERS` ("builder": the builder's
+    decoder; "mix"/"dense": bs-compile --genai with the project conversion's profiles)."""
+    from blindsight.compiler.genai_vlm import write_genai_vlm
+    from blindsight.profile import load as load_profile
+
+    log = tmp.parent / f"{tmp.name}.log"
+    log.unlink(missing_ok=True)
+    record = {"tool": "onnxruntime_genai.models.builder -p fp32 -e cpu --extra_options exclude_embeds=true; "
+                      "bs-compile --genai", "folders": list(folders)}
+    if "builder" in folders:
+        source = tmp / "builder-checkpoint"
+        record["builder_checkpoint"] = builder_checkpoint(prepared, source)
+        built = tmp / "builder-out"
+        _tool([str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built), "-p", "fp32",
+               "-e", "cpu", "-c", str(tmp / "builder-cache"), "--extra_options", "exclude_embeds=true"],
+              "onnxruntime-genai's model builder", log)
+        genai_builder_folder(export, built, tmp / GENAI_FOLDERS["builder"])
+        for leftover in (source, built, tmp / "builder-cache"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for name in (f for f in folders if f != "builder"):
+        profile = load_profile(export / f"profile.{name}.json")
+        write_genai_vlm(export, profile, tmp / GENAI_FOLDERS[name], native=bool(native))
+    return record

@@ -65,9 +65,25 @@ LLAMACPP_REPORTED = ("llama-cpp-python", "transformers", "torch", "numpy", "sent
 #: where the converter is unpacked inside the llama.cpp venv
 CONVERTER = "llama.cpp"
 
-PINS = {"openvino": OPENVINO_PINS, "llamacpp": LLAMACPP_PINS}
-NO_DEPS = {"openvino": OPENVINO_NO_DEPS, "llamacpp": ()}
-REPORTED = {"openvino": OPENVINO_REPORTED, "llamacpp": LLAMACPP_REPORTED,
+#: onnxruntime-genai runs its worker and its model builder, which loads the checkpoint
+#: with transformers and torch and writes the graph with onnx-ir; genai 0.18.0 asks for
+#: onnxruntime >= 1.31
+GENAI_VERSION = "0.18.0"
+GENAI_PINS = (
+    f"onnxruntime-genai=={GENAI_VERSION}",
+    "onnxruntime==1.32.0",
+    "torch==2.13.0",
+    "transformers==5.23.0",
+    "onnx==1.23.2",
+    "onnx-ir==1.1.0",
+    "numpy",
+    "tqdm",
+)
+GENAI_REPORTED = ("onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx", "onnx-ir", "numpy")
+
+PINS = {"openvino": OPENVINO_PINS, "llamacpp": LLAMACPP_PINS, "genai": GENAI_PINS}
+NO_DEPS = {"openvino": OPENVINO_NO_DEPS, "llamacpp": (), "genai": ()}
+REPORTED = {"openvino": OPENVINO_REPORTED, "llamacpp": LLAMACPP_REPORTED, "genai": GENAI_REPORTED,
             "project": ("blindsight-ort", "onnxruntime", "onnx", "numpy", "transformers", "torch")}
 READY = "peers-ready.json"
 
@@ -77,11 +93,14 @@ def venv_path(root: Path, engine: str) -> Path:
     return Path(root) / f"{engine}-{digest}"
 
 
-def python_of(engine: str, root: Path, log=print) -> tuple[Path, float | None]:
+def python_of(engine: str, root: Path, log=print, given: Path | None = None) -> tuple[Path, float | None]:
     """The interpreter that runs ``engine``'s worker and tools, and the seconds it took to
-    make its venv (None: it was there already); the venv is made if missing."""
+    make its venv (None: it was there already, or ``given`` names the interpreter to use);
+    the venv is made if missing."""
     if engine == "project":
         return Path(sys.executable), None
+    if given is not None:
+        return Path(given), None
     venv = venv_path(root, engine)
     seconds = None
     if not (venv / READY).is_file():

@@ -10,7 +10,7 @@ from benchmarks.peers.errors import PeersError
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    engine: str  # "project", "openvino" or "llamacpp": which worker and venv run it
+    engine: str  # "project", "genai", "openvino" or "llamacpp": which worker and venv run it
     settings: dict  # what the engine's worker needs beyond the shared spec
     dense: bool  # computes the dense model: its greedy tokens should equal every other dense variant's
     precision: str  # "fp32" (the matched comparison) or "default" (the engine's own choice)
@@ -24,6 +24,14 @@ VARIANTS = {v.name: v for v in (
             "the project: all-dense compile, native kernel"),
     Variant("raw", "project", {"model": "raw"}, True, "fp32",
             "the project: raw bs-export (eager attention), no compile"),
+    Variant("genai", "genai", {"folder": "builder"}, True, "fp32",
+            "onnxruntime-genai: its model builder's decoder (GroupQueryAttention, past and present in one buffer, "
+            "logits of the last position only), the prompt in one decoder call; genai's image processor, the vision "
+            "tower and embedding from bs-export (the builder writes neither)"),
+    Variant("genai-dense", "genai", {"folder": "dense"}, True, "fp32",
+            "onnxruntime-genai running the project's all-dense compile (bs-compile --genai), native kernel"),
+    Variant("genai-mix", "genai", {"folder": "mix"}, False, "fp32",
+            "onnxruntime-genai running the project's profile mix (bs-compile --genai), native kernel"),
     Variant("ov-sdpa", "openvino", {"mode": "sdpa", "precision": "f32"}, True, "fp32",
             "OpenVINO GenAI: dense, stateful SDPA"),
     Variant("ov-paged", "openvino", {"mode": "paged", "precision": "f32"}, True, "fp32",
@@ -48,6 +56,8 @@ VARIANTS = {v.name: v for v in (
 GROUPS = {
     "all": list(VARIANTS),
     "project": [n for n, v in VARIANTS.items() if v.engine == "project"],
+    # not "genai": that is the variant running genai's own decoder
+    "onnxruntime-genai": [n for n, v in VARIANTS.items() if v.engine == "genai"],
     "openvino": [n for n, v in VARIANTS.items() if v.engine == "openvino"],
     "llamacpp": [n for n, v in VARIANTS.items() if v.engine == "llamacpp"],
 }

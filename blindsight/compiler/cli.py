@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
             "each image in the prompt) and runs in stock ONNX Runtime. Given an onnxruntime-genai "
             "model folder (genai_config.json beside the decoder), it writes a new genai folder -o "
             "with the compiled decoder, never touching the source folder. Given a bs-export directory "
-            "(Qwen2.5-VL) with --genai, it writes an onnxruntime-genai folder -o that runs the whole VLM "
+            "(Qwen2.5-VL or Qwen2-VL) with --genai, it writes an onnxruntime-genai folder -o that runs the whole VLM "
             "(genai's image processor, vision, embedding and the compiled decoder)."
         ),
         epilog="examples: bs-compile lm.onnx --profile profile.json -o lm.blindsight.onnx; "

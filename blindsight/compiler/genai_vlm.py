@@ -1,7 +1,8 @@
-"""A bs-export directory of Qwen2.5-VL as one onnxruntime-genai multimodal model.
+"""A bs-export directory of Qwen2.5-VL or Qwen2-VL as one onnxruntime-genai multimodal model.
 
 :func:`write_genai_vlm` writes a folder that onnxruntime-genai (0.18.0, model
-type ``qwen2_5_vl``) loads as a whole VLM: its own image processor, then the
+type ``qwen2_5_vl`` for both: genai has no ``qwen2_vl`` type, and what the type
+fixes is the same for the two families, see :data:`GENAI_TYPES`) loads as a whole VLM: its own image processor, then the
 vision, embedding and decoder sessions, the decoder compiled with a head
 profile. genai feeds each session fixed inputs, so two graphs are wrapped:
 
@@ -42,14 +43,17 @@ DECODER = "language_model.genai.onnx"
 # genai's default vision.config_filename is processor_config.json, the name of
 # the transformers file that bs-export copies: another name keeps both.
 PROCESSOR_CONFIG = "genai_processor_config.json"
-#: genai model type of each bs-export family that genai runs as a whole VLM
-GENAI_TYPES = {"qwen2_5_vl": "qwen2_5_vl"}
+#: genai model type of each bs-export family that genai runs as a whole VLM. Qwen2-VL
+#: runs under ``qwen2_5_vl``: the type fixes the image processor (the two families
+#: share transformers' Qwen2VLImageProcessor), the M-RoPE position ids (equal for
+#: images; they differ only in a video's temporal step) and the three-session
+#: pipeline; the towers differ, and each folder carries its own export's tower.
+GENAI_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_5_vl"}
 #: copied when present: what genai's tokenizer reads, and what the runtime helper and a chat UI read
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
           "generation_config.json", "config.json", TEMPLATE)
 _SPANS = "image_spans"
 _UNSUPPORTED = {
-    "qwen2_vl": "onnxruntime-genai 0.18.0 has no qwen2_vl model type",
     "gemma3": "genai's gemma3 type, its processor and the image blocks' token_type_ids input are not covered",
 }
 

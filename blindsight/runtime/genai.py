@@ -64,9 +64,12 @@ def add_vision_inputs(inputs, template):
     genai feeds the vision session every named tensor that it declares, but computes
     only ``pixel_values`` and ``image_grid_thw``; the export's tower takes the index
     tensors that transformers computes in Python loops instead of ``image_grid_thw``.
+    When the images differ in size, genai pads each image's patches to the largest
+    one's count; ``pixel_values`` is then replaced by the patches back to back, as
+    the tower reads them (:func:`blindsight.vision_inputs.unpad_patches`).
     ``template``: the folder's template.json, as a dict or the folder (or file) path.
     A prompt without images is returned as it is."""
-    from blindsight.vision_inputs import qwen_vision_feeds
+    from blindsight.vision_inputs import qwen_vision_feeds, unpad_patches
 
     if not isinstance(template, dict):
         path = Path(template)
@@ -75,7 +78,10 @@ def add_vision_inputs(inputs, template):
         return inputs
     pixels, grid = (inputs[name] for name in ("pixel_values", "image_grid_thw"))
     pixels, grid = (t.as_numpy() if hasattr(t, "as_numpy") else np.asarray(t) for t in (pixels, grid))
-    feeds = qwen_vision_feeds(template["family"], template["vision"], pixels, grid)
+    packed = unpad_patches(pixels, grid)
+    if packed is not pixels:  # images of different sizes: genai padded each to the largest
+        inputs["pixel_values"] = np.ascontiguousarray(packed)
+    feeds = qwen_vision_feeds(template["family"], template["vision"], packed, grid)
     for name in template["vision_inputs"]:
         if name != "pixel_values":  # genai's own, in the vision graph's dtype
             inputs[name] = feeds[name]

@@ -83,9 +83,10 @@ def test_writes_a_genai_folder_and_leaves_the_export_alone(vlm):
         out = vlm[name]
         files = {p.name for p in out.iterdir()}
         assert {"genai_config.json", "genai_processor_config.json", "embed.genai.onnx", "language_model.genai.onnx",
-                "vision.onnx", "tokenizer.json", "tokenizer_config.json", "template.json"} <= files
+                "vision.genai.onnx", "tokenizer.json", "tokenizer_config.json", "template.json"} <= files
         # genai's default processor file name is transformers' processor_config.json: not copied, not used
-        assert "processor_config.json" not in files and "language_model.onnx" not in files
+        assert "processor_config.json" not in files and "language_model.onnx" not in files and "vision.onnx" not in files
+        assert json.loads((out / "template.json").read_text())["vision_index_in_graph"] is True
         assert not [f for f in files if f.startswith(".")]
         config = json.loads((out / "genai_config.json").read_text())
         model = config["model"]
@@ -94,6 +95,7 @@ def test_writes_a_genai_folder_and_leaves_the_export_alone(vlm):
         assert (model["image_token_id"], model["vision_start_token_id"]) == (template["image_token_id"], template["image_start_id"])
         assert model["decoder"]["filename"] == "language_model.genai.onnx" and model["embedding"]["filename"] == "embed.genai.onnx"
         assert model["vision"]["config_filename"] == "genai_processor_config.json"
+        assert model["vision"]["filename"] == "vision.genai.onnx"
         transforms = json.loads((out / "genai_processor_config.json").read_text())["processor"]["transforms"]
         resize = next(t["operation"]["attrs"] for t in transforms if t["operation"]["type"] == "Resize")
         preprocessor = json.loads((export / "preprocessor_config.json").read_text())
@@ -172,17 +174,59 @@ def test_external_data_is_linked_beside_the_wrappers(vlm, tmp_path):
     for graph in ("embed.genai.onnx", "language_model.genai.onnx"):
         for got, want in zip(run(session(str(out / graph)), feeds), run(session(str(vlm["sparse"] / graph)), feeds)):
             np.testing.assert_array_equal(got, want)
+    pixels = {"pixel_values": np.ones((24, 1176), np.float32), "image_grid_thw": np.array([[1, 4, 6]], np.int64)}
+    np.testing.assert_array_equal(run(session(str(out / "vision.genai.onnx")), pixels)[0],
+                                  run(session(str(vlm["sparse"] / "vision.genai.onnx")), pixels)[0])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("grid", [(1, 4, 6), (1, 6, 4), (2, 4, 4), (1, 8, 8), (1, 18, 10), (1, 16, 16)])
+def test_vision_wrapper_equals_the_tower_fed_its_index_inputs(tmp_path_factory, family, grid):
+    """vision.genai.onnx on (pixel_values, image_grid_thw) equals the export's
+    vision.onnx fed the index inputs that blindsight.vision_inputs computes (equal to
+    transformers' own, tests/test_runtime_no_torch.py): one and two frames, Qwen2.5-VL's
+    windows (56 px: 2 merged tokens a side) fitting exactly, padded, and over
+    several windows in both directions."""
+    from blindsight.compiler.genai_vlm import _load, vision_wrapper
+    from blindsight.vision_inputs import qwen_vision_feeds
+
+    export = _tiny_export(tmp_path_factory, family)
+    template = json.loads((export / "template.json").read_text())
+    wrapped = tmp_path_factory.mktemp("wrapped") / "vision.genai.onnx"
+    import onnx
+
+    onnx.save(vision_wrapper(_load(export / "vision.onnx"), template), str(wrapped))
+    pixels = np.random.default_rng(sum(grid)).standard_normal((int(np.prod(grid)), 1176)).astype(np.float32)
+    thw = np.array([grid], np.int64)
+    feeds = qwen_vision_feeds(family, template["vision"], pixels, thw)
+    want = run(session(str(export / "vision.onnx")), {k: feeds[k] for k in template["vision_inputs"]})[0]
+    got = run(session(str(wrapped)), {"pixel_values": pixels, "image_grid_thw": thw})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+_EXPORTS: dict = {}
+
+
+def _tiny_export(tmp_path_factory, family):
+    if family not in _EXPORTS:
+        from blindsight.models.checkpoints import make_tiny_checkpoint
+        from blindsight.models.export_vlm import export_vlm
+
+        root = tmp_path_factory.mktemp(f"tiny_{family}")
+        _EXPORTS[family] = export_vlm(make_tiny_checkpoint(family, root / "checkpoint", seed=5), root / "export").out_dir
+    return _EXPORTS[family]
 
 
 def _genai_run(folder: Path, images: list[Path]):
-    """genai's greedy tokens, and its processor's output as a Prompt for the reference."""
+    """genai's greedy tokens, and its processor's output as a Prompt for the reference;
+    genai gets the processor's output alone (the folder's tower computes its index inputs)."""
     import onnxruntime_genai as og
 
-    from blindsight.runtime.genai import add_vision_inputs
     from blindsight.runtime.prompt import Prompt
 
     model = og.Model(str(folder))
     processor = model.create_multimodal_processor()
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["vision"]["filename"] == "vision.genai.onnx"
 
     def text(n):
         return ("<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * n
@@ -193,7 +237,6 @@ def _genai_run(folder: Path, images: list[Path]):
     pixels = np.concatenate([processor(text(1), images=og.Images.open(str(i)))["pixel_values"].as_numpy() for i in images])
     prompt = Prompt(inputs["input_ids"].as_numpy().reshape(-1).astype(np.int64), pixels,
                     inputs["image_grid_thw"].as_numpy(), text(len(images)), len(images))
-    add_vision_inputs(inputs, folder)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=prompt.input_ids.size + NEW_TOKENS, do_sample=False)
     gen = og.Generator(model, params)
@@ -304,7 +347,7 @@ def test_qwen2_vl_export_is_written_under_genais_qwen2_5_vl_type(qwen2_vlm):
     assert template["family"] == "qwen2_vl" and "window_index" not in template["vision_inputs"]
     config = json.loads((qwen2_vlm["dense"] / "genai_config.json").read_text())
     assert config["model"]["type"] == "qwen2_5_vl"
-    assert config["model"]["vision"]["filename"] == "vision.onnx"
+    assert config["model"]["vision"]["filename"] == "vision.genai.onnx"
 
 
 @pytest.mark.skipif(not HAS_GENAI, reason="onnxruntime-genai is not installed (pip install 'blindsight-ort[genai]')")
@@ -327,3 +370,30 @@ def test_onnxruntime_genai_runs_a_qwen2_vl_export_like_the_source_graphs(qwen2_v
         assert sparse_tokens == sparse.generate_from(prompt, NEW_TOKENS).token_ids, label
         sparse_changes |= sparse_tokens != dense_tokens
     assert sparse_changes
+
+
+def test_add_vision_inputs_unpads_genais_pixels_for_a_tower_fed_index_inputs():
+    """For a tower that takes the index inputs, genai's padded pixel_values (each
+    image's patches padded to the largest image's count) become the images' rows
+    back to back, and the index inputs are those of the grid; a folder whose tower
+    computes them itself gets its inputs back unchanged."""
+    from blindsight.runtime.genai import add_vision_inputs
+    from blindsight.vision_inputs import qwen_vision_feeds
+
+    rng = np.random.default_rng(4)
+    grid = np.array([[1, 4, 4], [1, 6, 4], [1, 2, 4]], np.int64)
+    images = [rng.standard_normal((int(np.prod(g)), 1176)).astype(np.float32) for g in grid]
+    largest = max(len(i) for i in images)
+    padded = np.zeros((largest * len(images), 1176), np.float32)
+    for k, rows in enumerate(images):
+        padded[k * largest:k * largest + len(rows)] = rows
+    template = {"family": "qwen2_vl", "vision": {"spatial_merge_size": 2, "patch_size": 14, "window_size": 0},
+                "vision_inputs": ["pixel_values", "vision_position_ids", "cu_seqlens"]}
+    inputs = add_vision_inputs({"pixel_values": padded, "image_grid_thw": grid}, template)
+    np.testing.assert_array_equal(inputs["pixel_values"], np.concatenate(images))
+    want = qwen_vision_feeds("qwen2_vl", template["vision"], np.concatenate(images), grid)
+    for name in ("vision_position_ids", "cu_seqlens"):
+        np.testing.assert_array_equal(inputs[name], want[name])
+    assert inputs["cu_seqlens"][-1] == sum(len(i) for i in images)
+    untouched = add_vision_inputs({"pixel_values": padded, "image_grid_thw": grid}, {**template, "vision_index_in_graph": True})
+    assert set(untouched) == {"pixel_values", "image_grid_thw"} and untouched["pixel_values"] is padded

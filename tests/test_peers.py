@@ -231,7 +231,7 @@ def test_variant_selection_keeps_order_and_expands_groups():
     assert all(v.engine == "openvino" for v in variants.select("openvino"))
     # the variant named genai is genai's own decoder; its group has another name
     assert [v.name for v in variants.select("genai")] == ["genai"]
-    assert [v.name for v in variants.select("onnxruntime-genai")] == ["genai", "genai-dense", "genai-mix"]
+    assert [v.name for v in variants.select("onnxruntime-genai")] == ["genai", "genai-pruned", "genai-dense", "genai-mix"]
     with pytest.raises(PeersError, match="unknown variant 'fast'"):
         variants.select("dense,fast")
 
@@ -359,7 +359,7 @@ needs_genai = pytest.mark.skipif(not HAS_GENAI, reason="onnxruntime-genai is not
 
 @pytest.fixture(scope="module")
 def genai_run(tiny, project_run):
-    """The driver over genai's three variants and the project's dense, with this
+    """The driver over genai's four variants and the project's dense, with this
     interpreter as genai's (it has onnxruntime-genai and the builder's requirements)."""
     out = tiny.root / "genai.json"
     args = [tiny.checkpoint, "--question", QUESTION, "--variants", "dense,onnxruntime-genai", "--threads", 2, "--chunk-size", CHUNK,
@@ -380,20 +380,20 @@ def test_genai_variants_answer_as_the_pipeline_does(tiny, genai_run):
     from blindsight.runtime.pipeline import Pipeline
 
     record = genai_run.record
-    assert list(record["variants"]) == ["dense", "genai", "genai-dense", "genai-mix"]
+    assert list(record["variants"]) == ["dense", "genai", "genai-pruned", "genai-dense", "genai-mix"]
     export = Path(record["conversions"]["project"]["dir"]) / "export"
     images = [str(p) for p in tiny.images]
     raw = Pipeline(export, compiled=False, native=False).generate(images, QUESTION, max_new_tokens=4).token_ids
     mix = Pipeline(export, compiled=export / "language_model.mix.onnx").generate(images, QUESTION, max_new_tokens=4).token_ids
     prompt = expected_prompt_tokens(tiny)
-    for name, want in (("genai", raw), ("genai-dense", raw), ("genai-mix", mix)):
+    for name, want in (("genai", raw), ("genai-pruned", raw), ("genai-dense", raw), ("genai-mix", mix)):
         v = record["variants"][name]
         assert v["runs"] == 1 and not v["failed"], name
         assert v["tokens"] == want, name
         assert v["prompt_tokens"] == prompt and v["image_tokens"] == IMAGE_TOKENS, name
         m = v["median"]
         assert 0 < m["vision_s"] < m["ttft_s"] and 0 < m["prefill_s"] < m["ttft_s"], name
-    assert record["checks"]["greedy_tokens"]["compared"] == ["dense", "genai", "genai-dense"]
+    assert record["checks"]["greedy_tokens"]["compared"] == ["dense", "genai", "genai-pruned", "genai-dense"]
     assert record["checks"]["token_counts"]["agree"] is True
     assert record["versions"]["genai"]["onnxruntime-genai"] == envs.GENAI_VERSION
     assert record["setup"]["genai"]["interpreter"] == sys.executable
@@ -402,22 +402,27 @@ def test_genai_variants_answer_as_the_pipeline_does(tiny, genai_run):
 @needs_genai
 def test_genai_folders_hold_the_builders_decoder_and_the_compiles(tiny, genai_run):
     """The builder folder's decoder is genai's own (GroupQueryAttention, one cache buffer,
-    no BlindSightAttention) beside the export's tower; the compiled folders' decoders
-    hold BlindSightAttention and name the native kernel; the vision runs were timed."""
+    no BlindSightAttention) beside the export's tower as bs-compile --genai wraps it;
+    the compiled folders' decoders hold BlindSightAttention and name the native kernel;
+    the vision runs, one per image, were timed."""
     import onnx
 
     record = genai_run.record
     root = Path(record["conversions"]["genai"]["dir"])
-    ops = {}
-    for folder in ("builder", "dense", "mix"):
+    ops, logits = {}, {}
+    for folder in ("builder", "builder-pruned", "dense", "mix"):
         config = json.loads((root / folder / "genai_config.json").read_text())
         assert config["model"]["type"] == "qwen2_5_vl", folder
         decoder = onnx.load(root / folder / config["model"]["decoder"]["filename"], load_external_data=False)
         ops[folder] = {n.op_type for n in decoder.graph.node}
-        assert (root / folder / "vision.onnx").read_bytes() == (Path(record["conversions"]["project"]["dir"]) / "export" /
-                                                                  "vision.onnx").read_bytes(), folder
+        out = next(o for o in decoder.graph.output if o.name == "logits")
+        logits[folder] = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+        vision = onnx.load(root / folder / config["model"]["vision"]["filename"], load_external_data=False)
+        assert [i.name for i in vision.graph.input] == ["pixel_values", "image_grid_thw"], folder
     builder = json.loads((root / "builder" / "genai_config.json").read_text())
     assert "GroupQueryAttention" in ops["builder"] and "BlindSightAttention" not in ops["builder"]
+    # the builder's default LM head runs at every position; pruned, at the last one as the project's
+    assert logits["builder"][1] == "sequence_length" and logits["builder-pruned"][1] == 1 and logits["mix"][1] == 1
     assert builder["search"]["past_present_share_buffer"] is True
     assert "BlindSightAttention" in ops["dense"] and "BlindSightAttention" in ops["mix"]
     from blindsight import native
@@ -427,8 +432,9 @@ def test_genai_folders_hold_the_builders_decoder_and_the_compiles(tiny, genai_ru
     for run in record["runs"]:
         if run["variant"].startswith("genai"):
             d = run["details"]
-            assert len(d["vision_runs_s"]) == 1 and d["vision_runs_s"][0] > 0 and d["embedding_run_s"] > 0
-            assert run["vision_s"] >= d["processor_and_index_inputs_s"] + d["vision_runs_s"][0]
+            # genai calls the folder's tower once per image
+            assert len(d["vision_runs_s"]) == len(tiny.images) and min(d["vision_runs_s"]) > 0 and d["embedding_run_s"] > 0
+            assert run["vision_s"] >= d["processor_and_index_inputs_s"] + sum(d["vision_runs_s"])
 
 
 def test_builder_checkpoint_gives_qwen2_vl_as_qwen2_5_vl(tiny, tmp_path):

@@ -243,7 +243,12 @@ def llamacpp(prepared: Path, tmp: Path, python: Path, outtypes=("f32", "f16")) -
 
 
 #: onnxruntime-genai's folders: its builder's decoder, and the project's compiles written by bs-compile --genai
-GENAI_FOLDERS = {"builder": "builder", "mix": "mix", "dense": "dense"}
+GENAI_FOLDERS = {"builder": "builder", "builder-pruned": "builder-pruned", "mix": "mix", "dense": "dense"}
+#: the builder's --extra_options of each builder folder: embeddings are left to the
+#: embedding model (genai's VLM pipeline); "builder-pruned" also computes the logits of
+#: the last position only, as the project's export does by default
+GENAI_BUILDS = {"builder": {"exclude_embeds": "true"},
+                "builder-pruned": {"exclude_embeds": "true", "prune_lm_head": "true"}}
 
 
 def builder_checkpoint(prepared: Path, dest: Path) -> str:
@@ -283,29 +288,19 @@ def builder_checkpoint(prepared: Path, dest: Path) -> str:
 
 def genai_builder_folder(export: Path, builder: Path, out: Path) -> None:
     """A genai VLM folder around the builder's decoder: genai's image processor, the
-    export's vision tower and embedding with the image merge (bs-compile --genai's
-    wrappers; the builder writes no vision or embedding model), and the builder's
-    decoder files, moved in, with its own genai_config decoder and cache settings."""
+    export's vision tower and embedding as bs-compile --genai wraps them (the builder
+    writes no vision or embedding model), and the builder's decoder files, moved in,
+    with its own genai_config decoder and cache settings."""
     from blindsight.compiler import genai_vlm as gv
-    from blindsight.compiler.genai import _link_or_copy
 
     template = gv.read_template(export)
-    files = template["files"]
     out.mkdir(parents=True)
-    vision = gv._load(export / files["vision"])
-    embed = gv.embed_wrapper(gv._load(export / files["embed"]), int(template["image_token_id"]), int(template["hidden_size"]))
-    for name in sorted(gv._external_files(vision) | gv._external_files(embed) | {files["vision"]}):
-        _link_or_copy(export / name, out / name)
-    for name in gv.COPIED:
-        if (export / name).is_file():
-            shutil.copy2(export / name, out / name)
-    gv._save(embed, out / gv.EMBED)
+    preprocessor = json.loads((export / "preprocessor_config.json").read_text())
+    gv.write_vision_and_embedding(export, template, out, gv.processor_config(preprocessor, template["vision"]))
     own = json.loads((builder / "genai_config.json").read_text())
     decoder = own["model"]["decoder"]
     for name in [decoder["filename"]] + [p.name for p in builder.iterdir() if p.name.startswith(decoder["filename"] + ".")]:
         (builder / name).rename(out / name)
-    preprocessor = json.loads((export / "preprocessor_config.json").read_text())
-    (out / gv.PROCESSOR_CONFIG).write_text(json.dumps(gv.processor_config(preprocessor, template["vision"]), indent=2) + "\n")
     config = gv.genai_config(template, gv._read_json(export / "config.json"), gv._read_json(export / "generation_config.json"), None)
     config["model"]["decoder"] = decoder
     config["search"]["past_present_share_buffer"] = own["search"]["past_present_share_buffer"]
@@ -313,27 +308,31 @@ def genai_builder_folder(export: Path, builder: Path, out: Path) -> None:
 
 
 def genai(prepared: Path, tmp: Path, python: Path, export: Path, folders, native: bool) -> dict:
-    """genai's builder on the checkpoint (fp32, CPU, embeddings left to the embedding model),
-    then the VLM folders: ``folders`` of :data:`GENAI_FOLDERS` ("builder": the builder's
-    decoder; "mix"/"dense": bs-compile --genai with the project conversion's profiles)."""
+    """genai's builder on the checkpoint (fp32, CPU, the options of :data:`GENAI_BUILDS`),
+    then the VLM folders: ``folders`` of :data:`GENAI_FOLDERS` ("builder", "builder-pruned":
+    the builder's decoders; "mix"/"dense": bs-compile --genai with the project conversion's profiles)."""
     from blindsight.compiler.genai_vlm import write_genai_vlm
     from blindsight.profile import load as load_profile
 
     log = tmp.parent / f"{tmp.name}.log"
     log.unlink(missing_ok=True)
-    record = {"tool": "onnxruntime_genai.models.builder -p fp32 -e cpu --extra_options exclude_embeds=true; "
-                      "bs-compile --genai", "folders": list(folders)}
-    if "builder" in folders:
+    record = {"tool": "onnxruntime_genai.models.builder -p fp32 -e cpu --extra_options ...; bs-compile --genai",
+              "folders": list(folders), "builder_options": {f: GENAI_BUILDS[f] for f in folders if f in GENAI_BUILDS}}
+    builds = [f for f in folders if f in GENAI_BUILDS]
+    if builds:
         source = tmp / "builder-checkpoint"
         record["builder_checkpoint"] = builder_checkpoint(prepared, source)
-        built = tmp / "builder-out"
-        _tool([str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built), "-p", "fp32",
-               "-e", "cpu", "-c", str(tmp / "builder-cache"), "--extra_options", "exclude_embeds=true"],
-              "onnxruntime-genai's model builder", log)
-        genai_builder_folder(export, built, tmp / GENAI_FOLDERS["builder"])
-        for leftover in (source, built, tmp / "builder-cache"):
+        for name in builds:
+            built = tmp / "builder-out"
+            options = [f"{k}={v}" for k, v in GENAI_BUILDS[name].items()]
+            _tool([str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built), "-p",
+                   "fp32", "-e", "cpu", "-c", str(tmp / "builder-cache"), "--extra_options", *options],
+                  f"onnxruntime-genai's model builder ({' '.join(options)})", log)
+            genai_builder_folder(export, built, tmp / GENAI_FOLDERS[name])
+            shutil.rmtree(built)
+        for leftover in (source, tmp / "builder-cache"):
             shutil.rmtree(leftover, ignore_errors=True)
-    for name in (f for f in folders if f != "builder"):
+    for name in (f for f in folders if f not in GENAI_BUILDS):
         profile = load_profile(export / f"profile.{name}.json")
         write_genai_vlm(export, profile, tmp / GENAI_FOLDERS[name], native=bool(native))
     return record

@@ -26,8 +26,11 @@ VARIANTS = {v.name: v for v in (
             "the project: raw bs-export (eager attention), no compile"),
     Variant("genai", "genai", {"folder": "builder"}, True, "fp32",
             "onnxruntime-genai: its model builder's decoder (GroupQueryAttention, past and present in one buffer, "
-            "logits of the last position only), the prompt in one decoder call; genai's image processor, the vision "
+            "logits at every position as the builder writes them by default), the prompt in one decoder call; genai's image processor, the vision "
             "tower and embedding from bs-export (the builder writes neither)"),
+    Variant("genai-pruned", "genai", {"folder": "builder-pruned"}, True, "fp32",
+            "onnxruntime-genai: as genai, the builder run with prune_lm_head=true (logits of the last position, "
+            "as the project's export computes them)"),
     Variant("genai-dense", "genai", {"folder": "dense"}, True, "fp32",
             "onnxruntime-genai running the project's all-dense compile (bs-compile --genai), native kernel"),
     Variant("genai-mix", "genai", {"folder": "mix"}, False, "fp32",

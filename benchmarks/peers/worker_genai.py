@@ -4,7 +4,8 @@ Run as ``PYTHON worker_genai.py SPEC.json`` with an interpreter that has
 onnxruntime-genai. Spec keys: model_dir (a genai folder of type qwen2_5_vl),
 prompt (the chat-template text with one image placeholder per image), images,
 threads, max_new_tokens, warmup, repository (the project's checkout: the vision
-tower's index inputs come from blindsight.vision_inputs, numpy only), out.
+tower's index inputs come from blindsight.vision_inputs, numpy only, for a folder
+whose tower does not compute them itself), out.
 
 genai times nothing itself. The run's clock starts before its image processor and
 stops at the first generated token. Its vision and embedding sessions are profiled
@@ -67,14 +68,17 @@ def measure(spec: dict) -> dict:
         """One generation; the clock readings and the token ids."""
         t0 = time.perf_counter()
         inputs = processor(spec["prompt"], images=og.Images.open(*spec["images"]))
-        pixels, grid = inputs["pixel_values"].as_numpy(), inputs["image_grid_thw"].as_numpy()
-        packed = unpad_patches(pixels, grid)
-        if packed is not pixels:  # images of different sizes: genai padded each to the largest
-            inputs["pixel_values"] = np.ascontiguousarray(packed)
-        feeds = qwen_vision_feeds(template["family"], template["vision"], packed, grid)
-        for name in template["vision_inputs"]:
-            if name != "pixel_values":
-                inputs[name] = feeds[name]
+        grid = inputs["image_grid_thw"].as_numpy()
+        if not template.get("vision_index_in_graph"):
+            # a tower taking the index inputs (blindsight.runtime.genai.add_vision_inputs)
+            pixels = inputs["pixel_values"].as_numpy()
+            packed = unpad_patches(pixels, grid)
+            if packed is not pixels:  # images of different sizes: genai padded each to the largest
+                inputs["pixel_values"] = np.ascontiguousarray(packed)
+            feeds = qwen_vision_feeds(template["family"], template["vision"], packed, grid)
+            for name in template["vision_inputs"]:
+                if name != "pixel_values":
+                    inputs[name] = feeds[name]
         ids = inputs["input_ids"].as_numpy().reshape(-1)
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=int(ids.size) + max_new, do_sample=False)
@@ -108,7 +112,8 @@ def measure(spec: dict) -> dict:
     steps = len(r["stamps"]) - 1
     return {
         "ttft_s": ttft,
-        # genai's image processor, the tower's index inputs, the vision session and the prompt's embedding session
+        # genai's image processor, the tower's index inputs where computed here, the vision
+        # session's runs and the prompt's embedding session
         "vision_s": vision,
         "prefill_s": ttft - vision,
         "decode_tokens_per_s": steps / (r["stamps"][-1] - r["stamps"][0]) if steps > 0 else None,

@@ -4,7 +4,7 @@
 type ``qwen2_5_vl`` for both: genai has no ``qwen2_vl`` type, and what the type
 fixes is the same for the two families, see :data:`GENAI_TYPES`) loads as a whole VLM: its own image processor, then the
 vision, embedding and decoder sessions, the decoder compiled with a head
-profile. genai feeds each session fixed inputs, so two graphs are wrapped:
+profile. genai feeds each session fixed inputs, so the three graphs are wrapped:
 
 - ``embed.genai.onnx``: genai merges no image features itself; it hands the
   embedding session ``input_ids`` and ``image_features`` and expects the merged
@@ -16,8 +16,9 @@ profile. genai feeds each session fixed inputs, so two graphs are wrapped:
   a decode step holds one text token and no span, which is exact because text
   queries attend densely in every category (docs/specification.md §2).
 
-``vision.onnx`` takes index tensors that genai does not compute; the caller
-adds them to the processor's output (:func:`blindsight.runtime.genai.add_vision_inputs`).
+- ``vision.genai.onnx``: the export's tower takes index tensors that genai does not
+  compute; the wrapper takes ``image_grid_thw`` [1, 3] for one image and computes
+  them in the graph, and genai calls it once per image.
 docs/genai.md ("The whole VLM in genai") records what genai does and what
 this covers.
 """
@@ -39,6 +40,10 @@ from blindsight.staging import staged_dir
 
 TEMPLATE = "template.json"
 EMBED = "embed.genai.onnx"
+VISION = "vision.genai.onnx"
+#: set in the folder's copy of template.json: its tower computes the index inputs itself
+#: (blindsight.runtime.genai.add_vision_inputs then adds nothing)
+INDEX_IN_GRAPH = "vision_index_in_graph"
 DECODER = "language_model.genai.onnx"
 # genai's default vision.config_filename is processor_config.json, the name of
 # the transformers file that bs-export copies: another name keeps both.
@@ -68,7 +73,7 @@ class GenaiVlmResult(GenaiCompileResult):
         kernel = (f"native kernel {self.custom_ops_library} as the decoder's custom_ops_library" if self.custom_ops_library
                   else "function bodies (no custom_ops_library)")
         return (f"{self.decoder.summary()}; genai VLM folder {self.out_dir} ({GENAI_CONFIG}; {kernel}); "
-                f"feed it with blindsight.runtime.genai.add_vision_inputs")
+                "its tower computes its index inputs, once per image")
 
 
 def read_template(export_dir: Path) -> dict:
@@ -160,6 +165,82 @@ def embed_wrapper(proto: onnx.ModelProto, image_token_id: int, hidden: int) -> o
     b.add("Where", [mask, rows, token], out=out.name)
     graph.node.extend(b.nodes)
     graph.input.append(_vi("image_features", elem, ["num_image_tokens", hidden]))
+    return proto
+
+
+def vision_wrapper(proto: onnx.ModelProto, template: dict) -> onnx.ModelProto:
+    """vision.onnx taking ``image_grid_thw`` int64 [1, 3] (one image) in place of its
+    index inputs, which the graph now computes as blindsight.vision_inputs does.
+
+    With a static 1 in front, genai (0.18.0) calls the tower once per image, slicing
+    ``pixel_values`` and ``image_grid_thw`` for each (its loop for multi-image
+    prompts), so each image's patches attend within that image only, as the
+    project's pipeline runs it; and no Python step feeds the tower."""
+    graph = proto.graph
+    index_inputs = [i for i in graph.input if i.name != "pixel_values"]
+    dtypes = {i.name: i.type.tensor_type.elem_type for i in index_inputs}
+    for item in index_inputs:
+        graph.input.remove(item)
+    graph.input.append(_vi("image_grid_thw", TensorProto.INT64, [1, 3]))
+    b = _Nodes(graph)
+    vision = template["vision"]
+    m = int(vision["spatial_merge_size"])
+
+    def i64(*values):
+        return b.const(np.array(values, np.int64))
+
+    def scalar(tensor, k):
+        return b.add("Gather", [tensor, b.const(np.int64(k))], axis=0)
+
+    def vec(*parts):  # 1-D int64 from scalars and 1-D pieces
+        return b.add("Concat", [b.add("Reshape", [p, i64(-1)]) for p in parts], axis=0)
+
+    grid = b.add("Reshape", ["image_grid_thw", i64(3)])
+    t, h, w = (scalar(grid, k) for k in range(3))
+    zero, one, merge = b.const(np.int64(0)), b.const(np.int64(1)), b.const(np.int64(m))
+    hw = b.add("Mul", [h, w])
+    out = {}
+    # cu_seqlens: one segment of h * w patches per frame
+    out["cu_seqlens"] = b.add("Range", [zero, b.add("Add", [b.add("Mul", [t, hw]), one]), hw])
+    # vision_position_ids: (row, column) of every patch in merge-block order, per frame
+    rows = b.add("Expand", [b.add("Unsqueeze", [b.add("Range", [zero, h, one]), i64(1)]), vec(h, w)])
+    cols = b.add("Expand", [b.add("Unsqueeze", [b.add("Range", [zero, w, one]), i64(0)]), vec(h, w)])
+    pairs = b.add("Concat", [b.add("Unsqueeze", [rows, i64(-1)]), b.add("Unsqueeze", [cols, i64(-1)])], axis=-1)
+    blocks = b.add("Reshape", [pairs, vec(b.add("Div", [h, merge]), merge, b.add("Div", [w, merge]), merge, i64(2))])
+    ordered = b.add("Reshape", [b.add("Transpose", [blocks], perm=[0, 2, 1, 3, 4]), i64(-1, 2)])
+    out["vision_position_ids"] = b.add("Tile", [ordered, vec(t, one)])
+    if "window_index" in dtypes:
+        # Qwen2.5-VL: the merged tokens of each frame in windows of `win` a side, padded with -100
+        win = int(vision["window_size"]) // m // int(vision["patch_size"])
+        wconst = b.const(np.int64(win))
+        lh, lw = b.add("Div", [h, merge]), b.add("Div", [w, merge])
+        index = b.add("Reshape", [b.add("Range", [zero, b.add("Mul", [t, b.add("Mul", [lh, lw])]), one]), vec(t, lh, lw)])
+        pad_h = b.add("Sub", [wconst, b.add("Mod", [lh, wconst])])
+        pad_w = b.add("Sub", [wconst, b.add("Mod", [lw, wconst])])
+        padded = b.add("Pad", [index, vec(i64(0, 0, 0, 0), pad_h, pad_w), b.const(np.int64(-100))])
+        nh = b.add("Div", [b.add("Add", [lh, pad_h]), wconst])
+        nw = b.add("Div", [b.add("Add", [lw, pad_w]), wconst])
+        windows = b.add("Reshape", [padded, vec(t, nh, wconst, nw, wconst)])
+        windows = b.add("Reshape", [b.add("Transpose", [windows], perm=[0, 1, 3, 2, 4]), i64(-1, win * win)])
+        valid = b.add("Not", [b.add("Equal", [windows, b.const(np.int64(-100))])])
+        out["window_index"] = b.add("Compress", [b.add("Reshape", [windows, i64(-1)]), b.add("Reshape", [valid, i64(-1)])])
+        seqlens = b.add("ReduceSum", [b.add("Cast", [valid], to=TensorProto.INT64), i64(1)], keepdims=0)
+        cu = b.add("Concat", [i64(0), b.add("Mul", [b.add("CumSum", [seqlens, zero]), b.const(np.int64(m * m))])], axis=0)
+        # empty windows repeat a boundary; drop the repeats, as unique_consecutive does
+        count = b.add("Shape", [cu])
+        later = b.add("Slice", [cu, i64(1), count])
+        earlier = b.add("Slice", [cu, i64(0), b.add("Sub", [count, i64(1)])])
+        keep = b.add("Concat", [b.const(np.array([True])), b.add("Not", [b.add("Equal", [later, earlier])])], axis=0)
+        out["cu_window_seqlens"] = b.add("Compress", [cu, keep])
+    missing = set(dtypes) - set(out)
+    if missing:
+        raise ModelError(f"vision.onnx takes {sorted(missing)}, which the genai wrapper does not compute; export again")
+    for name, elem in dtypes.items():
+        b.add("Identity" if elem == TensorProto.INT64 else "Cast", [out[name]], out=name,
+              **({} if elem == TensorProto.INT64 else {"to": elem}))
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(b.nodes + existing)
     return proto
 
 
@@ -256,7 +337,7 @@ def genai_config(template: dict, checkpoint: dict, generation: dict, library: st
         "decoder": decoder,
         "embedding": {"filename": EMBED, "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
                       "outputs": {"inputs_embeds": "inputs_embeds"}},
-        "vision": {"filename": template["files"]["vision"], "config_filename": PROCESSOR_CONFIG,
+        "vision": {"filename": VISION, "config_filename": PROCESSOR_CONFIG,
                    "spatial_merge_size": int(template["vision"]["spatial_merge_size"]),
                    "patch_size": int(template["vision"]["patch_size"]),
                    "tokens_per_second": float(vision.get("tokens_per_second", 2.0)),
@@ -272,6 +353,28 @@ def genai_config(template: dict, checkpoint: dict, generation: dict, library: st
 
 def _save(proto: onnx.ModelProto, path: Path) -> None:
     onnx.save(proto, str(path))
+
+
+def write_vision_and_embedding(export_dir: Path, template: dict, dest: Path, processor: dict,
+                               extra_data: set[str] = frozenset()) -> None:
+    """What every genai VLM folder of an export holds besides its decoder: the wrapped
+    tower and embedding, their weight files (and ``extra_data``, other graphs' weights)
+    linked, genai's processor config, and copies of the tokenizer and config files,
+    template.json marked as computing the tower's index inputs in the graph."""
+    files = template["files"]
+    vision = vision_wrapper(_load(export_dir / files["vision"]), template)
+    embed = embed_wrapper(_load(export_dir / files["embed"]), int(template["image_token_id"]), int(template["hidden_size"]))
+    for name in sorted(_external_files(vision) | _external_files(embed) | set(extra_data)):
+        if not (export_dir / name).is_file():
+            raise ModelError(f"{export_dir} has no {name}, which its graphs name as external data; export again")
+        _link_or_copy(export_dir / name, dest / name)
+    for name in COPIED:  # copies: an edit of a hard-linked text file would write through into the export
+        if (export_dir / name).is_file():
+            shutil.copy2(export_dir / name, dest / name)
+    (dest / TEMPLATE).write_text(json.dumps({**template, INDEX_IN_GRAPH: True}, indent=1) + "\n")
+    _save(vision, dest / VISION)
+    _save(embed, dest / EMBED)
+    (dest / PROCESSOR_CONFIG).write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native: bool | None = None,
@@ -297,19 +400,10 @@ def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native
     processor = processor_config(preprocessor, template["vision"])
     config = genai_config(template, _read_json(export_dir / "config.json"),
                           _read_json(export_dir / "generation_config.json"), library.name if library else None)
-    vision = _load(export_dir / files["vision"])
-    embed = embed_wrapper(_load(export_dir / files["embed"]), int(template["image_token_id"]), int(template["hidden_size"]))
     source_lm = _load(export_dir / files["language_model"])
-    data = _external_files(vision) | _external_files(embed) | _external_files(source_lm)
     compiled_name = f".{Path(files['language_model']).stem}.compiled.onnx"
     with staged_dir(out_dir) as tmp:
-        for name in sorted(data | {files["vision"]}):
-            if not (export_dir / name).is_file():
-                raise ModelError(f"{export_dir} has no {name}, which its graphs name as external data; export again")
-            _link_or_copy(export_dir / name, tmp / name)
-        for name in COPIED:  # copies: an edit of a hard-linked text file would write through into the export
-            if (export_dir / name).is_file():
-                shutil.copy2(export_dir / name, tmp / name)
+        write_vision_and_embedding(export_dir, template, tmp, processor, extra_data=_external_files(source_lm))
         # compile beside the weights so the compiled graph's external-data references stay valid
         _link_or_copy(export_dir / files["language_model"], tmp / files["language_model"])
         result = compile_model(tmp / files["language_model"], profile, tmp / compiled_name, lowering)
@@ -317,10 +411,8 @@ def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native
               tmp / DECODER)
         (tmp / compiled_name).unlink()
         (tmp / files["language_model"]).unlink()
-        _save(embed, tmp / EMBED)
         if library is not None:
             shutil.copy2(library, tmp / library.name)
-        (tmp / PROCESSOR_CONFIG).write_text(json.dumps(processor, indent=2) + "\n")
         (tmp / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
     result.output = out_dir / DECODER
     return GenaiVlmResult(out_dir, result, library.name if library is not None else None)

@@ -61,6 +61,11 @@ def add_vision_inputs(inputs, template):
     """Add the index inputs of a Qwen ``vision.onnx`` to ``inputs``, the ``NamedTensors``
     of genai's multimodal processor, before ``Generator.set_inputs``; returns ``inputs``.
 
+    Folders that ``bs-compile --genai`` writes now hold a tower that computes these
+    inputs itself (``vision.genai.onnx``, template.json's ``vision_index_in_graph``):
+    for them this returns ``inputs`` unchanged, and the call may be left out. It
+    serves folders whose tower takes the index inputs.
+
     genai feeds the vision session every named tensor that it declares, but computes
     only ``pixel_values`` and ``image_grid_thw``; the export's tower takes the index
     tensors that transformers computes in Python loops instead of ``image_grid_thw``.
@@ -74,7 +79,8 @@ def add_vision_inputs(inputs, template):
     if not isinstance(template, dict):
         path = Path(template)
         template = json.loads((path / "template.json" if path.is_dir() else path).read_text())
-    if "image_grid_thw" not in inputs:
+    if "image_grid_thw" not in inputs or template.get("vision_index_in_graph"):
+        # a folder written now computes the index inputs in its tower, per image
         return inputs
     pixels, grid = (inputs[name] for name in ("pixel_values", "image_grid_thw"))
     pixels, grid = (t.as_numpy() if hasattr(t, "as_numpy") else np.asarray(t) for t in (pixels, grid))

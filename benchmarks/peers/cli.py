@@ -19,8 +19,6 @@ from benchmarks.peers.errors import PeersError
 HERE = Path(__file__).resolve().parent
 WORKERS = {"project": HERE / "worker_project.py", "genai": HERE / "worker_genai.py",
            "openvino": HERE / "worker_openvino.py", "llamacpp": HERE / "worker_llamacpp.py"}
-#: the checkout the harness runs from: the genai worker imports blindsight.vision_inputs from it
-REPOSITORY = HERE.parent.parent
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blindsight-peers"
 #: convert_hf_to_gguf.py fails on a shallower Qwen2-VL vision tower
 #: ("Can not map tensor 'visual.merger.mlp.2.bias'" with 1 block)
@@ -155,7 +153,7 @@ def spec_for(v: variants.Variant, conversion: dict, args) -> dict:
                     native=args.kernel == "native")
     if v.engine == "genai":
         return dict(shared, model_dir=str(Path(conversion["dir"]) / convert.GENAI_FOLDERS[v.settings["folder"]]),
-                    prompt=args.genai_prompt, repository=str(REPOSITORY))
+                    prompt=args.genai_prompt)
     if v.engine == "llamacpp":
         folder, outtype = Path(conversion["dir"]), v.settings["outtype"]
         files = {part: str(folder / name.format(outtype=outtype)) for part, name in convert.LLAMACPP_FILES.items()}
@@ -241,8 +239,9 @@ def set_up_engines(chosen, prepared: Path, args, say):
             folders = tuple(sorted({v.settings["folder"] for v in chosen if v.engine == engine}))
             export = Path(conversions["project"]["dir"]) / "export"
             native = args.kernel == "native"
-            # a new project conversion, another kernel or other folders make new genai folders
-            extra = f"{Path(conversions['project']['dir']).name} {' '.join(folders)} native={native}"
+            # a new project conversion, another kernel, other folders or builder options make new genai folders
+            extra = (f"{Path(conversions['project']['dir']).name} {' '.join(folders)} native={native} "
+                     f"{json.dumps(convert.GENAI_BUILDS, sort_keys=True)}")
             make = lambda tmp, e=engine, f=folders, x=export, n=native: convert.genai(  # noqa: E731
                 prepared, tmp, pythons[e], x, f, n)
         elif engine == "llamacpp":

@@ -152,7 +152,7 @@ def spec_for(v: variants.Variant, conversion: dict, args) -> dict:
         return dict(shared, export_dir=str(export), model=str(export / convert.PROJECT_MODELS[model]),
                     native=args.kernel == "native")
     if v.engine == "genai":
-        return dict(shared, model_dir=str(Path(conversion["dir"]) / convert.GENAI_FOLDERS[v.settings["folder"]]),
+        return dict(shared, model_dir=str(Path(conversion["dir"]) / v.settings["folder"]),
                     prompt=args.genai_prompt)
     if v.engine == "llamacpp":
         folder, outtype = Path(conversion["dir"]), v.settings["outtype"]

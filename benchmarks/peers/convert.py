@@ -242,9 +242,8 @@ def llamacpp(prepared: Path, tmp: Path, python: Path, outtypes=("f32", "f16")) -
             "outtypes": list(outtypes)}
 
 
-#: onnxruntime-genai's folders: its builder's decoder, and the project's compiles written by bs-compile --genai
-GENAI_FOLDERS = {"builder": "builder", "builder-pruned": "builder-pruned", "mix": "mix", "dense": "dense"}
-#: the builder's --extra_options of each builder folder: embeddings are left to the
+#: the builder's --extra_options of each folder of the builder's decoder (the genai variants'
+#: other folders, "mix" and "dense", are the project's compiles written by bs-compile --genai): embeddings are left to the
 #: embedding model (genai's VLM pipeline); "builder-pruned" also computes the logits of
 #: the last position only, as the project's export does by default
 GENAI_BUILDS = {"builder": {"exclude_embeds": "true"},
@@ -295,8 +294,7 @@ def genai_builder_folder(export: Path, builder: Path, out: Path) -> None:
 
     template = gv.read_template(export)
     out.mkdir(parents=True)
-    preprocessor = json.loads((export / "preprocessor_config.json").read_text())
-    gv.write_vision_and_embedding(export, template, out, gv.processor_config(preprocessor, template["vision"]))
+    gv.write_vision_and_embedding(export, template, out)
     own = json.loads((builder / "genai_config.json").read_text())
     decoder = own["model"]["decoder"]
     for name in [decoder["filename"]] + [p.name for p in builder.iterdir() if p.name.startswith(decoder["filename"] + ".")]:
@@ -309,7 +307,7 @@ def genai_builder_folder(export: Path, builder: Path, out: Path) -> None:
 
 def genai(prepared: Path, tmp: Path, python: Path, export: Path, folders, native: bool) -> dict:
     """genai's builder on the checkpoint (fp32, CPU, the options of :data:`GENAI_BUILDS`),
-    then the VLM folders: ``folders`` of :data:`GENAI_FOLDERS` ("builder", "builder-pruned":
+    then the VLM folders, each named as in ``folders`` ("builder", "builder-pruned":
     the builder's decoders; "mix"/"dense": bs-compile --genai with the project conversion's profiles)."""
     from blindsight.compiler.genai_vlm import write_genai_vlm
     from blindsight.profile import load as load_profile
@@ -328,11 +326,11 @@ def genai(prepared: Path, tmp: Path, python: Path, export: Path, folders, native
             _tool([str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built), "-p",
                    "fp32", "-e", "cpu", "-c", str(tmp / "builder-cache"), "--extra_options", *options],
                   f"onnxruntime-genai's model builder ({' '.join(options)})", log)
-            genai_builder_folder(export, built, tmp / GENAI_FOLDERS[name])
+            genai_builder_folder(export, built, tmp / name)
             shutil.rmtree(built)
         for leftover in (source, tmp / "builder-cache"):
             shutil.rmtree(leftover, ignore_errors=True)
     for name in (f for f in folders if f not in GENAI_BUILDS):
         profile = load_profile(export / f"profile.{name}.json")
-        write_genai_vlm(export, profile, tmp / GENAI_FOLDERS[name], native=bool(native))
+        write_genai_vlm(export, profile, tmp / name, native=bool(native))
     return record

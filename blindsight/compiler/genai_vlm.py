@@ -355,12 +355,15 @@ def _save(proto: onnx.ModelProto, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
-def write_vision_and_embedding(export_dir: Path, template: dict, dest: Path, processor: dict,
-                               extra_data: set[str] = frozenset()) -> None:
+def write_vision_and_embedding(export_dir: Path, template: dict, dest: Path, extra_data: set[str] = frozenset()) -> None:
     """What every genai VLM folder of an export holds besides its decoder: the wrapped
     tower and embedding, their weight files (and ``extra_data``, other graphs' weights)
     linked, genai's processor config, and copies of the tokenizer and config files,
     template.json marked as computing the tower's index inputs in the graph."""
+    preprocessor = _read_json(export_dir / "preprocessor_config.json")
+    if not preprocessor:
+        raise ModelError(f"{export_dir} has no preprocessor_config.json; export again with bs-export")
+    processor = processor_config(preprocessor, template["vision"])
     files = template["files"]
     vision = vision_wrapper(_load(export_dir / files["vision"]), template)
     embed = embed_wrapper(_load(export_dir / files["embed"]), int(template["image_token_id"]), int(template["hidden_size"]))
@@ -394,16 +397,12 @@ def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native
     check_output_folder(export_dir, out_dir, overwrite, "the export directory")
     library = native_library(native)
     files = template["files"]
-    preprocessor = _read_json(export_dir / "preprocessor_config.json")
-    if not preprocessor:
-        raise ModelError(f"{export_dir} has no preprocessor_config.json; export again with bs-export")
-    processor = processor_config(preprocessor, template["vision"])
     config = genai_config(template, _read_json(export_dir / "config.json"),
                           _read_json(export_dir / "generation_config.json"), library.name if library else None)
     source_lm = _load(export_dir / files["language_model"])
     compiled_name = f".{Path(files['language_model']).stem}.compiled.onnx"
     with staged_dir(out_dir) as tmp:
-        write_vision_and_embedding(export_dir, template, tmp, processor, extra_data=_external_files(source_lm))
+        write_vision_and_embedding(export_dir, template, tmp, extra_data=_external_files(source_lm))
         # compile beside the weights so the compiled graph's external-data references stay valid
         _link_or_copy(export_dir / files["language_model"], tmp / files["language_model"])
         result = compile_model(tmp / files["language_model"], profile, tmp / compiled_name, lowering)

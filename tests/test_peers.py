@@ -159,6 +159,12 @@ def test_project_conversion_follows_the_exporter_code(tmp_path, monkeypatch):
     first = convert.project_code_digest()
     (pkg / "runtime" / "a.py").write_text("# changed\n")
     assert convert.project_code_digest() == first
+    # the genai folder writer keys the genai conversion only
+    (pkg / convert.GENAI_WRITER).write_text("# genai folders\n")
+    genai = convert.genai_code_digest()
+    assert convert.project_code_digest() == first
+    (pkg / convert.GENAI_WRITER).write_text("# genai folders, changed\n")
+    assert convert.project_code_digest() == first and convert.genai_code_digest() != genai
     (pkg / "passes" / "a.py").write_text("# changed\n")
     assert convert.project_code_digest() != first
 

@@ -240,8 +240,9 @@ def set_up_engines(chosen, prepared: Path, args, say):
             export = Path(conversions["project"]["dir"]) / "export"
             native = args.kernel == "native"
             # a new project conversion, another kernel, other folders or builder options make new genai folders
+            # (the genai folder writer's code too: the project's key leaves it out)
             extra = (f"{Path(conversions['project']['dir']).name} {' '.join(folders)} native={native} "
-                     f"{json.dumps(convert.GENAI_BUILDS, sort_keys=True)}")
+                     f"{json.dumps(convert.GENAI_BUILDS, sort_keys=True)} {convert.genai_code_digest()}")
             make = lambda tmp, e=engine, f=folders, x=export, n=native: convert.genai(  # noqa: E731
                 prepared, tmp, pythons[e], x, f, n)
         elif engine == "llamacpp":

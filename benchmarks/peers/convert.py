@@ -61,18 +61,33 @@ def _bs(command: str, *args: str) -> list[str]:
 
 #: the project's code that decides what bs-export and bs-compile write
 PROJECT_WRITERS = ("models", "passes", "compiler", "attention")
+#: writes only genai folders (bs-compile --genai): it keys the genai conversion, not the project's
+GENAI_WRITER = "compiler/genai_vlm.py"
+
+
+def _blindsight_root() -> Path:
+    import blindsight
+
+    return Path(blindsight.__file__).parent
 
 
 def project_code_digest() -> str:
     """A digest of the project's exporter and compiler sources: the project's cached
-    conversion is made again when they change, not only when its version does."""
-    import blindsight
-
-    root = Path(blindsight.__file__).parent
+    conversion is made again when they change, not only when its version does.
+    The genai folder writer is left out: a change there re-makes genai folders
+    (:func:`genai_code_digest`), not the 9 GB export they are made from."""
+    root = _blindsight_root()
     digest = hashlib.sha256()
     for path in sorted(p for d in PROJECT_WRITERS for p in (root / d).rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+        if path.relative_to(root).as_posix() != GENAI_WRITER:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def genai_code_digest() -> str:
+    """A digest of the genai folder writer's source (part of the genai conversion's key)."""
+    path = _blindsight_root() / GENAI_WRITER
+    return hashlib.sha256(path.read_bytes() if path.is_file() else b"").hexdigest()[:16]
 
 
 def project(prepared: Path, tmp: Path, profile: Path | None) -> dict:

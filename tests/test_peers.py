@@ -94,6 +94,9 @@ def test_project_variants_end_to_end(tiny, project_run):
     for r in runs:
         assert r["ttft_s"] <= r["generate_s"] <= r["process_wall_s"]
         assert r["details"]["prefill_chunks"] == math.ceil(prompt / CHUNK)
+        # one tower call per image, each within the vision part
+        towers = r["details"]["vision_runs_s"]
+        assert len(towers) == len(tiny.images) and 0 < sum(towers) < r["vision_s"]
     for name in ("mix", "dense", "raw"):
         ttfts = sorted(r["ttft_s"] for r in runs if r["variant"] == name)
         assert record["variants"][name]["median"]["ttft_s"] == pytest.approx(sum(ttfts) / 2)

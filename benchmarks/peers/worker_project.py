@@ -41,6 +41,8 @@ def measure(spec: dict) -> dict:
         "text": r.text,
         "generate_s": generate_s,
         "details": {"attention": pipe.attention, "prepack": pipe.prepack, "prefill_chunks": r.prefill_chunks,
+                    # wall time of each tower call, beside genai's vision_runs_s (its profiler's model_run)
+                    "vision_runs_s": [round(t, 6) for t in r.vision_runs_s],
                     "language_model": Path(str(pipe.model_path)).name},
     }
 

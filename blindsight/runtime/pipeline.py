@@ -45,6 +45,7 @@ class Result:
     image_spans: list[tuple[int, int]]
     prompt_ids: list[int]
     model: str
+    vision_runs_s: list[float] = dataclasses.field(default_factory=list)  # the vision tower's calls, one per image
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,6 +149,8 @@ class Pipeline:
         self.vision = self._session(self.out_dir / self.template["files"]["vision"], arena=True)
         self.vision_inputs = [i.name for i in self.vision.get_inputs()]
         self._vision_feeds = None
+        #: seconds of each vision tower call of the last prompt (one per image)
+        self.vision_runs_s: list[float] = []
         if families.get(self.family).vision_tower == families.QWEN_VISION and not set(self.vision_inputs) <= {"pixel_values", "image_grid_thw"}:
             # the export takes the tower's index tensors, computed on the host (numpy, no torch)
             from blindsight.vision_inputs import qwen_vision_feeds
@@ -180,6 +183,7 @@ class Pipeline:
         per-image calls give the same features while the scores held at once are
         one image's, not every patch against every patch of the prompt (17 GB
         per layer for 4 images of 896 x 896 px at Qwen2-VL-2B's tower)."""
+        self.vision_runs_s = []
         return np.concatenate([self._encode(pixels, grid) for pixels, grid in per_image(prompt)])
 
     def _encode(self, pixel_values, image_grid_thw) -> np.ndarray:
@@ -190,7 +194,9 @@ class Pipeline:
             feeds = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         feeds = {k: v for k, v in feeds.items() if k in names}
         feeds["pixel_values"] = np.asarray(feeds["pixel_values"], dtype=self.dtype)
+        t0 = time.perf_counter()
         out = self.vision.run(None, feeds, SHRINK_ARENA)[0]
+        self.vision_runs_s.append(time.perf_counter() - t0)
         return out.reshape(-1, out.shape[-1])
 
     def embeddings(self, prompt: Prompt) -> np.ndarray:
@@ -282,6 +288,7 @@ class Pipeline:
         t0 = time.perf_counter() if t0 is None else t0
         ids = prompt.input_ids
         spans = self.image_spans(ids)
+        self.vision_runs_s = []
         embeds = self.embeddings(prompt)
         positions, delta = self.position_ids(prompt)
         # the pixels (0.3 GB for 16 images of 896 px) and the prompt's embeddings are not
@@ -317,4 +324,5 @@ class Pipeline:
             image_spans=[tuple(map(int, s)) for s in spans.tolist()],
             prompt_ids=ids.tolist(),
             model=str(self.model_path),
+            vision_runs_s=list(self.vision_runs_s),
         )

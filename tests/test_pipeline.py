@@ -21,7 +21,7 @@ from blindsight.families import FAMILIES
 from blindsight.models.checkpoints import make_tiny_checkpoint
 from blindsight.models.export_vlm import export_vlm
 from blindsight.profile import Profile, save
-from blindsight.runtime.pipeline import Pipeline
+from blindsight.runtime.pipeline import SHRINK_ARENA, Pipeline
 
 NEW_TOKENS = 8
 SPARSE = [["intra", "sink", "intra_sink", "dense"], ["sink", "intra", "intra", "sink"]]
@@ -97,10 +97,11 @@ def test_vision_runs_once_per_image_and_equals_one_call_over_all_images(tiny):
     built = pipe.prompts.build(_images(3, seed=5), "<image><image><image>which differ?")
     calls = []
     run = pipe.vision.run
-    pipe.vision.run = lambda *a, **k: calls.append(1) or run(*a, **k)
+    pipe.vision.run = lambda *a, **k: calls.append(a[2] if len(a) > 2 else None) or run(*a, **k)
     got = pipe.image_features(built)
     pipe.vision.run = run
-    assert len(calls) == 3
+    # the arena is given back after the prompt's last image only
+    assert calls == [None, None, SHRINK_ARENA]
     # one timing per tower call, as the peers harness records them
     assert len(pipe.vision_runs_s) == 3 and all(t > 0 for t in pipe.vision_runs_s)
     whole = pipe._encode(built.pixel_values, built.image_grid_thw)

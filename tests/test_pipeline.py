@@ -393,3 +393,14 @@ def test_cache_written_through_the_binding_equals_plain_runs(tiny):
         want_logits, want_past = plain(emb, p, want_past, s + step)
         logits = pipe._call(emb, p, cache, spans)
     assert cache.capacity >= s + 4
+
+
+def test_vision_timings_are_per_thread(tiny):
+    """Two prompts on one pipeline at once (as the server runs them) each get their own tower timings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = Pipeline(tiny.out, compiled=False, threads=1)
+    with ThreadPoolExecutor(2) as pool:
+        one, three = pool.map(lambda n: pipe.generate(_images(n, seed=n), "What is shown?", 1), (1, 3))
+    assert len(one.vision_runs_s) == 1 and len(three.vision_runs_s) == 3
+    assert all(t > 0 for t in one.vision_runs_s + three.vision_runs_s)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -151,8 +152,8 @@ class Pipeline:
         self.vision = self._session(self.out_dir / self.template["files"]["vision"], arena=True)
         self.vision_inputs = [i.name for i in self.vision.get_inputs()]
         self._vision_feeds = None
-        #: seconds of each vision tower call of the last prompt (one per image)
-        self.vision_runs_s: list[float] = []
+        # per thread: a server runs several prompts on one pipeline at once
+        self._timings = threading.local()
         if families.get(self.family).vision_tower == families.QWEN_VISION and not set(self.vision_inputs) <= {"pixel_values", "image_grid_thw"}:
             # the export takes the tower's index tensors, computed on the host (numpy, no torch)
             from blindsight.vision_inputs import qwen_vision_feeds
@@ -164,6 +165,13 @@ class Pipeline:
         self.num_layers = int(self.template["num_layers"])
         self.eos = set(int(t) for t in self.template.get("eos_token_ids") or [])
         self.delimiters = Delimiters(int(self.template["image_start_id"]), int(self.template["image_end_id"]))
+
+    @property
+    def vision_runs_s(self) -> list[float]:
+        """Seconds of each vision tower call of this thread's last prompt (one per image)."""
+        if not hasattr(self._timings, "runs"):
+            self._timings.runs = []
+        return self._timings.runs
 
     def _session(self, path, arena: bool = False) -> ort.InferenceSession:
         """No CPU arena by default: each session's arena would keep its own peak and the
@@ -185,7 +193,7 @@ class Pipeline:
         per-image calls give the same features while the scores held at once are
         one image's, not every patch against every patch of the prompt (17 GB
         per layer for 4 images of 896 x 896 px at Qwen2-VL-2B's tower)."""
-        self.vision_runs_s = []
+        self._timings.runs = []
         images = list(per_image(prompt))
         return np.concatenate([self._encode(pixels, grid, shrink=i == len(images) - 1)
                                for i, (pixels, grid) in enumerate(images)])
@@ -292,7 +300,7 @@ class Pipeline:
         t0 = time.perf_counter() if t0 is None else t0
         ids = prompt.input_ids
         spans = self.image_spans(ids)
-        self.vision_runs_s = []
+        self._timings.runs = []
         embeds = self.embeddings(prompt)
         positions, delta = self.position_ids(prompt)
         # the pixels (0.3 GB for 16 images of 896 px) and the prompt's embeddings are not

@@ -142,18 +142,16 @@ def test_bench_image_blocks_rows_and_merge(tmp_path):
 @pytest.mark.parametrize("heads", [(12, 2), (28, 4)])
 def test_op_baseline_is_causal_attention(heads):
     """The op level's GroupQueryAttention baseline (empty past, present buffers)
-    computes causal attention: a numpy softmax(QK^T / sqrt(d)) V with the KV heads repeated."""
+    computes causal attention: the numpy reference with every head dense."""
+    from blindsight.attention.reference import reference_attention
     from blindsight.bench.op import OpShape, causal_gqa, feeds_for
     from blindsight.flops import Template
     from blindsight.runtime.session import make_session
 
     shape, t = OpShape(num_heads=heads[0], kv_num_heads=heads[1]), Template(2, 48)
-    feeds = {k: v for k, v in feeds_for(shape, t).items() if k != "image_spans"}
-    got = make_session(causal_gqa(shape), threads=2, native=False).run(None, feeds)[0]
-    q, k, v = (feeds[n].reshape(1, t.seq_len, -1, shape.head_dim).transpose(0, 2, 1, 3) for n in ("query", "key", "value"))
-    k, v = (np.repeat(x, heads[0] // heads[1], axis=1) for x in (k, v))
-    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(shape.head_dim)
-    scores = np.where(np.tril(np.ones((t.seq_len, t.seq_len), bool)), scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    want = ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(1, t.seq_len, -1)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    feeds = feeds_for(shape, t)
+    plain = {k: v for k, v in feeds.items() if k != "image_spans"}
+    got = make_session(causal_gqa(shape), threads=2, native=False).run(None, plain)[0]
+    q, k, v = (plain[n].reshape(1, t.seq_len, -1, shape.head_dim).transpose(0, 2, 1, 3) for n in ("query", "key", "value"))
+    want = reference_attention(q, k, v, feeds["image_spans"], ["dense"] * heads[0])
+    np.testing.assert_allclose(got, want.transpose(0, 2, 1, 3).reshape(1, t.seq_len, -1), rtol=0, atol=1e-5)

@@ -155,6 +155,21 @@ def test_gqa_ratios_across_tiles_and_key_blocks(ratio):
     check(cfg, spans, 345, 1, ratio, d=64)
 
 
+@pytest.mark.parametrize("mask_type,fmt,past", [("none", "BSD", 0), ("float", "BNSH", 37), ("bool", "BSD", 5)])
+def test_bundles_of_tiles_share_key_blocks(mask_type, fmt, past):
+    """Enough query rows (two batch rows, 700 queries, 4 heads per KV head: 350 tiles)
+    that the kernel runs tiles in bundles, each key block read once for a bundle;
+    tiles of one bundle start and end at different keys (causal rows, images that
+    begin mid-block, a cache), and a bundle's last tile may hold few rows."""
+    cats = ("dense", "intra", "sink", "intra_sink", "dense", "dense", "intra", "sink")
+    cfg = AttentionConfig(8, 2, 16, 0.25, cats, sink_tokens=3, mask_type=mask_type, qkv_format=fmt,
+                          is_causal=1 if mask_type == "none" else 0)
+    q_len = 700
+    spans = [(past + 9, past + 200), (past + 213, past + 470), (past + 470, past + 471), (past + 500, past + 690)]
+    mask = causal_mask(2, past, q_len, pad_keys=4) if mask_type != "none" else None
+    check(cfg, spans, q_len, 2, 5, past=past, d=16, mask=mask)
+
+
 @pytest.mark.parametrize("mask_type", ["bool", "float"])
 def test_mask_broadcast_over_batch(mask_type):
     """A [1, 1, Sq, Skv] mask serves every batch row."""

@@ -39,8 +39,10 @@ struct Problem {
   const int32_t* row_end = nullptr;
 };
 
-// One unit of work: up to tile_rows() query rows (head, query index) of one batch
-// row and one KV head that share the same key intervals.
+// Up to tile_rows() query rows (head, query index) of one batch row and one KV
+// head that share the same key intervals. A unit of work is a run of tiles with
+// the same batch row, KV head and intervals (run_tiles), which reads each block
+// of keys once for all of them.
 struct Tile {
   int b = 0, kvh = 0, nrows = 0;
   const int32_t* heads = nullptr;  // query head per row
@@ -53,7 +55,7 @@ struct Tile {
 
 #define BS_DECLARE_ISA(ns)                                                        \
   namespace ns {                                                                  \
-  void run_tile(const blindsight::Problem& p, const blindsight::Tile& t);         \
+  void run_tiles(const blindsight::Problem& p, const blindsight::Tile* t, int n); \
   int tile_rows();                                                                \
   void f16_to_f32(const uint16_t* src, float* dst, size_t n);                     \
   void f32_to_f16(const float* src, uint16_t* dst, size_t n);                     \

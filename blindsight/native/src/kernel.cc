@@ -282,121 +282,176 @@ static void run_small(const Problem& p, const Tile& t, Scratch& s) {
 
 int tile_rows() { return R; }
 
-void run_tile(const Problem& p, const Tile& t) {
-  thread_local Scratch s;
-  const int D = p.D, Dv = p.Dv, nr = t.nrows;
-  if (nr <= SMALL_ROWS && D % VW == 0 && Dv % VW == 0) {
-    run_small(p, t, s);
-    return;
-  }
-  s.fit(D, Dv);
-  float* qt = s.qt.data();
-  float* ot = s.ot.data();
-  float* sc = s.sc.data();
-
-  // Q^T (scaled), the rows' structural ranges, and the union of those ranges
-  std::memset(qt, 0, sizeof(float) * (size_t)D * R);
-  std::memset(ot, 0, sizeof(float) * (size_t)Dv * R);
+// One tile's running state while key blocks stream past it.
+struct TileState {
+  float* qt;  // Q^T [D][R], scaled
+  float* ot;  // O^T [Dv][R], unnormalised
+  vf m[NV], l[NV];
   int lo[R], end[R];
   const float* mrow_f[R];
   const uint8_t* mrow_b[R];
-  int min_lo = p.Skv, max_end = 0, max_lo = 0, min_end = p.Skv;
+  int nr, min_lo, max_end, max_lo, min_end;
+};
+
+static void init_state(const Problem& p, const Tile& t, TileState& ts_) {
+  const int D = p.D, Dv = p.Dv, nr = t.nrows;
+  std::memset(ts_.qt, 0, sizeof(float) * (size_t)D * R);
+  std::memset(ts_.ot, 0, sizeof(float) * (size_t)Dv * R);
+  ts_.nr = nr;
+  ts_.min_lo = p.Skv, ts_.max_end = 0, ts_.max_lo = 0, ts_.min_end = p.Skv;
   for (int r = 0; r < nr; ++r) {
     const int h = t.heads[r], i = t.rows[r];
-    load_q(p, t.b, h, i, qt + r, R);
-    lo[r] = p.row_lo[i];
-    end[r] = p.row_end[i];
-    if (lo[r] < min_lo) min_lo = lo[r];
-    if (end[r] > max_end) max_end = end[r];
-    if (lo[r] > max_lo) max_lo = lo[r];
-    if (end[r] < min_end) min_end = end[r];
+    load_q(p, t.b, h, i, ts_.qt + r, R);
+    ts_.lo[r] = p.row_lo[i];
+    ts_.end[r] = p.row_end[i];
+    if (ts_.lo[r] < ts_.min_lo) ts_.min_lo = ts_.lo[r];
+    if (ts_.end[r] > ts_.max_end) ts_.max_end = ts_.end[r];
+    if (ts_.lo[r] > ts_.max_lo) ts_.max_lo = ts_.lo[r];
+    if (ts_.end[r] < ts_.min_end) ts_.min_end = ts_.end[r];
     const int64_t moff = t.b * p.msB + h * p.msH + (int64_t)i * p.msQ;
-    mrow_f[r] = p.mask_type == 2 ? p.mask_f + moff : nullptr;
-    mrow_b[r] = p.mask_type == 1 ? p.mask_b + moff : nullptr;
+    ts_.mrow_f[r] = p.mask_type == 2 ? p.mask_f + moff : nullptr;
+    ts_.mrow_b[r] = p.mask_type == 1 ? p.mask_b + moff : nullptr;
   }
-  vf m[NV], l[NV];
   for (int v = 0; v < NV; ++v) {
-    m[v] = splat(-INFINITY);
-    l[v] = vf{};
+    ts_.m[v] = splat(-INFINITY);
+    ts_.l[v] = vf{};
   }
-  const float* kbase = p.k + t.b * p.ksB + t.kvh * p.ksH;
-  const float* vbase = p.v + t.b * p.vsB + t.kvh * p.vsH;
+}
 
-  for (int ii = 0; ii < t.niv; ++ii) {
-    const int a = t.iv[ii].a > min_lo ? t.iv[ii].a : min_lo;
-    const int e = t.iv[ii].e < max_end ? t.iv[ii].e : max_end;
+// keys k0 .. k0+n (rows kr[0..n), vr[0..n)) into one tile's state
+static void run_block(const Problem& p, TileState& ts_, const float* const* kr, const float* const* vr, int k0, int n,
+                      float* sc) {
+  const int D = p.D, Dv = p.Dv;
+  float* qt = ts_.qt;
+  float* ot = ts_.ot;
+  // scores
+  int c = 0;
+  for (; c + JQ <= n; c += JQ) qk_step<JQ>(qt, kr + c, D, sc + (size_t)c * R);
+  for (; c < n; ++c) qk_step<1>(qt, kr + c, D, sc + (size_t)c * R);
+  // the model's mask where the block is not inside every row's range
+  const bool inside = k0 >= ts_.max_lo && k0 + n <= ts_.min_end;
+  if (!inside || p.mask_type) {
+    for (int r = 0; r < ts_.nr; ++r) {
+      const float* mf = ts_.mrow_f[r];
+      const uint8_t* mb = ts_.mrow_b[r];
+      for (int cc = 0; cc < n; ++cc) {
+        const int k = k0 + cc;
+        float& x = sc[(size_t)cc * R + r];
+        bool keep = k >= ts_.lo[r] && k < ts_.end[r];
+        if (keep && mb) keep = mb[k * p.msK] != 0;
+        if (keep && mf) {
+          const float mv = mf[k * p.msK];
+          if (mv > p.mask_min)
+            x += mv;
+          else
+            keep = false;
+        }
+        if (!keep) x = -INFINITY;
+      }
+    }
+  }
+  // online softmax, vertically over the block's keys
+  vf alpha[NV];
+  bool rescale = false;
+  for (int v = 0; v < NV; ++v) {
+    vf bm = splat(-INFINITY);
+    for (int cc = 0; cc < n; ++cc) bm = vmax(bm, ld(sc + (size_t)cc * R + v * VW));
+    const vf mn = vmax(ts_.m[v], bm);
+    const vf ms = mn == splat(-INFINITY) ? vf{} : mn;
+    alpha[v] = vexp(ts_.m[v] - ms);
+    vf sum = vf{};
+    for (int cc = 0; cc < n; ++cc) {
+      float* ptr = sc + (size_t)cc * R + v * VW;
+      const vf pe = vexp(ld(ptr) - ms);
+      st(ptr, pe);
+      sum += pe;
+    }
+    ts_.l[v] = ts_.l[v] * alpha[v] + sum;
+    for (int w = 0; w < VW; ++w) rescale |= (ts_.m[v][w] != mn[w]);
+    ts_.m[v] = mn;
+  }
+  if (rescale) {
+    for (int dv = 0; dv < Dv; ++dv)
+      for (int v = 0; v < NV; ++v) {
+        float* ptr = ot + (size_t)dv * R + v * VW;
+        st(ptr, ld(ptr) * alpha[v]);
+      }
+  }
+  int dv = 0;
+  for (; dv + JV <= Dv; dv += JV) pv_step<JV>(ot, sc, vr, n, dv);
+  for (; dv < Dv; ++dv) pv_step<1>(ot, sc, vr, n, dv);
+}
+
+// normalise; a row with no key outputs zeros
+static void finish(const Problem& p, const Tile& t, const TileState& ts_) {
+  float lsum[R];
+  for (int v = 0; v < NV; ++v) st(lsum + v * VW, ts_.l[v]);
+  for (int r = 0; r < ts_.nr; ++r) {
+    const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
+    store_o(p, t.b, t.heads[r], t.rows[r], ts_.ot + r, R, inv);
+  }
+}
+
+// Tiles of one batch row, KV head and key-interval set run together, key
+// block by key block: each block of K and V is read from memory once for all
+// of them and then stays in cache, instead of once per tile. With a long
+// prompt and several KV heads, K and V outgrow the caches, and streaming them
+// once per 32-row tile made the kernel wait on memory.
+void run_tiles(const Problem& p, const Tile* ts, int nt) {
+  thread_local Scratch s;
+  thread_local std::vector<TileState> states;
+  const int D = p.D, Dv = p.Dv;
+  // tiles of few rows (decode steps, a group's last rows) take run_small alone
+  thread_local std::vector<const Tile*> full;
+  full.clear();
+  for (int i = 0; i < nt; ++i) {
+    if (ts[i].nrows <= SMALL_ROWS && D % VW == 0 && Dv % VW == 0)
+      run_small(p, ts[i], s);
+    else
+      full.push_back(ts + i);
+  }
+  nt = (int)full.size();
+  if (nt == 0) return;
+  s.fit(D, Dv);
+  const size_t qn = (size_t)D * R + 16, on = (size_t)Dv * R + 16;
+  if (s.qt.size() < qn * nt) s.qt.assign(qn * nt, 0.f);
+  if (s.ot.size() < on * nt) s.ot.assign(on * nt, 0.f);
+  if ((int)states.size() < nt) states.resize(nt);
+  int gmin = p.Skv, gmax = 0;
+  for (int i = 0; i < nt; ++i) {
+    TileState& ts_ = states[i];
+    ts_.qt = s.qt.data() + qn * i;
+    ts_.ot = s.ot.data() + on * i;
+    init_state(p, *full[i], ts_);
+    if (ts_.min_lo < gmin) gmin = ts_.min_lo;
+    if (ts_.max_end > gmax) gmax = ts_.max_end;
+  }
+  const Tile& t0 = *full[0];
+  const float* kbase = p.k + t0.b * p.ksB + t0.kvh * p.ksH;
+  const float* vbase = p.v + t0.b * p.vsB + t0.kvh * p.vsH;
+  float* sc = s.sc.data();
+  for (int ii = 0; ii < t0.niv; ++ii) {
+    // blocks on a grid from the interval's start, so a tile sees the same blocks
+    // (and rounds the same) whichever tiles it runs with
+    const int base = t0.iv[ii].a;
+    const int a = gmin > base ? base + (gmin - base) / C * C : base;
+    const int e = t0.iv[ii].e < gmax ? t0.iv[ii].e : gmax;
     for (int k0 = a; k0 < e; k0 += C) {
       const int n = (e - k0) < C ? (e - k0) : C;
       for (int c = 0; c < n; ++c) {
         s.kr[c] = kbase + (int64_t)(k0 + c) * p.ksS;
         s.vr[c] = vbase + (int64_t)(k0 + c) * p.vsS;
       }
-      // scores
-      int c = 0;
-      for (; c + JQ <= n; c += JQ) qk_step<JQ>(qt, s.kr.data() + c, D, sc + (size_t)c * R);
-      for (; c < n; ++c) qk_step<1>(qt, s.kr.data() + c, D, sc + (size_t)c * R);
-      // the model's mask where the block is not inside every row's range
-      const bool inside = k0 >= max_lo && k0 + n <= min_end;
-      if (!inside || p.mask_type) {
-        for (int r = 0; r < nr; ++r) {
-          const float* mf = mrow_f[r];
-          const uint8_t* mb = mrow_b[r];
-          for (int cc = 0; cc < n; ++cc) {
-            const int k = k0 + cc;
-            float& x = sc[(size_t)cc * R + r];
-            bool keep = k >= lo[r] && k < end[r];
-            if (keep && mb) keep = mb[k * p.msK] != 0;
-            if (keep && mf) {
-              const float mv = mf[k * p.msK];
-              if (mv > p.mask_min)
-                x += mv;
-              else
-                keep = false;
-            }
-            if (!keep) x = -INFINITY;
-          }
-        }
+      for (int i = 0; i < nt; ++i) {
+        TileState& ts_ = states[i];
+        const int ka = k0 > ts_.min_lo ? k0 : ts_.min_lo;
+        const int ke = (k0 + n) < ts_.max_end ? (k0 + n) : ts_.max_end;
+        if (ka >= ke) continue;
+        run_block(p, ts_, s.kr.data() + (ka - k0), s.vr.data() + (ka - k0), ka, ke - ka, sc);
       }
-      // online softmax, vertically over the block's keys
-      vf alpha[NV];
-      bool rescale = false;
-      for (int v = 0; v < NV; ++v) {
-        vf bm = splat(-INFINITY);
-        for (int cc = 0; cc < n; ++cc) bm = vmax(bm, ld(sc + (size_t)cc * R + v * VW));
-        const vf mn = vmax(m[v], bm);
-        const vf ms = mn == splat(-INFINITY) ? vf{} : mn;
-        alpha[v] = vexp(m[v] - ms);
-        vf sum = vf{};
-        for (int cc = 0; cc < n; ++cc) {
-          float* ptr = sc + (size_t)cc * R + v * VW;
-          const vf pe = vexp(ld(ptr) - ms);
-          st(ptr, pe);
-          sum += pe;
-        }
-        l[v] = l[v] * alpha[v] + sum;
-        for (int w = 0; w < VW; ++w) rescale |= (m[v][w] != mn[w]);
-        m[v] = mn;
-      }
-      if (rescale) {
-        for (int dv = 0; dv < Dv; ++dv)
-          for (int v = 0; v < NV; ++v) {
-            float* ptr = ot + (size_t)dv * R + v * VW;
-            st(ptr, ld(ptr) * alpha[v]);
-          }
-      }
-      int dv = 0;
-      for (; dv + JV <= Dv; dv += JV) pv_step<JV>(ot, sc, s.vr.data(), n, dv);
-      for (; dv < Dv; ++dv) pv_step<1>(ot, sc, s.vr.data(), n, dv);
     }
   }
-
-  // normalise; a row with no key outputs zeros
-  float lsum[R];
-  for (int v = 0; v < NV; ++v) st(lsum + v * VW, l[v]);
-  for (int r = 0; r < nr; ++r) {
-    const float inv = lsum[r] > 0.f ? 1.f / lsum[r] : 0.f;
-    store_o(p, t.b, t.heads[r], t.rows[r], ot + r, R, inv);
-  }
+  for (int i = 0; i < nt; ++i) finish(p, *full[i], states[i]);
 }
 
 void f16_to_f32(const uint16_t* src, float* dst, size_t n) {

@@ -54,17 +54,17 @@ void check(OrtStatus* st) {
 
 struct Isa {
   const char* name;
-  void (*run_tile)(const Problem&, const Tile&);
+  void (*run_tiles)(const Problem&, const Tile*, int);
   int (*tile_rows)();
   void (*f16_to_f32)(const uint16_t*, float*, size_t);
   void (*f32_to_f16)(const float*, uint16_t*, size_t);
 };
 
 Isa pick_isa() {
-  Isa base{"baseline", bs_baseline::run_tile, bs_baseline::tile_rows, bs_baseline::f16_to_f32, bs_baseline::f32_to_f16};
+  Isa base{"baseline", bs_baseline::run_tiles, bs_baseline::tile_rows, bs_baseline::f16_to_f32, bs_baseline::f32_to_f16};
 #if defined(__x86_64__) || defined(_M_X64)
-  Isa avx2{"avx2", bs_avx2::run_tile, bs_avx2::tile_rows, bs_avx2::f16_to_f32, bs_avx2::f32_to_f16};
-  Isa avx512{"avx512", bs_avx512::run_tile, bs_avx512::tile_rows, bs_avx512::f16_to_f32, bs_avx512::f32_to_f16};
+  Isa avx2{"avx2", bs_avx2::run_tiles, bs_avx2::tile_rows, bs_avx2::f16_to_f32, bs_avx2::f32_to_f16};
+  Isa avx512{"avx512", bs_avx512::run_tiles, bs_avx512::tile_rows, bs_avx512::f16_to_f32, bs_avx512::f32_to_f16};
   __builtin_cpu_init();
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool has512 = has2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -308,19 +308,27 @@ std::string shape_str(const std::vector<int64_t>& d) {
   return s + "]";
 }
 
+// a run of consecutive tiles that share batch row, KV head and key intervals
+struct Bundle {
+  size_t first, count;
+};
+
 struct Work {
   const Problem* p;
   const std::vector<Tile>* tiles;
+  const std::vector<Bundle>* bundles;
   const std::vector<int>* order;
   int B;
-  void (*run)(const Problem&, const Tile&);
+  void (*run)(const Problem&, const Tile*, int);
 };
 
 void work_fn(void* data, size_t idx) {
   const Work* w = static_cast<const Work*>(data);
-  Tile t = (*w->tiles)[(*w->order)[idx / w->B]];
-  t.b = (int)(idx % w->B);
-  w->run(*w->p, t);
+  const Bundle& bu = (*w->bundles)[(*w->order)[idx / w->B]];
+  thread_local std::vector<Tile> ts;
+  ts.assign(w->tiles->begin() + bu.first, w->tiles->begin() + bu.first + bu.count);
+  for (Tile& t : ts) t.b = (int)(idx % w->B);
+  w->run(*w->p, ts.data(), (int)ts.size());
 }
 
 struct ConvJob {
@@ -582,12 +590,28 @@ void compute(const Kernel& K, OrtKernelContext* ctx) {
       keys += std::max(0, std::min(end, tiles[t].iv[i].e) - std::max(lo, tiles[t].iv[i].a));
     cost[t] = keys + 1;
   }
-  std::vector<int> order(tiles.size());
-  for (size_t t = 0; t < order.size(); ++t) order[t] = (int)t;
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return cost[a] > cost[b]; });
+  // Bundles of up to 16 tiles read each key block once for all of them (kernel.cc
+  // run_tiles); smaller where that would leave fewer than 64 units of work for
+  // the thread pool. Independent of the machine, so the answer is too.
+  const size_t per = std::max<size_t>(1, std::min<size_t>(16, tiles.size() * p.B / 64));
+  std::vector<Bundle> bundles;
+  std::vector<double> bcost;
+  for (size_t t = 0; t < tiles.size(); ++t) {
+    if (!bundles.empty() && bundles.back().count < per && tile_group[t] == tile_group[t - 1] &&
+        tiles[t].kvh == tiles[t - 1].kvh) {
+      bundles.back().count++;
+      bcost.back() += cost[t];
+    } else {
+      bundles.push_back({t, 1});
+      bcost.push_back(cost[t]);
+    }
+  }
+  std::vector<int> order(bundles.size());
+  for (size_t b = 0; b < order.size(); ++b) order[b] = (int)b;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return bcost[a] > bcost[b]; });
 
-  Work w{&p, &tiles, &order, p.B, isa().run_tile};
-  const size_t total = tiles.size() * (size_t)p.B;
+  Work w{&p, &tiles, &bundles, &order, p.B, isa().run_tiles};
+  const size_t total = bundles.size() * (size_t)p.B;
   if (total) check(g_api->KernelContext_ParallelFor(ctx, work_fn, total, 0, &w));
 }
 

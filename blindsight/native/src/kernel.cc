@@ -155,9 +155,12 @@ static inline void store_o(const Problem& p, int b, int h, int i, const float* s
 struct Scratch {
   std::vector<float> qt, ot, sc, qs, os, ss;
   std::vector<const float*> kr, vr;
-  void fit(int D, int Dv) {
-    if (qt.size() < (size_t)D * R + 16) qt.assign((size_t)D * R + 16, 0.f);
-    if (ot.size() < (size_t)Dv * R + 16) ot.assign((size_t)Dv * R + 16, 0.f);
+  size_t qn = 0, on = 0;  // floats of one tile's Q^T and O^T slab in qt and ot
+  void fit(int D, int Dv, int tiles) {
+    qn = (size_t)D * R + 16;
+    on = (size_t)Dv * R + 16;
+    if (qt.size() < qn * tiles) qt.assign(qn * tiles, 0.f);
+    if (ot.size() < on * tiles) ot.assign(on * tiles, 0.f);
     if (sc.size() < (size_t)C * R + 16) sc.assign((size_t)C * R + 16, 0.f);
     kr.resize(C);
     vr.resize(C);
@@ -412,16 +415,13 @@ void run_tiles(const Problem& p, const Tile* ts, int nt) {
   }
   nt = (int)full.size();
   if (nt == 0) return;
-  s.fit(D, Dv);
-  const size_t qn = (size_t)D * R + 16, on = (size_t)Dv * R + 16;
-  if (s.qt.size() < qn * nt) s.qt.assign(qn * nt, 0.f);
-  if (s.ot.size() < on * nt) s.ot.assign(on * nt, 0.f);
+  s.fit(D, Dv, nt);
   if ((int)states.size() < nt) states.resize(nt);
   int gmin = p.Skv, gmax = 0;
   for (int i = 0; i < nt; ++i) {
     TileState& ts_ = states[i];
-    ts_.qt = s.qt.data() + qn * i;
-    ts_.ot = s.ot.data() + on * i;
+    ts_.qt = s.qt.data() + s.qn * i;
+    ts_.ot = s.ot.data() + s.on * i;
     init_state(p, *full[i], ts_);
     if (ts_.min_lo < gmin) gmin = ts_.min_lo;
     if (ts_.max_end > gmax) gmax = ts_.max_end;

@@ -25,6 +25,7 @@ def _entry(prog: str, target: str):
 
 COMMANDS = {
     "bs-compile": "blindsight.compiler.cli:main",
+    "bs-quantize": "blindsight.compiler.quantize_cli:main",
     "bs-demo": "blindsight.demo:main",
     "bs-flops": "blindsight.flops.cli:main",
     "bs-bench": "blindsight.bench.cli:main",
@@ -39,7 +40,7 @@ COMMANDS = {
     "bs-serve-ray": "blindsight.serve.ray_app:main",
     "bs-serve-triton": "blindsight.serve.triton:main",
 }
-(bs_compile, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_checkpoint, bs_run, bs_check, bs_serve, bs_serve_load,
+(bs_compile, bs_quantize, bs_demo, bs_flops, bs_bench, bs_profile, bs_eval, bs_export, bs_checkpoint, bs_run, bs_check, bs_serve, bs_serve_load,
  bs_serve_ray, bs_serve_triton) = (
     _entry(prog, target) for prog, target in COMMANDS.items()
 )

@@ -219,6 +219,31 @@ def test_bs_eval_causal_mask_record_and_refusal(gemma_eval, tmp_path):
     assert len(lines) == 1 and "--mask causal" in lines[0] and "Traceback" not in err.getvalue()
 
 
+def test_bs_eval_int8_weights_quantize_only_the_compiled_model(gemma_eval):
+    import contextlib
+    import io
+
+    import onnx
+
+    from blindsight.evaluation.cli import main as eval_main
+
+    root, fp32 = gemma_eval
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = eval_main(["--profile", str(root / "intra.json"), "--prompts", "3", "--work-dir", str(root / "work"),
+                        "--json", "--quiet", "--weights", "int8"])
+    assert rc == 0
+    rec = json.loads(buf.getvalue())
+    assert rec["weights"] == "int8" and fp32["weights"] == "fp32"
+    assert rec["compiled_model"].endswith(".int8.onnx")
+    # the reference stays the fp32 dense model; int8 moves the compiled one
+    assert rec["dense_accuracy"] == fp32["dense_accuracy"]
+    assert rec["mean_kl"] != fp32["mean_kl"]
+    (quantized,) = (root / "work").glob("*.int8.onnx")
+    ops = [n.op_type for n in onnx.load(str(quantized), load_external_data=False).graph.node]
+    assert ops.count("MatMulInteger") == 18 * 7, "every projection of the 18 layers, the LM head left fp32"
+
+
 def test_wilson_interval_against_the_closed_form():
     from blindsight.evaluation.runner import wilson
 

@@ -101,11 +101,13 @@ def test_help_without_any_optional_module(command, tmp_path):
 
 
 def test_deployment_commands_need_no_optional_module(tmp_path):
-    """bs-compile, bs-check and bs-flops run with every optional module refused."""
+    """bs-compile, bs-check, bs-quantize and bs-flops run with every optional module refused."""
     proc = _run(sorted(OPTIONAL_MODULES), "bs-flops", "--model", "qwen2-vl-2b", "--images", "2", "--image-len", "16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     proc = _run(sorted(OPTIONAL_MODULES), "bs-check", "a.onnx", "b.onnx", cwd=tmp_path)
     assert proc.returncode == 2 and "SOURCE model file not found" in proc.stderr
+    proc = _run(sorted(OPTIONAL_MODULES), "bs-quantize", "a.onnx", cwd=tmp_path)
+    assert proc.returncode == 2 and "model file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_transformers_backend_message():

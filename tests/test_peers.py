@@ -147,6 +147,34 @@ def test_conversion_is_cached_and_prepack_reaches_the_sessions(tiny, project_run
     assert record["runs"][0]["details"]["prepack"] is False
 
 
+def test_int8_variants_run_the_quantized_export(tiny, project_run):
+    """mix-int8 and dense-int8 run bs-quantize's export of the project's conversion; their
+    tokens are what blindsight's Pipeline answers on that export, compared but not judged."""
+    from blindsight.runtime.pipeline import Pipeline
+
+    out = tiny.root / "int8.json"
+    args = [tiny.checkpoint, "--question", QUESTION, "--variants", "dense,project-int8", "--chunk-size", CHUNK,
+            "--max-new-tokens", 4, "--cache", tiny.cache, "--venvs", tiny.venvs, "-o", out]
+    for image in tiny.images:
+        args += ["--image", image]
+    proc = peers(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert list(record["variants"]) == ["dense", "mix-int8", "dense-int8"]
+    conv = record["conversions"]["project-int8"]
+    assert conv["from"] == Path(project_run.record["conversions"]["project"]["dir"]).name
+    export = Path(conv["dir"]) / "export"
+    template = json.loads((export / "template.json").read_text())
+    assert template["quantized"]["scheme"] == "int8-dynamic" and conv["quantized"] == template["quantized"]
+    assert record["variants"]["mix-int8"]["precision"] == "int8"
+    assert record["checks"]["greedy_tokens"]["compared"] == ["dense"], "int8 tokens are not judged"
+    for name, model in (("dense-int8", "language_model.dense.onnx"), ("mix-int8", "language_model.mix.onnx")):
+        pipe = Pipeline(export, compiled=export / model, threads=2, chunk_size=CHUNK)
+        r = pipe.generate([str(p) for p in tiny.images], QUESTION, max_new_tokens=4)
+        assert record["variants"][name]["tokens"] == r.token_ids, name
+        assert record["variants"][name]["prompt_tokens"] == len(r.prompt_ids)
+
+
 def test_project_conversion_follows_the_exporter_code(tmp_path, monkeypatch):
     """A changed exporter or compiler source makes a new cached conversion; other
     project files do not."""
@@ -237,6 +265,7 @@ def test_table_shows_a_failed_variant_with_its_reason():
 
 def test_variant_selection_keeps_order_and_expands_groups():
     assert [v.name for v in variants.select("raw,project")] == ["raw", "mix", "dense"]
+    assert [v.name for v in variants.select("project-int8")] == ["mix-int8", "dense-int8"]
     assert all(v.engine == "openvino" for v in variants.select("openvino"))
     # the variant named genai is genai's own decoder; its group has another name
     assert [v.name for v in variants.select("genai")] == ["genai"]

@@ -256,6 +256,14 @@ def set_up_engines(chosen, prepared: Path, args, say):
         say(f"{engine}: converting (cached after the first time)")
         c = conversions[engine] = convert.cached(args.cache, engine, prepared, versions[engine], make, extra)
         say(f"{engine}: conversion {c['dir']} ({'cached' if c['cached'] else 'made'}; {c['seconds']} s to make)")
+    if any(variants.conversion_of(v) == "project-int8" for v in chosen):
+        # bs-quantize on the project's export, then the same two compiles; keyed by that export
+        source = Path(conversions["project"]["dir"])
+        say("project-int8: quantizing the project's export (cached after the first time)")
+        c = conversions["project-int8"] = convert.cached(
+            args.cache, "project-int8", prepared, versions["project"],
+            lambda tmp: convert.project_int8(source / "export", tmp), source.name)
+        say(f"project-int8: conversion {c['dir']} ({'cached' if c['cached'] else 'made'}; {c['seconds']} s to make)")
     return pythons, versions, conversions, setup
 
 
@@ -265,7 +273,8 @@ def run_interleaved(chosen, conversions, pythons, logs: Path, args, say) -> list
         # each repeat starts one variant further along, so no variant always runs first
         order = chosen[repeat % len(chosen):] + chosen[:repeat % len(chosen)]
         for v in order:
-            run = run_one(v, spec_for(v, conversions[v.engine], args), pythons[v.engine], logs, repeat, args.timeout)
+            run = run_one(v, spec_for(v, conversions[variants.conversion_of(v)], args), pythons[v.engine], logs, repeat,
+                          args.timeout)
             say(f"repeat {repeat + 1}/{args.repeats} {v.name}: " +
                 (run["error"] if "error" in run else f"TTFT {run['ttft_s']:.3f} s"))
             runs.append(run)

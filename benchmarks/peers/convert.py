@@ -116,6 +116,20 @@ def project(prepared: Path, tmp: Path, profile: Path | None) -> dict:
     return {"tool": "bs-export, bs-compile", "mix_profile": mix_doc["model"]}
 
 
+def project_int8(export: Path, tmp: Path) -> dict:
+    """bs-quantize on the project's export (int8 vision tower and language model), then
+    bs-compile with the same two profiles on the quantized language model."""
+    log = tmp.parent / f"{tmp.name}.log"
+    log.unlink(missing_ok=True)
+    out = tmp / "export"
+    _tool(_bs("bs-quantize", str(export), "-o", str(out)), "bs-quantize", log)
+    template = json.loads((out / "template.json").read_text())
+    for name in PROJECT_MODELS:
+        _tool(_bs("bs-compile", str(out / template["files"]["language_model"]), "--profile", str(out / f"profile.{name}.json"),
+                  "-o", str(out / PROJECT_MODELS[name])), f"bs-compile ({name}, int8)", log)
+    return {"tool": "bs-quantize (int8), bs-compile", "quantized": template["quantized"], "from": export.parent.name}
+
+
 #: run by the OpenVINO venv's interpreter after optimum-cli: the tokenizer and the
 #: processor files are (re)written from the checkpoint itself, so a tokenizer that
 #: optimum could not convert, or a processor it saved with other bounds, cannot differ

@@ -13,7 +13,7 @@ class Variant:
     engine: str  # "project", "genai", "openvino" or "llamacpp": which worker and venv run it
     settings: dict  # what the engine's worker needs beyond the shared spec
     dense: bool  # computes the dense model: its greedy tokens should equal every other dense variant's
-    precision: str  # "fp32" (the matched comparison) or "default" (the engine's own choice)
+    precision: str  # "fp32" (the matched comparison), "default" (the engine's own choice) or "int8" (bs-quantize)
     what: str
 
 
@@ -24,6 +24,12 @@ VARIANTS = {v.name: v for v in (
             "the project: all-dense compile, native kernel"),
     Variant("raw", "project", {"model": "raw"}, True, "fp32",
             "the project: raw bs-export (eager attention), no compile"),
+    # int8 computes another model: its tokens are compared with the dense ones, never judged
+    Variant("mix-int8", "project", {"model": "mix", "weights": "int8"}, False, "int8",
+            "the project with bs-quantize's int8 weights (vision tower and language model; LM head fp32): "
+            "profile mix compiled, native kernel"),
+    Variant("dense-int8", "project", {"model": "dense", "weights": "int8"}, False, "int8",
+            "the project with bs-quantize's int8 weights: all-dense compile, native kernel"),
     Variant("genai", "genai", {"folder": "builder"}, True, "fp32",
             "onnxruntime-genai: its model builder's decoder (GroupQueryAttention, past and present in one buffer, "
             "logits at every position as the builder writes them by default), the prompt in one decoder call; genai's image processor, the vision "
@@ -58,7 +64,8 @@ VARIANTS = {v.name: v for v in (
 
 GROUPS = {
     "all": list(VARIANTS),
-    "project": [n for n, v in VARIANTS.items() if v.engine == "project"],
+    "project": [n for n, v in VARIANTS.items() if v.engine == "project" and v.precision == "fp32"],
+    "project-int8": [n for n, v in VARIANTS.items() if v.engine == "project" and v.precision == "int8"],
     # not "genai": that is the variant running genai's own decoder
     "onnxruntime-genai": [n for n, v in VARIANTS.items() if v.engine == "genai"],
     "openvino": [n for n, v in VARIANTS.items() if v.engine == "openvino"],
@@ -82,6 +89,11 @@ def select(spec: str) -> list[Variant]:
     if not names:
         raise PeersError("no variants selected; pass --variants with at least one name")
     return [VARIANTS[n] for n in dict.fromkeys(names)]
+
+
+def conversion_of(v: Variant) -> str:
+    """The conversion a variant runs: its engine's, or the project's int8 one (made from the project's)."""
+    return "project-int8" if v.settings.get("weights") == "int8" else v.engine
 
 
 def describe() -> str:

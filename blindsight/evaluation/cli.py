@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
     p.add_argument("--no-native", action="store_true",
                    help="run the compiled model on its function bodies even when the native kernel is built")
+    p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+                   help="weights of the compiled model: fp32 (default) or int8 (bs-quantize's dynamic int8 on the "
+                        "compiled model; the dense model stays fp32, so the figures measure profile and int8 together; "
+                        "an all-dense profile isolates int8)")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
@@ -100,6 +104,7 @@ def table(r: dict) -> str:
         ("prefill FLOPs saved", f"{r['prefill_flop_reduction']:.1%}"),
         ("heads", ", ".join(f"{k} {v}" for k, v in r["profile_counts"].items())),
         ("compiled attention", r.get("attention", "")),
+        ("compiled weights", r.get("weights", "fp32")),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
 
         return evaluate(prof, args.model, num_prompts=args.prompts, seed=args.seed,
                         work_dir=args.work_dir, threads=args.threads, provider=args.provider, progress=not args.quiet,
-                        native=False if args.no_native else None, mask=args.mask)
+                        native=False if args.no_native else None, mask=args.mask, weights=args.weights)
 
     code, record = run_cli("bs-eval", work, args.debug)
     if code:

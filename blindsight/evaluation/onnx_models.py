@@ -97,3 +97,13 @@ def compile_with(dense: Path, profile: Profile, lowering: str = "fast", image_bl
     if not out.is_file():
         compile_model(dense, profile, out, lowering=lowering, image_blocks=image_blocks)
     return out
+
+
+def quantized(compiled: Path) -> Path:
+    """``compiled`` with int8 weights (bs-quantize), beside it as ``<stem>.int8.onnx``, made once."""
+    from blindsight.compiler.quantize import quantize_file
+
+    out = compiled.with_name(f"{compiled.stem}.int8.onnx")
+    if not out.is_file():
+        quantize_file(compiled, out)
+    return out

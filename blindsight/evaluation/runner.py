@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from blindsight.errors import BlindSightError
 from blindsight import families
 from blindsight.families import FAMILIES
-from blindsight.evaluation.onnx_models import compile_with, export_dense
+from blindsight.evaluation.onnx_models import compile_with, export_dense, quantized
 from blindsight.flops import count_flops
 from blindsight.models import pretrained
 from blindsight.profile import Profile
@@ -81,9 +81,13 @@ def evaluate(
     progress: bool = True,
     native: bool | None = None,
     mask: str = "image",
+    weights: str = "fp32",
 ) -> dict:
     """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``);
-    ``mask`` as :func:`pretrained.load` (a loaded model keeps its own)."""
+    ``mask`` as :func:`pretrained.load` (a loaded model keeps its own); ``weights``
+    "int8": the compiled model's MatMuls get bs-quantize's int8 weights (the dense stays fp32)."""
+    if weights not in ("fp32", "int8"):
+        raise BlindSightError(f"unknown weights {weights!r}; choose fp32 or int8")
     loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model, mask=mask)
     if not loaded.surrogate or loaded.family not in FAMILIES:
         # the task's segments are text: it needs text-only weights with an ONNX export
@@ -92,6 +96,8 @@ def evaluate(
     dense_path = export_dense(loaded.family, loaded.directory, folder)
     # the compiled nodes carry Gemma 3's image blocks themselves: off under the causal mask
     compiled_path = compile_with(dense_path, profile, "fast", image_blocks=loaded.image_blocks)
+    if weights == "int8":
+        compiled_path = quantized(compiled_path)
     dense = make_session(dense_path, provider=provider, threads=threads)
     compiled = CompiledSession(compiled_path, provider=provider, threads=threads, native=native)
     placement = None
@@ -146,6 +152,7 @@ def evaluate(
         "prefill_flop_reduction": mean("prefill_reduction"),
         "profile_counts": profile.counts(),
         "lowering": "fast",
+        "weights": weights,
         "attention": compiled.attention,
         "runtime": f"onnxruntime {ort.__version__} {provider.upper()}",
         "placement": placement.to_dict() if placement is not None else None,

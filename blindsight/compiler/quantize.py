@@ -1,0 +1,149 @@
+"""bs-quantize as functions: int8 weights for one graph, or for a whole bs-export directory.
+
+An option that trades accuracy for speed, never a default: docs/quantization.md
+gives its measured effect. The graphs keep their inputs and outputs, so a
+quantized export runs, compiles and serves like the one it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from blindsight.compiler.pipeline import _has_external_data, load_model
+from blindsight.errors import ModelError
+from blindsight.passes.quantize import float32_matmul_weights, quantize_matmul_weights
+from blindsight.staging import staged_dir
+
+SCHEME = "int8-dynamic"
+TEMPLATE = "template.json"
+#: the export's graphs that are quantized; the embedding is a table lookup (Gather), left as it is
+QUANTIZED_GRAPHS = ("vision", "language_model")
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    output: Path
+    graphs: dict[str, int]  # graph file -> MatMuls made int8
+    left_out: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        made = ", ".join(f"{name}: {n} MatMuls" for name, n in self.graphs.items())
+        lines = [f"int8 weights ({SCHEME}; {made}) -> {self.output}"]
+        if self.left_out:
+            lines.append(f"not copied (graphs on the float32 weights; compile the quantized language model again): "
+                         f"{', '.join(self.left_out)}")
+        return "\n".join(lines)
+
+
+def default_output(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + ".int8.onnx")
+
+
+def _quantized(path: Path) -> tuple[ir.Model, int, bool]:
+    """(quantized model, MatMuls made int8, whether the source kept its weights in external data)."""
+    model = load_model(path)
+    external = _has_external_data(model)
+    try:
+        count = quantize_matmul_weights(model)
+    except ValueError as exc:
+        if "hard link" not in str(exc) and "symbolic link" not in str(exc):
+            raise
+        # onnx and onnx-ir refuse to read external data that is a link (a guard against link attacks)
+        raise ModelError(f"{path}'s external data is a link, which onnx-ir refuses to read; "
+                         f"copy the model and its data (cp, not ln) and quantize the copy") from None
+    if count == 0:
+        f32, other = float32_matmul_weights(model)
+        why = (f"its {other} MatMul weights are not float32: quantize the fp32 export (bs-export --dtype fp32)"
+               if other else "it has no MatMul with a constant weight matrix that is not the LM head")
+        raise ModelError(f"nothing to quantize in {path}: {why}")
+    return model, count, external
+
+
+def _write(model: ir.Model, output: Path, external: bool) -> None:
+    """Write ``output`` (and ``output``.data when ``external``) whole or not at all."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    data = output.name + ".data"
+    try:
+        ir.save(model, stage / output.name, external_data=data if external else None)
+        if external:
+            os.replace(stage / data, output.with_name(data))
+        os.replace(stage / output.name, output)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def quantize_file(model_path, output=None) -> QuantizeResult:
+    """int8 weights for one ONNX graph (a language model, compiled or not, or a vision tower)."""
+    model_path = Path(model_path)
+    output = Path(output) if output is not None else default_output(model_path)
+    if output.resolve() == model_path.resolve():
+        raise ModelError(f"output path {output} is the input model; choose another with -o")
+    if output.suffix != ".onnx":
+        raise ModelError(f"output path {output} does not end in .onnx; name the quantized model NAME.onnx")
+    model, count, external = _quantized(model_path)
+    _write(model, output, external)
+    return QuantizeResult(output, {model_path.name: count})
+
+
+def _data_files(graph: Path) -> set[str]:
+    """The external data files a graph names (relative to its folder)."""
+    proto = onnx.load(str(graph), load_external_data=False)
+    names = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names |= {e.value for e in tensor.external_data if e.key == "location"}
+    return names
+
+
+def quantize_export(export_dir, out_dir, overwrite: bool = False) -> QuantizeResult:
+    """A new bs-export directory ``out_dir`` with int8 weights in its vision tower and language
+    model; every other file is copied. Other graphs in the source (compiled language models)
+    are left out: they read the float32 weights."""
+    src, out = Path(export_dir), Path(out_dir)
+    template_path = src / TEMPLATE
+    try:
+        template = json.loads(template_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ModelError(f"{src} is not a bs-export directory (no readable {TEMPLATE}); run bs-export first") from None
+    if template.get("quantized"):
+        raise ModelError(f"{src} is already quantized ({template['quantized'].get('scheme')}); quantize the float32 export")
+    if out.resolve() == src.resolve():
+        raise ModelError(f"output folder {out} is the export itself; choose another with -o")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ModelError(f"output folder {out} is not empty; pass --overwrite to replace it whole")
+    files = template["files"]
+    graphs = {files[g] for g in QUANTIZED_GRAPHS}
+    for name in sorted(graphs):
+        if not (src / name).is_file():
+            raise ModelError(f"{src / name} is missing from the export directory; run bs-export again")
+    replaced = graphs | {d for g in graphs for d in _data_files(src / g)}
+    kept_graphs = {n for n in files.values() if n not in graphs}
+    kept = kept_graphs | {d for g in kept_graphs if (src / g).is_file() for d in _data_files(src / g)}
+    left_out = sorted(p.name for p in src.iterdir() if p.suffix == ".onnx" and p.name not in graphs | kept)
+    counts: dict[str, int] = {}
+    with staged_dir(out) as tmp:
+        for name in sorted(graphs):
+            model, counts[name], external = _quantized(src / name)
+            _write(model, tmp / name, external)
+            del model
+        for path in sorted(src.iterdir()):
+            if not path.is_file() or path.name in replaced or path.name == TEMPLATE:
+                continue
+            if path.suffix == ".onnx" and path.name not in kept:
+                continue
+            if path.name.endswith(".data") and path.name not in kept:
+                continue
+            shutil.copyfile(path, tmp / path.name)
+        template["quantized"] = {"scheme": SCHEME, "graphs": dict(sorted(counts.items())),
+                                 "lm_head": "float32 (a MatMul whose result is a graph output is kept)"}
+        (tmp / TEMPLATE).write_text(json.dumps(template, indent=1) + "\n")
+    return QuantizeResult(out, counts, left_out)

@@ -198,7 +198,8 @@ def test_cli_refusals_are_one_line_and_write_nothing(tiny_export, tmp_path):
     cases = [
         ([str(src)], "-o OUT_DIR"),
         ([str(src), "-o", str(busy)], "--overwrite"),
-        ([str(src), "-o", str(src)], "the export itself"),
+        ([str(src), "-o", str(src)], "is the export or inside it"),
+        ([str(src), "-o", str(src / "inside")], "is the export or inside it"),
         ([str(tmp_path / "none.onnx")], "not found"),
         ([str(src / "language_model.onnx"), "-o", str(src / "language_model.onnx")], "is the input model"),
         ([str(src / "embed.onnx"), "-o", str(tmp_path / "e.onnx")], "nothing to quantize"),

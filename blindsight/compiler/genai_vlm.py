@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from blindsight.compiler.genai import GENAI_CONFIG, GenaiCompileResult, _link_or_copy, check_output_folder, native_library
-from blindsight.compiler.pipeline import compile_model
+from blindsight.compiler.pipeline import compile_model, external_data_files
 from blindsight.errors import ModelError
 from blindsight.staging import staged_dir
 
@@ -99,10 +99,6 @@ def read_template(export_dir: Path) -> dict:
     if not (export_dir / "tokenizer.json").is_file():
         raise ModelError(f"{export_dir} has no tokenizer.json, which genai's tokenizer reads; export again with bs-export")
     return template
-
-
-def _external_files(proto: onnx.ModelProto) -> set[str]:
-    return {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -367,7 +363,7 @@ def write_vision_and_embedding(export_dir: Path, template: dict, dest: Path, ext
     files = template["files"]
     vision = vision_wrapper(_load(export_dir / files["vision"]), template)
     embed = embed_wrapper(_load(export_dir / files["embed"]), int(template["image_token_id"]), int(template["hidden_size"]))
-    for name in sorted(_external_files(vision) | _external_files(embed) | set(extra_data)):
+    for name in sorted(external_data_files(vision) | external_data_files(embed) | set(extra_data)):
         if not (export_dir / name).is_file():
             raise ModelError(f"{export_dir} has no {name}, which its graphs name as external data; export again")
         _link_or_copy(export_dir / name, dest / name)
@@ -402,7 +398,7 @@ def write_genai_vlm(export_dir, profile, out_dir, lowering: str = "fast", native
     source_lm = _load(export_dir / files["language_model"])
     compiled_name = f".{Path(files['language_model']).stem}.compiled.onnx"
     with staged_dir(out_dir) as tmp:
-        write_vision_and_embedding(export_dir, template, tmp, extra_data=_external_files(source_lm))
+        write_vision_and_embedding(export_dir, template, tmp, extra_data=external_data_files(source_lm))
         # compile beside the weights so the compiled graph's external-data references stay valid
         _link_or_copy(export_dir / files["language_model"], tmp / files["language_model"])
         result = compile_model(tmp / files["language_model"], profile, tmp / compiled_name, lowering)

@@ -69,6 +69,11 @@ def _with_base_dir(proto: onnx.ModelProto, path: Path) -> ir.Model:
     return model
 
 
+def external_data_files(proto: onnx.ModelProto) -> set[str]:
+    """The external data files a graph's initializers name (relative to its folder)."""
+    return {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+
+
 def _has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 

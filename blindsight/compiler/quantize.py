@@ -17,13 +17,14 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from blindsight.compiler.pipeline import _has_external_data, load_model
+from blindsight.compiler.genai import check_output_folder
+from blindsight.compiler.genai_vlm import TEMPLATE
+from blindsight.compiler.pipeline import _has_external_data, external_data_files, load_model
 from blindsight.errors import ModelError
 from blindsight.passes.quantize import float32_matmul_weights, quantize_matmul_weights
 from blindsight.staging import staged_dir
 
 SCHEME = "int8-dynamic"
-TEMPLATE = "template.json"
 #: the export's graphs that are quantized; the embedding is a table lookup (Gather), left as it is
 QUANTIZED_GRAPHS = ("vision", "language_model")
 
@@ -95,13 +96,7 @@ def quantize_file(model_path, output=None) -> QuantizeResult:
 
 
 def _data_files(graph: Path) -> set[str]:
-    """The external data files a graph names (relative to its folder)."""
-    proto = onnx.load(str(graph), load_external_data=False)
-    names = set()
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            names |= {e.value for e in tensor.external_data if e.key == "location"}
-    return names
+    return external_data_files(onnx.load(str(graph), load_external_data=False))
 
 
 def quantize_export(export_dir, out_dir, overwrite: bool = False) -> QuantizeResult:
@@ -116,10 +111,7 @@ def quantize_export(export_dir, out_dir, overwrite: bool = False) -> QuantizeRes
         raise ModelError(f"{src} is not a bs-export directory (no readable {TEMPLATE}); run bs-export first") from None
     if template.get("quantized"):
         raise ModelError(f"{src} is already quantized ({template['quantized'].get('scheme')}); quantize the float32 export")
-    if out.resolve() == src.resolve():
-        raise ModelError(f"output folder {out} is the export itself; choose another with -o")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelError(f"output folder {out} is not empty; pass --overwrite to replace it whole")
+    check_output_folder(src, out, overwrite, "the export")
     files = template["files"]
     graphs = {files[g] for g in QUANTIZED_GRAPHS}
     for name in sorted(graphs):

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -111,7 +112,7 @@ def test_gemm_with_transposed_weight_and_bias_against_numpy(tmp_path):
         assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
 
 
-def test_external_data_is_written_beside_the_output_and_links_are_refused(tmp_path):
+def test_external_data_is_written_beside_the_output_and_links(tmp_path):
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 32)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
@@ -129,11 +130,21 @@ def test_external_data_is_written_beside_the_output_and_links_are_refused(tmp_pa
     exact = np.maximum(a @ w, 0)
     assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
 
+    # a second hard link to the weights (as bs-compile --genai makes): read, the same result
     os.link(src.with_name("m.onnx.data"), tmp_path / "elsewhere.data")
-    rc, _, err = _cli([str(src), "-o", str(tmp_path / "linked" / "m.onnx")])
+    assert os.stat(src.with_name("m.onnx.data")).st_nlink == 2
+    linked = quantize_file(src, tmp_path / "linked" / "m.int8.onnx").output
+    np.testing.assert_array_equal(_session(linked).run(None, {"a": a})[0], got)
+
+    # weights reached through a symbolic link out of the model's folder: refused, nothing written
+    away = tmp_path / "away"
+    away.mkdir()
+    shutil.copy2(src, away / "m.onnx")
+    (away / "m.onnx.data").symlink_to(src.with_name("m.onnx.data"))
+    rc, _, err = _cli([str(away / "m.onnx"), "-o", str(tmp_path / "sym" / "m.onnx")])
     lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2 and len(lines) == 1 and "cp, not ln" in lines[0]
-    assert not (tmp_path / "linked").exists() or not any((tmp_path / "linked").iterdir())
+    assert rc == 2 and len(lines) == 1 and "outside its folder" in lines[0]
+    assert not (tmp_path / "sym").exists() or not any((tmp_path / "sym").iterdir())
 
 
 @pytest.fixture(scope="module")

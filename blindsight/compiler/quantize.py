@@ -52,20 +52,45 @@ def _quantized(path: Path) -> tuple[ir.Model, int, bool]:
     """(quantized model, MatMuls made int8, whether the source kept its weights in external data)."""
     model = load_model(path)
     external = _has_external_data(model)
+    _read_hard_links(model, path.parent)
     try:
         count = quantize_matmul_weights(model)
     except ValueError as exc:
-        if "hard link" not in str(exc) and "symbolic link" not in str(exc):
+        if "symbolic link" not in str(exc) and "outside the base directory" not in str(exc):
             raise
-        # onnx and onnx-ir refuse to read external data that is a link (a guard against link attacks)
-        raise ModelError(f"{path}'s external data is a link, which onnx-ir refuses to read; "
-                         f"copy the model and its data (cp, not ln) and quantize the copy") from None
+        raise ModelError(f"{path}'s external data lies outside its folder (through a symbolic link), "
+                         f"which onnx-ir refuses to read; copy the data into the folder (cp, not ln)") from None
     if count == 0:
         f32, other = float32_matmul_weights(model)
         why = (f"its {other} MatMul weights are not float32: quantize the fp32 export (bs-export --dtype fp32)"
                if other else "it has no MatMul with a constant weight matrix that is not the LM head")
         raise ModelError(f"nothing to quantize in {path}: {why}")
     return model, count, external
+
+
+def _read_hard_links(model: ir.Model, folder: Path) -> None:
+    """Let the weight files inside the model's folder be read when they have other hard links.
+
+    onnx-ir refuses external data with more than one hard link (a guard against a
+    sensitive file linked into a model's folder). bs-compile --genai hard-links an
+    export's weight files into the genai folders it writes, so those files have two,
+    and the export could not be quantized after it. Such a file is read when its
+    resolved path lies inside ``folder``; data reached through a symbolic link out of
+    the folder stays refused by onnx-ir's own check."""
+    root = folder.resolve()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        real = Path(os.path.realpath(tensor.path))
+        try:
+            linked = os.stat(real).st_nlink > 1
+        except OSError:
+            continue
+        if linked and root in real.parents:
+            # no base_dir: onnx-ir's path checks (done here above) are off for this one file
+            value.const_value = ir.ExternalTensor(str(real), tensor.offset, tensor.length, tensor.dtype,
+                                                  shape=tensor.shape, name=tensor.name)
 
 
 def _write(model: ir.Model, output: Path, external: bool) -> None:

@@ -58,7 +58,7 @@ def _quantized(path: Path) -> tuple[ir.Model, int, bool]:
     except ValueError as exc:
         if "symbolic link" not in str(exc) and "outside the base directory" not in str(exc):
             raise
-        raise ModelError(f"{path}'s external data lies outside its folder (through a symbolic link), "
+        raise ModelError(f"{path}'s external data lies outside its folder (a symbolic link or a ../ location), "
                          f"which onnx-ir refuses to read; copy the data into the folder (cp, not ln)") from None
     if count == 0:
         f32, other = float32_matmul_weights(model)

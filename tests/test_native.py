@@ -304,6 +304,17 @@ got = sess.run(None, dict(query=bsd(q), key=bsd(k), value=bsd(v), attn_mask=mask
 want = reference_attention(q, k, v, spans, cats, sink_tokens=2, scale=0.2, model_mask=mask)
 err = np.abs(got.reshape(B, S, 6, D).transpose(0, 2, 1, 3) - want).max()
 assert err < 1e-4, err
+# a decode step: 6 query heads per KV head over 203 cached keys, head size 32 (a multiple of
+# every vector width), so each object's few-row path runs full key groups and a ragged tail
+cfg = AttentionConfig(12, 2, 32, 32 ** -0.5, cats * 2, sink_tokens=1)
+q = rng.standard_normal((1, 12, 1, 32), dtype=np.float32)
+k, v = (rng.standard_normal((1, 2, 203, 32), dtype=np.float32) for _ in range(2))
+spans = np.array([[2, 90], [95, 180]], dtype=np.int64)
+sess = make_session(single_node_model(cfg, "reference"), threads=2, native=True)
+got = sess.run(None, dict(query=q, key=k, value=v, image_spans=spans))[0]
+want = reference_attention(q, k, v, spans, cfg.categories, sink_tokens=1, scale=cfg.scale)
+err = max(err, np.abs(got - want).max())
+assert err < 1e-4, err
 print("ok", sys.argv[2], err)
 """
 
@@ -714,3 +725,24 @@ def test_two_profiles_of_one_source_share_one_session_options(exported, tmp_path
             np.testing.assert_allclose(got[output], ref, atol=1e-4, err_msg=f"layer {cfg.layer}")
         logits.append(got["logits"])
     assert np.abs(logits[0] - logits[1]).max() > 1e-3  # the two profiles do differ
+
+
+# ------------------------------------------------------------------ the build comparison benchmark
+
+
+def test_native_ab_checks_and_times_each_build(tmp_path):
+    """benchmarks.native_ab: every build is checked against numpy before timing; rows per build and cache length."""
+    import json
+
+    lib = str(native.library_path())
+    root = os.path.dirname(os.path.dirname(native.__file__))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.native_ab", lib, lib, "--contexts", "37,150", "--heads", "6",
+                        "--head-dim", "32", "--layers", "2", "--repeats", "1", "--json"], capture_output=True, text=True,
+                       cwd=os.path.dirname(root))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    assert [(x["keys"], x["library"]) for x in rows] == [(37, lib), (37, lib), (150, lib), (150, lib)]
+    assert all(x["cold_ms"] > 0 and x["warm_ms"] > 0 for x in rows)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.native_ab", str(tmp_path / "none.so")], capture_output=True,
+                         text=True, cwd=os.path.dirname(root))
+    assert bad.returncode == 2 and "is not a file" in bad.stderr and "Traceback" not in bad.stderr

@@ -7,6 +7,7 @@
 // transposed, and the online-softmax max/sum run vertically across key rows.
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -37,6 +38,7 @@ constexpr int R = 32;  // query rows per tile
 constexpr int NV = R / VW;
 constexpr int C = 64;  // keys per block
 constexpr int SMALL_ROWS = 8;  // tiles of at most this many rows take run_small (vectors along the head dim)
+constexpr int PFB = 2;  // key blocks that run_small fetches ahead into L2
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
@@ -114,9 +116,10 @@ static inline void pv_step(float* ot, const float* pt, const float* const* vr, i
     for (int v = 0; v < NV; ++v) st(ot + (size_t)(dv0 + j) * R + v * VW, acc[j][v]);
 }
 
-constexpr int PF = 4;  // keys ahead to prefetch where rows are read once (run_small)
-static inline void prefetch_row(const float* row, int n) {
-  for (int i = 0; i < n; i += 16) __builtin_prefetch(row + i);
+// rows [a, e) of a key or value matrix into L2, ahead of their use
+static inline void prefetch_rows_l2(const float* base, int64_t stride, int a, int e, int n) {
+  for (int k = a; k < e; ++k)
+    for (int i = 0; i < n; i += 16) __builtin_prefetch(base + (int64_t)k * stride + i, 0, 1);
 }
 
 static inline float hsum(vf x) {
@@ -174,10 +177,89 @@ struct Scratch {
   }
 };
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The lane shuffles of sum_lanes: at level b, two vectors that hold VW / b
+// sources of b partial sums each become 2 VW / b sources of b / 2 (the first
+// halves, x's sources then y's, plus the second halves).
+constexpr int half_index(int b, bool upper, int o) {
+  const int h = b / 2, per = VW / b, src = o / h, off = o % h + (upper ? h : 0);
+  return src < per ? src * b + off : VW + (src - per) * b + off;
+}
+template <int b, bool upper, size_t... O>
+constexpr vi half_mask(std::index_sequence<O...>) {
+  return vi{half_index(b, upper, (int)O)...};
+}
+// Level b of the tree: b vectors become b / 2.
+template <int b>
+static inline void sum_tree(vf* x) {
+  constexpr vi lo = half_mask<b, false>(std::make_index_sequence<VW>{});
+  constexpr vi hi = half_mask<b, true>(std::make_index_sequence<VW>{});
+  for (int i = 0; i < b / 2; ++i)
+    x[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], lo) + __builtin_shuffle(x[2 * i], x[2 * i + 1], hi);
+  if constexpr (b > 2) sum_tree<b / 2>(x);
+}
+// Lane j of the result is the sum of x[j]'s lanes: VW - 1 shuffle pairs and
+// adds in place of VW horizontal sums (x is overwritten).
+static inline vf sum_lanes(vf* x) {
+  sum_tree<VW>(x);
+  return x[0];
+}
+#define BS_SUM_LANES 1
+#endif
+
+// ss[r][c] = q_r . K[k0 + c] for the block's n keys
+static inline void small_scores(const float* qs, int nr, int D, const float* kbase, int64_t ksS, int k0, int n,
+                                float* ss) {
+  const int nd = D / VW;
+  int c = 0;
+#ifdef BS_SUM_LANES
+  for (; c + VW <= n; c += VW) {
+    const float* kr[VW];
+    for (int j = 0; j < VW; ++j) kr[j] = kbase + (int64_t)(k0 + c + j) * ksS;
+    for (int r = 0; r < nr; ++r) {
+      const float* q = qs + (size_t)r * D;
+      vf acc[VW];
+      for (int j = 0; j < VW; ++j) acc[j] = vf{};
+      for (int v = 0; v < nd; ++v) {
+        const vf qv = ld(q + v * VW);
+        for (int j = 0; j < VW; ++j) acc[j] += qv * ld(kr[j] + v * VW);
+      }
+      st(ss + (size_t)r * C + c, sum_lanes(acc));
+    }
+  }
+#endif
+  for (; c < n; ++c) {
+    const float* kr = kbase + (int64_t)(k0 + c) * ksS;
+    for (int r = 0; r < nr; ++r) {
+      const float* q = qs + (size_t)r * D;
+      vf acc = vf{};
+      for (int v = 0; v < nd; ++v) acc += ld(q + v * VW) * ld(kr + v * VW);
+      ss[(size_t)r * C + c] = hsum(acc);
+    }
+  }
+}
+
+// os[r] += sum_c ss[r][c] V[k0 + c] for all SMALL_ROWS rows (rows past the
+// tile's have zero probabilities): a column slice of every output row stays in
+// registers while the block's keys go past it.
+static inline void small_pv(float* os, const float* ss, const float* vbase, int64_t vsS, int k0, int n, int Dv) {
+  for (int v = 0; v < Dv / VW; ++v) {
+    vf acc[SMALL_ROWS];
+    for (int r = 0; r < SMALL_ROWS; ++r) acc[r] = ld(os + (size_t)r * Dv + v * VW);
+    for (int c = 0; c < n; ++c) {
+      const vf x = ld(vbase + (int64_t)(k0 + c) * vsS + v * VW);
+      for (int r = 0; r < SMALL_ROWS; ++r) acc[r] += ss[(size_t)r * C + c] * x;
+    }
+    for (int r = 0; r < SMALL_ROWS; ++r) st(os + (size_t)r * Dv + v * VW, acc[r]);
+  }
+}
+
 // A tile of few rows (decode steps: the query heads of one KV head at one
 // position) would waste most vector lanes laid out along rows; these run with
 // the vectors along the head dimension instead: row . key dot products, a
-// vectorised softmax along the block's keys, and P V as row updates.
+// vectorised softmax along the block's keys, and P V as row updates. A decode
+// step reads the whole cache from memory once, so the next block's keys and
+// values are fetched into L2 while this block computes.
 static void run_small(const Problem& p, const Tile& t, Scratch& s) {
   const int D = p.D, Dv = p.Dv, nr = t.nrows;
   s.fit_small(D, Dv);
@@ -192,7 +274,6 @@ static void run_small(const Problem& p, const Tile& t, Scratch& s) {
   for (int r = 0; r < nr; ++r) {
     const int h = t.heads[r], i = t.rows[r];
     load_q(p, t.b, h, i, qs + (size_t)r * D, 1);
-    std::memset(os + (size_t)r * Dv, 0, sizeof(float) * Dv);
     lo[r] = p.row_lo[i];
     end[r] = p.row_end[i];
     min_lo = lo[r] < min_lo ? lo[r] : min_lo;
@@ -205,24 +286,22 @@ static void run_small(const Problem& p, const Tile& t, Scratch& s) {
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
+  std::memset(os, 0, sizeof(float) * Dv * SMALL_ROWS);
   const float* kbase = p.k + t.b * p.ksB + t.kvh * p.ksH;
   const float* vbase = p.v + t.b * p.vsB + t.kvh * p.vsH;
-  const int nd = D / VW, ndv = Dv / VW;
+  const int ndv = Dv / VW;
   for (int ii = 0; ii < t.niv; ++ii) {
     const int a = t.iv[ii].a > min_lo ? t.iv[ii].a : min_lo;
     const int e = t.iv[ii].e < max_end ? t.iv[ii].e : max_end;
     for (int k0 = a; k0 < e; k0 += C) {
       const int n = (e - k0) < C ? (e - k0) : C;
-      for (int c = 0; c < n; ++c) {
-        const float* kr = kbase + (int64_t)(k0 + c) * p.ksS;
-        if (k0 + c + PF < e) prefetch_row(kr + PF * p.ksS, D);
-        for (int r = 0; r < nr; ++r) {
-          const float* q = qs + (size_t)r * D;
-          vf acc = vf{};
-          for (int v = 0; v < nd; ++v) acc += ld(q + v * VW) * ld(kr + v * VW);
-          ss[(size_t)r * C + c] = hsum(acc);
-        }
+      {
+        // blocks k0 + C .. k0 + PFB * C (all of them at the interval's start, then the newest)
+        const int pa = k0 == a ? k0 + n : k0 + PFB * C, pe = k0 + (PFB + 1) * C < e ? k0 + (PFB + 1) * C : e;
+        prefetch_rows_l2(kbase, p.ksS, pa, pe, D);
+        prefetch_rows_l2(vbase, p.vsS, pa, pe, Dv);
       }
+      small_scores(qs, nr, D, kbase, p.ksS, k0, n, ss);
       const bool inside = k0 >= max_lo && k0 + n <= min_end;
       for (int r = 0; r < nr; ++r) {
         float* sr = ss + (size_t)r * C;
@@ -265,16 +344,8 @@ static void run_small(const Problem& p, const Tile& t, Scratch& s) {
         }
         m[r] = mn;
       }
-      for (int c = 0; c < n; ++c) {
-        const float* vr = vbase + (int64_t)(k0 + c) * p.vsS;
-        if (c + PF < n) prefetch_row(vr + PF * p.vsS, Dv);
-        for (int r = 0; r < nr; ++r) {
-          const float pc = ss[(size_t)r * C + c];
-          if (pc == 0.f) continue;
-          float* o = os + (size_t)r * Dv;
-          for (int v = 0; v < ndv; ++v) st(o + v * VW, ld(o + v * VW) + pc * ld(vr + v * VW));
-        }
-      }
+      for (int r = nr; r < SMALL_ROWS; ++r) std::memset(ss + (size_t)r * C, 0, sizeof(float) * n);
+      small_pv(os, ss, vbase, p.vsS, k0, n, Dv);
     }
   }
   for (int r = 0; r < nr; ++r) {

@@ -148,8 +148,9 @@ def test_conversion_is_cached_and_prepack_reaches_the_sessions(tiny, project_run
 
 
 def test_int8_variants_run_the_quantized_export(tiny, project_run):
-    """mix-int8 and dense-int8 run bs-quantize's export of the project's conversion; their
-    tokens are what blindsight's Pipeline answers on that export, compared but not judged."""
+    """mix-int8 and dense-int8 (and their -head twins, --lm-head int8) run bs-quantize's export of
+    the project's conversion; their tokens are what blindsight's Pipeline answers on that export,
+    compared but not judged."""
     from blindsight.runtime.pipeline import Pipeline
 
     out = tiny.root / "int8.json"
@@ -160,19 +161,23 @@ def test_int8_variants_run_the_quantized_export(tiny, project_run):
     proc = peers(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(out.read_text())
-    assert list(record["variants"]) == ["dense", "mix-int8", "dense-int8"]
-    conv = record["conversions"]["project-int8"]
-    assert conv["from"] == Path(project_run.record["conversions"]["project"]["dir"]).name
-    export = Path(conv["dir"]) / "export"
-    template = json.loads((export / "template.json").read_text())
-    assert template["quantized"]["scheme"] == "int8-dynamic" and conv["quantized"] == template["quantized"]
-    assert record["variants"]["mix-int8"]["precision"] == "int8"
+    assert list(record["variants"]) == ["dense", "mix-int8", "dense-int8", "mix-int8-head", "dense-int8-head"]
     assert record["checks"]["greedy_tokens"]["compared"] == ["dense"], "int8 tokens are not judged"
-    for name, model in (("dense-int8", "language_model.dense.onnx"), ("mix-int8", "language_model.mix.onnx")):
-        pipe = Pipeline(export, compiled=export / model, threads=2, chunk_size=CHUNK)
-        r = pipe.generate([str(p) for p in tiny.images], QUESTION, max_new_tokens=4)
-        assert record["variants"][name]["tokens"] == r.token_ids, name
-        assert record["variants"][name]["prompt_tokens"] == len(r.prompt_ids)
+    for key, head in (("project-int8", False), ("project-int8-lm-head", True)):
+        conv = record["conversions"][key]
+        assert conv["from"] == Path(project_run.record["conversions"]["project"]["dir"]).name
+        export = Path(conv["dir"]) / "export"
+        template = json.loads((export / "template.json").read_text())
+        assert template["quantized"]["scheme"] == "int8-dynamic" and conv["quantized"] == template["quantized"]
+        assert (template["quantized"]["lm_head"] == "int8") == head
+        suffix = "-head" if head else ""
+        assert record["variants"][f"mix-int8{suffix}"]["precision"] == "int8"
+        for name, model in ((f"dense-int8{suffix}", "language_model.dense.onnx"),
+                            (f"mix-int8{suffix}", "language_model.mix.onnx")):
+            pipe = Pipeline(export, compiled=export / model, threads=2, chunk_size=CHUNK)
+            r = pipe.generate([str(p) for p in tiny.images], QUESTION, max_new_tokens=4)
+            assert record["variants"][name]["tokens"] == r.token_ids, name
+            assert record["variants"][name]["prompt_tokens"] == len(r.prompt_ids)
 
 
 def test_project_conversion_follows_the_exporter_code(tmp_path, monkeypatch):
@@ -265,7 +270,8 @@ def test_table_shows_a_failed_variant_with_its_reason():
 
 def test_variant_selection_keeps_order_and_expands_groups():
     assert [v.name for v in variants.select("raw,project")] == ["raw", "mix", "dense"]
-    assert [v.name for v in variants.select("project-int8")] == ["mix-int8", "dense-int8"]
+    assert [v.name for v in variants.select("project-int8")] == ["mix-int8", "dense-int8", "mix-int8-head",
+                                                                 "dense-int8-head"]
     assert all(v.engine == "openvino" for v in variants.select("openvino"))
     # the variant named genai is genai's own decoder; its group has another name
     assert [v.name for v in variants.select("genai")] == ["genai"]

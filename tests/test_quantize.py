@@ -75,6 +75,30 @@ def test_language_model_equals_onnxruntime_quantize_dynamic(exported, tmp_path):
     assert [n.output[0] for n in left] == ["logits"], "the LM head stays float32"
 
 
+def test_lm_head_int8_equals_quantize_dynamic_on_every_matmul(exported, tmp_path):
+    """--lm-head int8: the LM head too, as quantize_dynamic with nothing excluded; logits stay the graph output."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = exported("qwen2_vl", "eager")
+    mine = quantize_file(src, tmp_path / "mine.onnx", lm_head=True)
+    assert mine.lm_head and "LM head int8" in mine.summary()
+    theirs = tmp_path / "ort.onnx"
+    quantize_dynamic(src, theirs, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True})
+    s_mine, s_theirs, s_float = _session(mine.output), _session(theirs), _session(src)
+    assert [o.name for o in s_mine.get_outputs()] == [o.name for o in s_float.get_outputs()]
+    feeds = _lm_feeds(s_float)
+    got, want, ref = (s.run(["logits"], feeds)[0] for s in (s_mine, s_theirs, s_float))
+    np.testing.assert_array_equal(got, want)
+    head_only = _session(quantize_file(src, tmp_path / "body.onnx").output).run(["logits"], feeds)[0]
+    assert np.abs(got - head_only).max() > 0, "the LM head's weights changed the logits"
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    quantized = onnx.load(str(mine.output))
+    inits = {i.name for i in quantized.graph.initializer}
+    assert _ops(mine.output).count("MatMulInteger") == 15  # 2 layers x 7 and the LM head
+    assert not [n for n in quantized.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
 def _dynamic_quantize_linear(x):
     """ONNX DynamicQuantizeLinear, from its specification."""
     lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
@@ -192,6 +216,29 @@ def test_export_directory_runs_and_compiles(tiny_export):
     feats8 = raw.image_features(raw.prompts.build(images, "compare <image> with <image>"))
     assert feats8.shape == feats32.shape
     assert 0 < np.abs(feats8 - feats32).max() < 0.1 * np.abs(feats32).max()
+
+
+def test_cli_lm_head_int8_reaches_the_language_model_only(tiny_export, tmp_path):
+    """bs-quantize DIR --lm-head int8: the language model's head is int8, the vision tower's output projection is not."""
+    root, src, _ = tiny_export
+
+    def weighted_float_matmuls(path):
+        proto = onnx.load(str(path))
+        inits = {i.name: i for i in proto.graph.initializer}
+        return [n.output[0] for n in proto.graph.node
+                if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits
+                and inits[n.input[1]].data_type == TensorProto.FLOAT]
+
+    rc, out, err = _cli([str(src), "-o", str(tmp_path / "all"), "--lm-head", "int8"])
+    assert rc == 0, err
+    assert "LM head int8" in out
+    template = json.loads((tmp_path / "all" / "template.json").read_text())
+    assert template["quantized"]["lm_head"] == "int8"
+    assert "logits" in weighted_float_matmuls(src / "language_model.onnx")
+    assert weighted_float_matmuls(tmp_path / "all" / "language_model.onnx") == []
+    vision_outputs = {o.name for o in onnx.load(str(src / "vision.onnx"), load_external_data=False).graph.output}
+    kept = weighted_float_matmuls(tmp_path / "all" / "vision.onnx")
+    assert kept and set(kept) <= vision_outputs
 
 
 def _cli(argv):

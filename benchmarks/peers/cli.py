@@ -256,14 +256,16 @@ def set_up_engines(chosen, prepared: Path, args, say):
         say(f"{engine}: converting (cached after the first time)")
         c = conversions[engine] = convert.cached(args.cache, engine, prepared, versions[engine], make, extra)
         say(f"{engine}: conversion {c['dir']} ({'cached' if c['cached'] else 'made'}; {c['seconds']} s to make)")
-    if any(variants.conversion_of(v) == "project-int8" for v in chosen):
+    for weights, key in variants.INT8_CONVERSIONS.items():
+        if not any(variants.conversion_of(v) == key for v in chosen):
+            continue
         # bs-quantize on the project's export, then the same two compiles; keyed by that export
         source = Path(conversions["project"]["dir"])
-        say("project-int8: quantizing the project's export (cached after the first time)")
-        c = conversions["project-int8"] = convert.cached(
-            args.cache, "project-int8", prepared, versions["project"],
-            lambda tmp: convert.project_int8(source / "export", tmp), source.name)
-        say(f"project-int8: conversion {c['dir']} ({'cached' if c['cached'] else 'made'}; {c['seconds']} s to make)")
+        say(f"{key}: quantizing the project's export (cached after the first time)")
+        c = conversions[key] = convert.cached(
+            args.cache, key, prepared, versions["project"],
+            lambda tmp, h=weights == "int8-lm-head": convert.project_int8(source / "export", tmp, lm_head=h), source.name)
+        say(f"{key}: conversion {c['dir']} ({'cached' if c['cached'] else 'made'}; {c['seconds']} s to make)")
     return pythons, versions, conversions, setup
 
 

@@ -116,13 +116,13 @@ def project(prepared: Path, tmp: Path, profile: Path | None) -> dict:
     return {"tool": "bs-export, bs-compile", "mix_profile": mix_doc["model"]}
 
 
-def project_int8(export: Path, tmp: Path) -> dict:
-    """bs-quantize on the project's export (int8 vision tower and language model), then
-    bs-compile with the same two profiles on the quantized language model."""
+def project_int8(export: Path, tmp: Path, lm_head: bool = False) -> dict:
+    """bs-quantize on the project's export (int8 vision tower and language model; ``lm_head``:
+    its LM head too), then bs-compile with the same two profiles on the quantized language model."""
     log = tmp.parent / f"{tmp.name}.log"
     log.unlink(missing_ok=True)
     out = tmp / "export"
-    _tool(_bs("bs-quantize", str(export), "-o", str(out)), "bs-quantize", log)
+    _tool(_bs("bs-quantize", str(export), "-o", str(out), *(["--lm-head", "int8"] if lm_head else [])), "bs-quantize", log)
     template = json.loads((out / "template.json").read_text())
     for name in PROJECT_MODELS:
         _tool(_bs("bs-compile", str(out / template["files"]["language_model"]), "--profile", str(out / f"profile.{name}.json"),

@@ -30,6 +30,10 @@ VARIANTS = {v.name: v for v in (
             "profile mix compiled, native kernel"),
     Variant("dense-int8", "project", {"model": "dense", "weights": "int8"}, False, "int8",
             "the project with bs-quantize's int8 weights: all-dense compile, native kernel"),
+    Variant("mix-int8-head", "project", {"model": "mix", "weights": "int8-lm-head"}, False, "int8",
+            "as mix-int8, the LM head int8 too (bs-quantize --lm-head int8)"),
+    Variant("dense-int8-head", "project", {"model": "dense", "weights": "int8-lm-head"}, False, "int8",
+            "as dense-int8, the LM head int8 too (bs-quantize --lm-head int8)"),
     Variant("genai", "genai", {"folder": "builder"}, True, "fp32",
             "onnxruntime-genai: its model builder's decoder (GroupQueryAttention, past and present in one buffer, "
             "logits at every position as the builder writes them by default), the prompt in one decoder call; genai's image processor, the vision "
@@ -91,9 +95,13 @@ def select(spec: str) -> list[Variant]:
     return [VARIANTS[n] for n in dict.fromkeys(names)]
 
 
+#: the project's int8 conversions (made from its fp32 one), by the variants' "weights" setting
+INT8_CONVERSIONS = {"int8": "project-int8", "int8-lm-head": "project-int8-lm-head"}
+
+
 def conversion_of(v: Variant) -> str:
-    """The conversion a variant runs: its engine's, or the project's int8 one (made from the project's)."""
-    return "project-int8" if v.settings.get("weights") == "int8" else v.engine
+    """The conversion a variant runs: its engine's, or one of the project's int8 ones."""
+    return INT8_CONVERSIONS.get(v.settings.get("weights"), v.engine)
 
 
 def describe() -> str:

@@ -34,10 +34,12 @@ class QuantizeResult:
     output: Path
     graphs: dict[str, int]  # graph file -> MatMuls made int8
     left_out: list[str] = dataclasses.field(default_factory=list)
+    lm_head: bool = False  # the LM head made int8 too
 
     def summary(self) -> str:
         made = ", ".join(f"{name}: {n} MatMuls" for name, n in self.graphs.items())
-        lines = [f"int8 weights ({SCHEME}; {made}) -> {self.output}"]
+        head = "LM head int8" if self.lm_head else "LM head float32"
+        lines = [f"int8 weights ({SCHEME}; {made}; {head}) -> {self.output}"]
         if self.left_out:
             lines.append(f"not copied (graphs on the float32 weights; compile the quantized language model again): "
                          f"{', '.join(self.left_out)}")
@@ -48,13 +50,13 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".int8.onnx")
 
 
-def _quantized(path: Path) -> tuple[ir.Model, int, bool]:
+def _quantized(path: Path, lm_head: bool = False) -> tuple[ir.Model, int, bool]:
     """(quantized model, MatMuls made int8, whether the source kept its weights in external data)."""
     model = load_model(path)
     external = _has_external_data(model)
     _read_hard_links(model, path.parent)
     try:
-        count = quantize_matmul_weights(model)
+        count = quantize_matmul_weights(model, lm_head=lm_head)
     except ValueError as exc:
         if "symbolic link" not in str(exc) and "outside the base directory" not in str(exc):
             raise
@@ -107,7 +109,7 @@ def _write(model: ir.Model, output: Path, external: bool) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def quantize_file(model_path, output=None) -> QuantizeResult:
+def quantize_file(model_path, output=None, lm_head: bool = False) -> QuantizeResult:
     """int8 weights for one ONNX graph (a language model, compiled or not, or a vision tower)."""
     model_path = Path(model_path)
     output = Path(output) if output is not None else default_output(model_path)
@@ -115,16 +117,16 @@ def quantize_file(model_path, output=None) -> QuantizeResult:
         raise ModelError(f"output path {output} is the input model; choose another with -o")
     if output.suffix != ".onnx":
         raise ModelError(f"output path {output} does not end in .onnx; name the quantized model NAME.onnx")
-    model, count, external = _quantized(model_path)
+    model, count, external = _quantized(model_path, lm_head)
     _write(model, output, external)
-    return QuantizeResult(output, {model_path.name: count})
+    return QuantizeResult(output, {model_path.name: count}, lm_head=lm_head)
 
 
 def _data_files(graph: Path) -> set[str]:
     return external_data_files(onnx.load(str(graph), load_external_data=False))
 
 
-def quantize_export(export_dir, out_dir, overwrite: bool = False) -> QuantizeResult:
+def quantize_export(export_dir, out_dir, overwrite: bool = False, lm_head: bool = False) -> QuantizeResult:
     """A new bs-export directory ``out_dir`` with int8 weights in its vision tower and language
     model; every other file is copied. Other graphs in the source (compiled language models)
     are left out: they read the float32 weights."""
@@ -149,7 +151,7 @@ def quantize_export(export_dir, out_dir, overwrite: bool = False) -> QuantizeRes
     counts: dict[str, int] = {}
     with staged_dir(out) as tmp:
         for name in sorted(graphs):
-            model, counts[name], external = _quantized(src / name)
+            model, counts[name], external = _quantized(src / name, lm_head and name == files["language_model"])
             _write(model, tmp / name, external)
             del model
         for path in sorted(src.iterdir()):
@@ -161,6 +163,6 @@ def quantize_export(export_dir, out_dir, overwrite: bool = False) -> QuantizeRes
                 continue
             shutil.copyfile(path, tmp / path.name)
         template["quantized"] = {"scheme": SCHEME, "graphs": dict(sorted(counts.items())),
-                                 "lm_head": "float32 (a MatMul whose result is a graph output is kept)"}
+                                 "lm_head": "int8" if lm_head else "float32 (a MatMul whose result is a graph output is kept)"}
         (tmp / TEMPLATE).write_text(json.dumps(template, indent=1) + "\n")
-    return QuantizeResult(out, counts, left_out)
+    return QuantizeResult(out, counts, left_out, lm_head=lm_head)

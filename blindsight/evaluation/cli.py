@@ -12,6 +12,7 @@ from blindsight.runtime.session import PROVIDERS, resolve_provider
 
 
 def _parser() -> argparse.ArgumentParser:
+    from blindsight.evaluation.onnx_models import WEIGHTS
     from blindsight.evaluation.runner import DEFAULT_PROMPTS
     from blindsight.models.pretrained import DEFAULT_MODEL, PRETRAINED
     from blindsight.prompts import TASK_SEED
@@ -46,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime execution provider (default cpu); on a GPU provider the nodes that fell back to the CPU are reported")
     p.add_argument("--no-native", action="store_true",
                    help="run the compiled model on its function bodies even when the native kernel is built")
-    p.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
-                   help="weights of the compiled model: fp32 (default) or int8 (bs-quantize's dynamic int8 on the "
-                        "compiled model; the dense model stays fp32, so the figures measure profile and int8 together; "
-                        "an all-dense profile isolates int8)")
+    p.add_argument("--weights", choices=WEIGHTS, default="fp32",
+                   help="weights of the compiled model: fp32 (default), int8 (bs-quantize's dynamic int8 on the "
+                        "compiled model, LM head float32) or int8-lm-head (the LM head int8 too); the dense model "
+                        "stays fp32, so the figures measure profile and int8 together; an all-dense profile isolates "
+                        "int8")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show a traceback on internal errors")

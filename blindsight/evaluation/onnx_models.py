@@ -99,11 +99,16 @@ def compile_with(dense: Path, profile: Profile, lowering: str = "fast", image_bl
     return out
 
 
-def quantized(compiled: Path) -> Path:
-    """``compiled`` with int8 weights (bs-quantize), beside it as ``<stem>.int8.onnx``, made once."""
+#: bs-eval's --weights: the compiled model as compiled, int8 (bs-quantize), int8 with the LM head too
+WEIGHTS = ("fp32", "int8", "int8-lm-head")
+
+
+def quantized(compiled: Path, lm_head: bool = False) -> Path:
+    """``compiled`` with int8 weights (bs-quantize; ``lm_head``: its LM head too), beside it as
+    ``<stem>.int8.onnx`` (``<stem>.int8-lm-head.onnx``), made once."""
     from blindsight.compiler.quantize import quantize_file
 
-    out = compiled.with_name(f"{compiled.stem}.int8.onnx")
+    out = compiled.with_name(f"{compiled.stem}.int8{'-lm-head' if lm_head else ''}.onnx")
     if not out.is_file():
-        quantize_file(compiled, out)
+        quantize_file(compiled, out, lm_head=lm_head)
     return out

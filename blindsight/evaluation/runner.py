@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from blindsight.errors import BlindSightError
 from blindsight import families
 from blindsight.families import FAMILIES
-from blindsight.evaluation.onnx_models import compile_with, export_dense, quantized
+from blindsight.evaluation.onnx_models import WEIGHTS, compile_with, export_dense, quantized
 from blindsight.flops import count_flops
 from blindsight.models import pretrained
 from blindsight.profile import Profile
@@ -85,9 +85,10 @@ def evaluate(
 ) -> dict:
     """Dense vs compiled accuracy on ``num_prompts`` task prompts (a record for ``--json``);
     ``mask`` as :func:`pretrained.load` (a loaded model keeps its own); ``weights``
-    "int8": the compiled model's MatMuls get bs-quantize's int8 weights (the dense stays fp32)."""
-    if weights not in ("fp32", "int8"):
-        raise BlindSightError(f"unknown weights {weights!r}; choose fp32 or int8")
+    "int8": the compiled model's MatMuls get bs-quantize's int8 weights (the dense stays fp32);
+    "int8-lm-head": its LM head too (bs-quantize --lm-head int8)."""
+    if weights not in WEIGHTS:
+        raise BlindSightError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     loaded = model if isinstance(model, pretrained.LoadedModel) else pretrained.load(model, mask=mask)
     if not loaded.surrogate or loaded.family not in FAMILIES:
         # the task's segments are text: it needs text-only weights with an ONNX export
@@ -96,8 +97,8 @@ def evaluate(
     dense_path = export_dense(loaded.family, loaded.directory, folder)
     # the compiled nodes carry Gemma 3's image blocks themselves: off under the causal mask
     compiled_path = compile_with(dense_path, profile, "fast", image_blocks=loaded.image_blocks)
-    if weights == "int8":
-        compiled_path = quantized(compiled_path)
+    if weights != "fp32":
+        compiled_path = quantized(compiled_path, lm_head=weights == "int8-lm-head")
     dense = make_session(dense_path, provider=provider, threads=threads)
     compiled = CompiledSession(compiled_path, provider=provider, threads=threads, native=native)
     placement = None

@@ -17,8 +17,10 @@ lazy references until each is quantized (``quantize_dynamic`` loads the whole
 float model as one protobuf and writes a shape-inferred copy of it beside the
 input), and so that the LM head can be told apart.
 
-MatMuls whose result is a graph output stay float32: that is the LM head,
-whose logits pick the tokens, and which the exports run on one position.
+MatMuls whose result is a graph output stay float32 unless asked for: that
+is the LM head, whose logits pick the tokens, and which the exports run on
+one position. In a decode step, though, it is one of the largest weights read
+(Qwen2-VL-2B: 151,936 x 1,536, 0.93 GB in float32), hence ``lm_head``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _plain_gemm(node: ir.Node) -> bool:
     return (_attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0 and _attr(node, "transA", 0) == 0)
 
 
-def _quantizable(node: ir.Node, outputs: set[ir.Value]) -> bool:
+def _quantizable(node: ir.Node, outputs: set[ir.Value], lm_head: bool) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
         return False
     if node.op_type == "Gemm" and not _plain_gemm(node):
@@ -59,7 +61,7 @@ def _quantizable(node: ir.Node, outputs: set[ir.Value]) -> bool:
         return False
     if tensor.dtype != ir.DataType.FLOAT or a.dtype not in (ir.DataType.FLOAT, None):
         return False
-    return node.outputs[0] not in outputs
+    return lm_head or node.outputs[0] not in outputs
 
 
 def float32_matmul_weights(model: ir.Model) -> tuple[int, int]:
@@ -74,8 +76,9 @@ def float32_matmul_weights(model: ir.Model) -> tuple[int, int]:
     return f32, other
 
 
-def quantize_matmul_weights(model: ir.Model) -> int:
+def quantize_matmul_weights(model: ir.Model, lm_head: bool = False) -> int:
     """Rewrite every quantizable MatMul (and plain Gemm) of the main graph; returns how many were.
+    ``lm_head``: those whose result is a graph output too (the LM head).
 
     Function bodies are left alone: they hold no weights (the BlindSightAttention
     bodies multiply activations)."""
@@ -85,7 +88,7 @@ def quantize_matmul_weights(model: ir.Model) -> int:
     weights: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}  # a tied weight is quantized once per orientation
     count = 0
     for node in list(graph):
-        if not _quantizable(node, outputs):
+        if not _quantizable(node, outputs, lm_head):
             continue
         a, w = node.inputs[:2]
         name = node.name or f"matmul_{count}"
@@ -116,7 +119,7 @@ def quantize_matmul_weights(model: ir.Model) -> int:
         old = node.outputs[0]
         out.outputs[0].name, old.name = old.name, f"{old.name}_float"
         out.outputs[0].shape, out.outputs[0].type = old.shape, old.type
-        ir.convenience.replace_all_uses_with(old, out.outputs[0])
+        ir.convenience.replace_all_uses_with(old, out.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
         if not w.uses():
             graph.initializers.pop(w.name, None)

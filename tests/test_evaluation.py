@@ -243,6 +243,18 @@ def test_bs_eval_int8_weights_quantize_only_the_compiled_model(gemma_eval):
     ops = [n.op_type for n in onnx.load(str(quantized), load_external_data=False).graph.node]
     assert ops.count("MatMulInteger") == 18 * 7, "every projection of the 18 layers, the LM head left fp32"
 
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = eval_main(["--profile", str(root / "intra.json"), "--prompts", "3", "--work-dir", str(root / "work"),
+                        "--json", "--quiet", "--weights", "int8-lm-head"])
+    assert rc == 0
+    head = json.loads(buf.getvalue())
+    assert head["weights"] == "int8-lm-head" and head["compiled_model"].endswith(".int8-lm-head.onnx")
+    assert head["dense_accuracy"] == fp32["dense_accuracy"] and head["mean_kl"] != rec["mean_kl"]
+    (with_head,) = (root / "work").glob("*.int8-lm-head.onnx")
+    ops = [n.op_type for n in onnx.load(str(with_head), load_external_data=False).graph.node]
+    assert ops.count("MatMulInteger") == 18 * 7 + 1, "the LM head too"
+
 
 def test_wilson_interval_against_the_closed_form():
     from blindsight.evaluation.runner import wilson

@@ -228,32 +228,31 @@ def test_bs_eval_int8_weights_quantize_only_the_compiled_model(gemma_eval):
     from blindsight.evaluation.cli import main as eval_main
 
     root, fp32 = gemma_eval
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = eval_main(["--profile", str(root / "intra.json"), "--prompts", "3", "--work-dir", str(root / "work"),
-                        "--json", "--quiet", "--weights", "int8"])
-    assert rc == 0
-    rec = json.loads(buf.getvalue())
+
+    def evaluated(weights):
+        """The record of bs-eval --weights ``weights`` and the MatMulInteger count of its compiled model."""
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = eval_main(["--profile", str(root / "intra.json"), "--prompts", "3", "--work-dir", str(root / "work"),
+                            "--json", "--quiet", "--weights", weights])
+        assert rc == 0
+        rec = json.loads(buf.getvalue())
+        (quantized,) = (root / "work").glob(f"*.{weights}.onnx")
+        ops = [n.op_type for n in onnx.load(str(quantized), load_external_data=False).graph.node]
+        return rec, ops.count("MatMulInteger")
+
+    rec, int8_matmuls = evaluated("int8")
     assert rec["weights"] == "int8" and fp32["weights"] == "fp32"
     assert rec["compiled_model"].endswith(".int8.onnx")
     # the reference stays the fp32 dense model; int8 moves the compiled one
     assert rec["dense_accuracy"] == fp32["dense_accuracy"]
     assert rec["mean_kl"] != fp32["mean_kl"]
-    (quantized,) = (root / "work").glob("*.int8.onnx")
-    ops = [n.op_type for n in onnx.load(str(quantized), load_external_data=False).graph.node]
-    assert ops.count("MatMulInteger") == 18 * 7, "every projection of the 18 layers, the LM head left fp32"
+    assert int8_matmuls == 18 * 7, "every projection of the 18 layers, the LM head left fp32"
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = eval_main(["--profile", str(root / "intra.json"), "--prompts", "3", "--work-dir", str(root / "work"),
-                        "--json", "--quiet", "--weights", "int8-lm-head"])
-    assert rc == 0
-    head = json.loads(buf.getvalue())
+    head, head_matmuls = evaluated("int8-lm-head")
     assert head["weights"] == "int8-lm-head" and head["compiled_model"].endswith(".int8-lm-head.onnx")
     assert head["dense_accuracy"] == fp32["dense_accuracy"] and head["mean_kl"] != rec["mean_kl"]
-    (with_head,) = (root / "work").glob("*.int8-lm-head.onnx")
-    ops = [n.op_type for n in onnx.load(str(with_head), load_external_data=False).graph.node]
-    assert ops.count("MatMulInteger") == 18 * 7 + 1, "the LM head too"
+    assert head_matmuls == 18 * 7 + 1, "the LM head too"
 
 
 def test_wilson_interval_against_the_closed_form():
